@@ -1,0 +1,397 @@
+//! The command line (DESIGN.md §5). Exit codes: 0 ok, 1 failure, 2 usage or invalid config.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+
+use crate::app::{self, RunError};
+use crate::config::{self, Config, ConfigError};
+use crate::control;
+use crate::postgres;
+use crate::secrets::{Kind, Secrets};
+use crate::synapse::admin::{self, AdminError, RegistrationToken};
+use crate::units::parse_duration;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "homelab-matrix",
+    version,
+    about = "A private, federating Matrix server on one Debian host",
+    long_about = "homelab-matrix runs Synapse (and, as the appliance grows, coturn, TLS, Element and a registration bot) under one supervisor, configured from one file."
+)]
+pub struct Cli {
+    /// The config file.
+    #[arg(long, short, global = true, env = "HOMELAB_MATRIX_CONFIG", default_value = config::DEFAULT_PATH)]
+    pub config: PathBuf,
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Run the appliance in the foreground (the systemd unit's ExecStart).
+    Run,
+    /// Validate the config file; print every problem with its key and fix; exit 2 if invalid.
+    CheckConfig,
+    /// Show the children, their state, pid, uptime and restarts.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create or check PostgreSQL's role and database for Synapse now (run does it at every start).
+    ProvisionDb,
+    /// Manage Matrix users.
+    #[command(subcommand)]
+    User(UserCmd),
+    /// Manage registration tokens (registration is only possible with one).
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Internal: the PostgreSQL provisioning helper, run as the postgres user by `run`.
+    #[command(hide = true)]
+    ProvisionDbHelper,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UserCmd {
+    /// Register a user with Synapse's shared secret.
+    Add {
+        /// The user name (the part before the colon).
+        name: String,
+        /// Make the user a server admin.
+        #[arg(long)]
+        admin: bool,
+        /// Read the password from this file's first line instead of asking.
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCmd {
+    /// Create a token; prints it.
+    Create(CreateArgs),
+    /// List tokens.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one token.
+    Show {
+        token: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a token.
+    Delete { token: String },
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// How many registrations it allows, or "unlimited".
+    #[arg(long, default_value = "1")]
+    pub uses: String,
+    /// How long it is valid (e.g. 24h, 7d), or "never".
+    #[arg(long, default_value = "7d")]
+    pub expires: String,
+    /// Choose the token yourself (A-Z a-z 0-9 . _ ~ -, at most 64); default: Synapse picks one.
+    #[arg(long)]
+    pub token: Option<String>,
+}
+
+/// Parses the command line and runs it; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    crate::init_tracing(matches!(cli.command, Cmd::Run));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("starting the tokio runtime");
+    rt.block_on(dispatch(cli))
+}
+
+async fn dispatch(cli: Cli) -> i32 {
+    let path = cli.config.clone();
+    let result = match cli.command {
+        Cmd::Run => match app::run(&path).await {
+            Ok(()) => Ok(()),
+            Err(RunError::Config(e)) => return config_exit(e),
+            Err(RunError::Other(e)) => Err(e),
+        },
+        Cmd::CheckConfig => return check_config(&path),
+        Cmd::ProvisionDbHelper => return postgres::helper_main().await,
+        cmd => match Config::load(&path) {
+            Err(e) => return config_exit(e),
+            Ok(cfg) => other(cmd, &cfg).await,
+        },
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+    }
+}
+
+fn config_exit(e: ConfigError) -> i32 {
+    eprintln!("{e}");
+    2
+}
+
+fn check_config(path: &Path) -> i32 {
+    match Config::load(path) {
+        Err(e) => config_exit(e),
+        Ok(cfg) => {
+            let env = config::environment_problems(&cfg);
+            if !env.is_empty() {
+                return config_exit(ConfigError::Invalid {
+                    path: path.to_owned(),
+                    problems: env,
+                });
+            }
+            println!(
+                "{}: ok (server {}, Matrix host {}, Synapse on 127.0.0.1:{}, database {} as {})",
+                path.display(),
+                cfg.server_name,
+                cfg.hosts.matrix,
+                cfg.synapse.port,
+                cfg.postgres.database,
+                cfg.postgres.user
+            );
+            0
+        }
+    }
+}
+
+async fn other(cmd: Cmd, cfg: &Config) -> Result<()> {
+    match cmd {
+        Cmd::Status { json } => status(cfg, json).await,
+        Cmd::ProvisionDb => {
+            let secrets = Secrets::ensure(&cfg.state_dir())?;
+            let report = postgres::provision(cfg, &secrets.get(Kind::PostgresPassword)?).await?;
+            println!(
+                "database {:?}, role {:?}: {report}",
+                cfg.postgres.database, cfg.postgres.user
+            );
+            Ok(())
+        }
+        Cmd::User(UserCmd::Add {
+            name,
+            admin,
+            password_file,
+        }) => user_add(cfg, &name, admin, password_file.as_deref()).await,
+        Cmd::Token(t) => token(cfg, t).await,
+        Cmd::Run | Cmd::CheckConfig | Cmd::ProvisionDbHelper => unreachable!("handled in dispatch"),
+    }
+}
+
+async fn status(cfg: &Config, json: bool) -> Result<()> {
+    let v = control::request(&cfg.control_socket(), "status").await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "homelab-matrix {} (pid {}): {}, server {}",
+        v["version"].as_str().unwrap_or("?"),
+        v["pid"],
+        v["phase"].as_str().unwrap_or("?"),
+        v["server_name"].as_str().unwrap_or("?")
+    );
+    println!("CHILD      STATE      USER             PID         UPTIME  RESTARTS  LAST EXIT");
+    for c in v["children"].as_array().into_iter().flatten() {
+        let state = if c["crash_loop"].as_bool() == Some(true) {
+            format!("{} (crash loop)", c["state"].as_str().unwrap_or("?"))
+        } else {
+            c["state"].as_str().unwrap_or("?").to_string()
+        };
+        println!(
+            "{:<10} {:<10} {:<16} {:<8} {:>9}  {:<8}  {}",
+            c["name"].as_str().unwrap_or("?"),
+            state,
+            c["user"].as_str().unwrap_or("?"),
+            c["pid"].as_i64().map_or("-".into(), |p| p.to_string()),
+            c["uptime_secs"]
+                .as_u64()
+                .map_or("-".into(), |s| human_duration(Duration::from_secs(s))),
+            c["restarts"],
+            c["last_exit"].as_str().unwrap_or("-"),
+        );
+    }
+    Ok(())
+}
+
+fn human_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{}s", s / 60, s % 60),
+        3600..86400 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d{}h", s / 86400, (s % 86400) / 3600),
+    }
+}
+
+async fn user_add(
+    cfg: &Config,
+    name: &str,
+    admin: bool,
+    password_file: Option<&Path>,
+) -> Result<()> {
+    let name = name.trim_start_matches('@');
+    let name = name
+        .strip_suffix(&format!(":{}", cfg.server_name))
+        .unwrap_or(name)
+        .to_ascii_lowercase();
+    if !config::is_localpart(&name) {
+        bail!("{name:?} is not a valid user name: use lowercase letters, digits and . _ = - /");
+    }
+    let password = match password_file {
+        Some(f) => {
+            let text = std::fs::read_to_string(f)
+                .with_context(|| format!("reading the password from {}", f.display()))?;
+            text.lines().next().unwrap_or("").to_string()
+        }
+        None if std::io::stdin().is_terminal() => {
+            let a = rpassword::prompt_password(format!("Password for {name}: "))?;
+            let b = rpassword::prompt_password("Again: ")?;
+            if a != b {
+                bail!("the passwords differ; nothing was created");
+            }
+            a
+        }
+        None => bail!("no terminal to ask for a password: pass --password-file FILE"),
+    };
+    if password.chars().count() < 8 {
+        bail!("the password is too short: use at least 8 characters");
+    }
+    let secrets = Secrets::open(&cfg.state_dir());
+    let shared = secrets.get(Kind::RegistrationShared)?;
+    let client = admin::Synapse::new(&cfg.synapse_local_url());
+    match client
+        .register_with_secret(&shared, &name, &password, admin)
+        .await
+    {
+        Ok(r) => {
+            println!(
+                "created {}{}",
+                r.user_id,
+                if admin { " (server admin)" } else { "" }
+            );
+            Ok(())
+        }
+        Err(AdminError::UserInUse(_)) => bail!(
+            "@{name}:{} already exists; nothing was changed",
+            cfg.server_name
+        ),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn token(cfg: &Config, cmd: TokenCmd) -> Result<()> {
+    let secrets = Secrets::open(&cfg.state_dir());
+    let session = admin::Synapse::new(&cfg.synapse_local_url())
+        .service_session(&secrets)
+        .await?;
+    match cmd {
+        TokenCmd::Create(a) => {
+            if let Some(t) = &a.token
+                && !admin::valid_token(t)
+            {
+                bail!("--token {t:?}: use at most 64 of A-Z a-z 0-9 . _ ~ -");
+            }
+            let uses = match a.uses.as_str() {
+                "unlimited" => None,
+                n => match n.parse::<u64>() {
+                    Ok(0) | Err(_) => bail!(
+                        "--uses {n:?}: give a number of registrations (1 or more) or \"unlimited\""
+                    ),
+                    Ok(n) => Some(n),
+                },
+            };
+            let expiry = match a.expires.as_str() {
+                "never" => None,
+                d => {
+                    let d = parse_duration(d).map_err(|e| anyhow::anyhow!("--expires: {e}"))?;
+                    Some(now_ms() + d.as_millis() as i64)
+                }
+            };
+            let t = session
+                .create_token(a.token.as_deref(), uses, expiry)
+                .await?;
+            println!("{}", t.token);
+            eprintln!(
+                "{}; register at https://{} with this token",
+                describe(&t),
+                cfg.hosts.element
+            );
+        }
+        TokenCmd::List { json } => {
+            let tokens = session.list_tokens().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&tokens)?);
+            } else if tokens.is_empty() {
+                println!("no registration tokens; make one with `homelab-matrix token create`");
+            } else {
+                for t in tokens {
+                    println!("{:<24} {}", t.token, describe(&t));
+                }
+            }
+        }
+        TokenCmd::Show { token, json } => {
+            let t = session.get_token(&token).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&t)?);
+            } else {
+                println!("{:<24} {}", t.token, describe(&t));
+            }
+        }
+        TokenCmd::Delete { token } => {
+            session.delete_token(&token).await?;
+            println!("deleted {token}");
+        }
+    }
+    Ok(())
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn describe(t: &RegistrationToken) -> String {
+    let uses = match t.uses_allowed {
+        Some(n) => format!("used {} of {n}", t.completed),
+        None => format!("used {} (unlimited)", t.completed),
+    };
+    let pending = if t.pending > 0 {
+        format!(", {} registering now", t.pending)
+    } else {
+        String::new()
+    };
+    let expiry = match t.expiry_time {
+        None => "never expires".to_string(),
+        Some(ms) => {
+            let left = ms - now_ms();
+            if left <= 0 {
+                "expired".into()
+            } else {
+                format!(
+                    "expires in {}",
+                    human_duration(Duration::from_millis(left as u64))
+                )
+            }
+        }
+    };
+    format!("{uses}{pending}, {expiry}")
+}

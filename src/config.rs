@@ -1,0 +1,839 @@
+//! The one config file (DESIGN.md §4): TOML, every key optional but `server_name`, unknown keys
+//! refused. Loading reports *every* problem it can find at once, each with the key and the fix,
+//! so an operator edits the file once, not once per error.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::units::{parse_duration, parse_size};
+
+pub const DEFAULT_PATH: &str = "/etc/homelab-matrix/homelab-matrix.toml";
+pub const EXAMPLE_PATH: &str = "/usr/share/doc/homelab-matrix/homelab-matrix.toml.example";
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Config {
+    /// The part after the colon in `@alice:example.com`. It can never change once users exist.
+    pub server_name: String,
+    pub hosts: Hosts,
+    pub listen: Listen,
+    pub tls: Tls,
+    pub http: Http,
+    pub synapse: Synapse,
+    pub postgres: Postgres,
+    pub turn: Turn,
+    pub element: Element,
+    pub bot: Bot,
+    pub state: State,
+    pub supervisor: Supervisor,
+}
+
+/// Empty host names are derived from `server_name` (`matrix.<server_name>` and so on).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Hosts {
+    pub matrix: String,
+    pub element: String,
+    pub turn: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Listen {
+    pub http: String,
+    pub https: String,
+    pub federation: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Tls {
+    pub mode: String,
+    pub acme_email: String,
+    pub acme_directory: String,
+    pub acme_ca_roots: Vec<String>,
+    pub challenges: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Http {
+    /// Networks (CIDR) besides loopback that may reach `/_synapse/admin`.
+    pub admin_allow: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Synapse {
+    pub python: String,
+    pub user: String,
+    pub port: u16,
+    pub max_upload_size: String,
+    pub presence: bool,
+    /// Operator's own Synapse YAML, applied after ours (later files win, whole top-level keys).
+    pub config_dir: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Postgres {
+    pub host: String,
+    pub port: u16,
+    pub database: String,
+    pub user: String,
+    pub superuser: String,
+    pub socket_dir: String,
+    /// When set, provisioning connects with this DSN instead of peer auth as `superuser`.
+    pub superuser_dsn: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Turn {
+    pub enabled: bool,
+    pub user: String,
+    pub port: u16,
+    pub tls_port: u16,
+    pub min_port: u16,
+    pub max_port: u16,
+    pub external_ip: String,
+    pub user_quota: u32,
+    pub total_quota: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Element {
+    pub auto_update: bool,
+    pub release_url: String,
+    pub check_interval: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Bot {
+    pub enabled: bool,
+    pub localpart: String,
+    pub admins: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct State {
+    pub dir: String,
+    /// Runtime files (the control socket). systemd's RuntimeDirectory= creates it.
+    pub run_dir: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Supervisor {
+    /// How long a child may take to stop after its stop signal before it is killed.
+    pub grace_period: String,
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Listen {
+            http: "[::]:80".into(),
+            https: "[::]:443".into(),
+            federation: "[::]:8448".into(),
+        }
+    }
+}
+
+impl Default for Tls {
+    fn default() -> Self {
+        Tls {
+            mode: "acme".into(),
+            acme_email: String::new(),
+            acme_directory: "https://acme-v02.api.letsencrypt.org/directory".into(),
+            acme_ca_roots: vec![],
+            challenges: vec!["http-01".into(), "tls-alpn-01".into()],
+        }
+    }
+}
+
+impl Default for Synapse {
+    fn default() -> Self {
+        Synapse {
+            python: "/opt/venvs/matrix-synapse/bin/python".into(),
+            user: "matrix-synapse".into(),
+            port: 8008,
+            max_upload_size: "50M".into(),
+            presence: false,
+            config_dir: "/etc/homelab-matrix/synapse.d".into(),
+        }
+    }
+}
+
+impl Default for Postgres {
+    fn default() -> Self {
+        Postgres {
+            host: "127.0.0.1".into(),
+            port: 5432,
+            database: "synapse".into(),
+            user: "synapse".into(),
+            superuser: "postgres".into(),
+            socket_dir: "/var/run/postgresql".into(),
+            superuser_dsn: String::new(),
+        }
+    }
+}
+
+impl Default for Turn {
+    fn default() -> Self {
+        Turn {
+            enabled: true,
+            user: "turnserver".into(),
+            port: 3478,
+            tls_port: 5349,
+            min_port: 49152,
+            max_port: 65535,
+            external_ip: "auto".into(),
+            user_quota: 12,
+            total_quota: 1200,
+        }
+    }
+}
+
+impl Default for Element {
+    fn default() -> Self {
+        Element {
+            auto_update: true,
+            release_url: "https://api.github.com/repos/element-hq/element-web/releases/latest"
+                .into(),
+            check_interval: "6h".into(),
+        }
+    }
+}
+
+impl Default for Bot {
+    fn default() -> Self {
+        Bot {
+            enabled: true,
+            localpart: "registration-bot".into(),
+            admins: vec![],
+        }
+    }
+}
+
+impl Default for State {
+    fn default() -> Self {
+        State {
+            dir: "/var/lib/homelab-matrix".into(),
+            run_dir: "/run/homelab-matrix".into(),
+        }
+    }
+}
+
+impl Default for Supervisor {
+    fn default() -> Self {
+        Supervisor {
+            grace_period: "30s".into(),
+        }
+    }
+}
+
+/// One thing wrong with the config: where, what, and what to do about it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
+    pub fix: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}\n    fix: {}", self.key, self.message, self.fix)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "cannot read {path}: {source}\n    fix: create it (an example is at {EXAMPLE_PATH}) or name another file with --config"
+    )]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}", render_problems(path, problems))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<Problem>,
+    },
+}
+
+fn render_problems(path: &Path, problems: &[Problem]) -> String {
+    let mut out = format!(
+        "{}: {} problem{}:",
+        path.display(),
+        problems.len(),
+        if problems.len() == 1 { "" } else { "s" }
+    );
+    for p in problems {
+        out.push_str(&format!("\n  {p}"));
+    }
+    out
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::from_toml(&text).map_err(|problems| ConfigError::Invalid {
+            path: path.to_owned(),
+            problems,
+        })
+    }
+
+    /// Parses and validates; the returned config has every derived value filled in.
+    pub fn from_toml(text: &str) -> Result<Config, Vec<Problem>> {
+        let table: toml::Table = match text.parse() {
+            Ok(t) => t,
+            Err(e) => return Err(vec![toml_problem(text, &e)]),
+        };
+        let mut problems = vec![];
+        let schema = toml::Table::try_from(Config::default()).expect("defaults serialize");
+        unknown_keys(&table, &schema, "", &mut problems);
+        // Unknown keys are reported above, so serde ignores them here and still finds type errors.
+        let mut cfg: Config = match toml::from_str(text) {
+            Ok(c) => c,
+            Err(e) => {
+                problems.push(toml_problem(text, &e));
+                return Err(problems);
+            }
+        };
+        cfg.derive();
+        cfg.validate(&mut problems);
+        if problems.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(problems)
+        }
+    }
+
+    fn derive(&mut self) {
+        self.server_name = self.server_name.trim().to_ascii_lowercase();
+        let sn = self.server_name.clone();
+        for (host, prefix) in [
+            (&mut self.hosts.matrix, "matrix"),
+            (&mut self.hosts.element, "element"),
+            (&mut self.hosts.turn, "turn"),
+        ] {
+            if host.is_empty() && !sn.is_empty() {
+                *host = format!("{prefix}.{sn}");
+            }
+            *host = host.to_ascii_lowercase();
+        }
+    }
+
+    fn validate(&self, p: &mut Vec<Problem>) {
+        let mut bad = |key: &str, message: String, fix: &str| {
+            p.push(Problem {
+                key: key.into(),
+                message,
+                fix: fix.into(),
+            })
+        };
+        if self.server_name.is_empty() {
+            bad(
+                "server_name",
+                "is missing".into(),
+                "set server_name = \"example.com\": the domain in your users' IDs (@you:example.com); it cannot change later",
+            );
+        } else if !is_dns_name(&self.server_name) {
+            bad(
+                "server_name",
+                format!("{:?} is not a DNS name", self.server_name),
+                "use a domain name such as \"example.com\" (letters, digits, hyphens and dots)",
+            );
+        }
+        for (key, v) in [
+            ("hosts.matrix", &self.hosts.matrix),
+            ("hosts.element", &self.hosts.element),
+            ("hosts.turn", &self.hosts.turn),
+        ] {
+            if !v.is_empty() && !is_dns_name(v) {
+                bad(
+                    key,
+                    format!("{v:?} is not a DNS name"),
+                    "use a host name such as \"matrix.example.com\", or remove the key to derive it from server_name",
+                );
+            }
+        }
+        for (key, v) in [
+            ("listen.http", &self.listen.http),
+            ("listen.https", &self.listen.https),
+            ("listen.federation", &self.listen.federation),
+        ] {
+            if v.parse::<SocketAddr>().is_err() {
+                bad(
+                    key,
+                    format!("{v:?} is not an address with a port"),
+                    "write it like \"[::]:443\" (all addresses) or \"127.0.0.1:8443\"",
+                );
+            }
+        }
+        match self.tls.mode.as_str() {
+            "acme" => {
+                if !self.tls.acme_email.is_empty() && !self.tls.acme_email.contains('@') {
+                    bad(
+                        "tls.acme_email",
+                        format!("{:?} is not an e-mail address", self.tls.acme_email),
+                        "set the address the CA may write to about expiring certificates, or leave it empty",
+                    );
+                }
+                if !self.tls.acme_directory.starts_with("https://") {
+                    bad(
+                        "tls.acme_directory",
+                        format!("{:?} is not an https:// URL", self.tls.acme_directory),
+                        "use the CA's directory URL, e.g. https://acme-v02.api.letsencrypt.org/directory",
+                    );
+                }
+            }
+            "internal" | "files" => {}
+            other => bad(
+                "tls.mode",
+                format!("{other:?} is not a TLS mode"),
+                "use \"acme\" (public certificates), \"internal\" (a local CA, for a LAN) or \"files\" (your own certificates)",
+            ),
+        }
+        for (i, root) in self.tls.acme_ca_roots.iter().enumerate() {
+            if !Path::new(root).is_absolute() {
+                bad(
+                    &format!("tls.acme_ca_roots[{i}]"),
+                    format!("{root:?} is not an absolute path"),
+                    "name the PEM file with its full path, e.g. \"/etc/homelab-matrix/ca.pem\"",
+                );
+            }
+        }
+        if self.tls.challenges.is_empty() {
+            bad(
+                "tls.challenges",
+                "is empty".into(),
+                "list at least one of \"http-01\" and \"tls-alpn-01\"",
+            );
+        }
+        for (i, c) in self.tls.challenges.iter().enumerate() {
+            if c != "http-01" && c != "tls-alpn-01" {
+                bad(
+                    &format!("tls.challenges[{i}]"),
+                    format!("{c:?} is not a supported challenge"),
+                    "use \"http-01\" and/or \"tls-alpn-01\"",
+                );
+            }
+        }
+        for (i, net) in self.http.admin_allow.iter().enumerate() {
+            if parse_cidr(net).is_none() {
+                bad(
+                    &format!("http.admin_allow[{i}]"),
+                    format!("{net:?} is not a network"),
+                    "write a network in CIDR form, e.g. \"192.168.1.0/24\" or \"fd00::/8\"",
+                );
+            }
+        }
+        if !Path::new(&self.synapse.python).is_absolute() {
+            bad(
+                "synapse.python",
+                format!("{:?} is not an absolute path", self.synapse.python),
+                "point it at the Python of Synapse's venv, e.g. \"/opt/venvs/matrix-synapse/bin/python\"",
+            );
+        }
+        for (key, user) in [
+            ("synapse.user", &self.synapse.user),
+            ("postgres.superuser", &self.postgres.superuser),
+            ("turn.user", &self.turn.user),
+        ] {
+            if !is_unix_name(user) {
+                bad(
+                    key,
+                    format!("{user:?} is not a user name"),
+                    "name an existing system user (lowercase letters, digits, '-' and '_')",
+                );
+            }
+        }
+        for (key, port) in [
+            ("synapse.port", self.synapse.port),
+            ("postgres.port", self.postgres.port),
+            ("turn.port", self.turn.port),
+            ("turn.tls_port", self.turn.tls_port),
+            ("turn.min_port", self.turn.min_port),
+            ("turn.max_port", self.turn.max_port),
+        ] {
+            if port == 0 {
+                bad(key, "is 0".into(), "use a port between 1 and 65535");
+            }
+        }
+        if self.turn.min_port > self.turn.max_port {
+            bad(
+                "turn.min_port",
+                format!(
+                    "{} is above turn.max_port ({})",
+                    self.turn.min_port, self.turn.max_port
+                ),
+                "make min_port..max_port a range, e.g. 49152 and 65535",
+            );
+        }
+        if self.turn.external_ip != "auto" && self.turn.external_ip.parse::<IpAddr>().is_err() {
+            bad(
+                "turn.external_ip",
+                format!("{:?} is not an IP address", self.turn.external_ip),
+                "use \"auto\" or the public address of this host, e.g. \"203.0.113.7\"",
+            );
+        }
+        if let Err(e) = parse_size(&self.synapse.max_upload_size) {
+            bad("synapse.max_upload_size", e, "write a size like \"50M\"");
+        }
+        for (key, v) in [
+            ("synapse.config_dir", &self.synapse.config_dir),
+            ("postgres.socket_dir", &self.postgres.socket_dir),
+            ("state.dir", &self.state.dir),
+            ("state.run_dir", &self.state.run_dir),
+        ] {
+            if !Path::new(v).is_absolute() {
+                bad(
+                    key,
+                    format!("{v:?} is not an absolute path"),
+                    "use a full path starting with /",
+                );
+            }
+        }
+        for (key, v) in [
+            ("postgres.database", &self.postgres.database),
+            ("postgres.user", &self.postgres.user),
+        ] {
+            if !is_sql_ident(v) {
+                bad(
+                    key,
+                    format!("{v:?} is not a plain PostgreSQL name"),
+                    "use lowercase letters, digits and '_' (starting with a letter or '_'), at most 63 characters",
+                );
+            }
+        }
+        if self.postgres.host.is_empty() {
+            bad(
+                "postgres.host",
+                "is empty".into(),
+                "use \"127.0.0.1\" (Debian's PostgreSQL accepts password logins there)",
+            );
+        }
+        if !self.postgres.superuser_dsn.is_empty()
+            && self
+                .postgres
+                .superuser_dsn
+                .parse::<tokio_postgres::Config>()
+                .is_err()
+        {
+            bad(
+                "postgres.superuser_dsn",
+                "is not a PostgreSQL connection string".into(),
+                "write it like \"host=/var/run/postgresql user=postgres\" or postgresql://user:pass@host/db, or remove it to use peer auth as postgres.superuser",
+            );
+        }
+        if !self.element.release_url.starts_with("https://")
+            && !self.element.release_url.starts_with("http://")
+        {
+            bad(
+                "element.release_url",
+                format!("{:?} is not a URL", self.element.release_url),
+                "use the default GitHub releases URL unless you mirror Element yourself",
+            );
+        }
+        if let Err(e) = parse_duration(&self.element.check_interval) {
+            bad("element.check_interval", e, "write it like \"6h\"");
+        }
+        if let Err(e) = parse_duration(&self.supervisor.grace_period) {
+            bad("supervisor.grace_period", e, "write it like \"30s\"");
+        }
+        if !is_localpart(&self.bot.localpart) {
+            bad(
+                "bot.localpart",
+                format!("{:?} is not a Matrix user name", self.bot.localpart),
+                "use lowercase letters, digits and . _ = - / (e.g. \"registration-bot\")",
+            );
+        }
+        for (i, mxid) in self.bot.admins.iter().enumerate() {
+            if !is_mxid(mxid) {
+                bad(
+                    &format!("bot.admins[{i}]"),
+                    format!("{mxid:?} is not a Matrix user ID"),
+                    "write it in full, like \"@alice:example.com\"",
+                );
+            }
+        }
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        PathBuf::from(&self.state.dir)
+    }
+
+    pub fn control_socket(&self) -> PathBuf {
+        Path::new(&self.state.run_dir).join("control.sock")
+    }
+
+    pub fn max_upload_bytes(&self) -> u64 {
+        parse_size(&self.synapse.max_upload_size).expect("validated in Config::validate")
+    }
+
+    pub fn grace_period(&self) -> Duration {
+        parse_duration(&self.supervisor.grace_period).expect("validated in Config::validate")
+    }
+
+    /// `http://127.0.0.1:<port>`: Synapse's plain listener, reachable only from this host.
+    pub fn synapse_local_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.synapse.port)
+    }
+}
+
+/// Checks for things outside the file that `run` would trip on (a missing Synapse), so that
+/// `check-config` can tell the operator before they start the service.
+pub fn environment_problems(cfg: &Config) -> Vec<Problem> {
+    let mut out = vec![];
+    if !Path::new(&cfg.synapse.python).exists() {
+        out.push(Problem {
+            key: "synapse.python".into(),
+            message: format!("{} does not exist, so Synapse cannot start", cfg.synapse.python),
+            fix: "install Synapse into a venv: /usr/bin/python3 -m venv /opt/venvs/matrix-synapse && /opt/venvs/matrix-synapse/bin/pip install 'matrix-synapse[postgres]' (or packaging/install-deps from the source tree); or point synapse.python at a Python that can import synapse".into(),
+        });
+    }
+    if nix::unistd::User::from_name(&cfg.synapse.user)
+        .ok()
+        .flatten()
+        .is_none()
+    {
+        out.push(Problem {
+            key: "synapse.user".into(),
+            message: format!("system user {:?} does not exist", cfg.synapse.user),
+            fix: format!(
+                "create it: adduser --system --group --no-create-home {}",
+                cfg.synapse.user
+            ),
+        });
+    }
+    out
+}
+
+fn unknown_keys(user: &toml::Table, schema: &toml::Table, prefix: &str, out: &mut Vec<Problem>) {
+    for (k, v) in user {
+        let path = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        match schema.get(k) {
+            None => {
+                let known: Vec<&str> = schema.keys().map(String::as_str).collect();
+                let fix = match closest(k, &known) {
+                    Some(s) => format!("did you mean `{s}`? Otherwise remove the key"),
+                    None => format!("remove it; the keys allowed here are: {}", known.join(", ")),
+                };
+                out.push(Problem {
+                    key: path,
+                    message: "is not a known key".into(),
+                    fix,
+                });
+            }
+            Some(toml::Value::Table(sub)) => {
+                if let toml::Value::Table(usub) = v {
+                    unknown_keys(usub, sub, &path, out);
+                }
+            }
+            Some(_) => {}
+        }
+    }
+}
+
+/// A key that is one or two edits away, as a spelling hint.
+fn closest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
+    candidates
+        .iter()
+        .map(|c| (edit_distance(word, c), *c))
+        .filter(|(d, _)| *d <= 2)
+        .min()
+        .map(|(_, c)| c)
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// Turns a toml error into a problem naming the key at the error's position.
+fn toml_problem(text: &str, e: &toml::de::Error) -> Problem {
+    let (key, line) = match e.span() {
+        Some(span) => key_at(text, span.start),
+        None => ("(file)".to_string(), 0),
+    };
+    let message = e.message().trim().to_string();
+    Problem {
+        key: if line > 0 {
+            format!("{key} (line {line})")
+        } else {
+            key
+        },
+        message,
+        fix: "correct the value's type or the TOML syntax (strings need quotes, lists need [ ])"
+            .into(),
+    }
+}
+
+/// The dotted key defined on the line holding `offset`, and that line's number.
+fn key_at(text: &str, offset: usize) -> (String, usize) {
+    let mut section = String::new();
+    let mut pos = 0;
+    for (i, line) in text.lines().enumerate() {
+        let end = pos + line.len() + 1;
+        let t = line.trim();
+        if t.starts_with('[') && !t.starts_with("[[") {
+            section = t.trim_matches(|c| c == '[' || c == ']').trim().to_string();
+        }
+        if offset < end {
+            let key = t.split('=').next().unwrap_or("").trim();
+            let key = if t.contains('=') && !key.is_empty() {
+                if section.is_empty() {
+                    key.to_string()
+                } else {
+                    format!("{section}.{key}")
+                }
+            } else if !section.is_empty() {
+                section
+            } else {
+                "(file)".into()
+            };
+            return (key, i + 1);
+        }
+        pos = end;
+    }
+    ("(file)".into(), 0)
+}
+
+pub fn is_dns_name(s: &str) -> bool {
+    s.len() <= 253
+        && s.contains('.')
+        && s.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
+        || s == "localhost"
+}
+
+fn is_unix_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 32
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+}
+
+fn is_sql_ident(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+/// Matrix spec, appendix "User Identifiers": a-z 0-9 . _ = - /
+pub fn is_localpart(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._=-/".contains(c))
+}
+
+fn is_mxid(s: &str) -> bool {
+    s.strip_prefix('@')
+        .and_then(|r| r.split_once(':'))
+        .is_some_and(|(local, server)| !local.is_empty() && !server.is_empty())
+}
+
+pub fn parse_cidr(s: &str) -> Option<(IpAddr, u8)> {
+    let (addr, len) = s.split_once('/')?;
+    let addr: IpAddr = addr.parse().ok()?;
+    let len: u8 = len.parse().ok()?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    (len <= max).then_some((addr, len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_config_takes_defaults() {
+        let c = Config::from_toml("server_name = \"Example.com\"\n").unwrap();
+        assert_eq!(c.server_name, "example.com");
+        assert_eq!(c.hosts.matrix, "matrix.example.com");
+        assert_eq!(c.hosts.turn, "turn.example.com");
+        assert_eq!(c.synapse.port, 8008);
+        assert_eq!(c.postgres.database, "synapse");
+        assert_eq!(c.max_upload_bytes(), 50 << 20);
+        assert_eq!(c.grace_period(), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_key_and_fix() {
+        let text = r#"
+server_name = "example.com"
+[synapse]
+prot = 8008
+max_upload_size = "lots"
+[postgres]
+database = "Syn-apse"
+[tls]
+mode = "letsencrypt"
+[bogus]
+x = 1
+"#;
+        let p = Config::from_toml(text).unwrap_err();
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        assert!(keys.contains(&"synapse.prot"), "{keys:?}");
+        assert!(keys.contains(&"bogus"), "{keys:?}");
+        assert!(keys.contains(&"synapse.max_upload_size"), "{keys:?}");
+        assert!(keys.contains(&"postgres.database"), "{keys:?}");
+        assert!(keys.contains(&"tls.mode"), "{keys:?}");
+        let typo = p.iter().find(|p| p.key == "synapse.prot").unwrap();
+        assert!(typo.fix.contains("`port`"), "{}", typo.fix);
+    }
+
+    #[test]
+    fn type_errors_name_the_key_and_line() {
+        let p = Config::from_toml("server_name = \"a.b\"\n[postgres]\nport = \"x\"\n").unwrap_err();
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].key, "postgres.port (line 3)");
+    }
+
+    #[test]
+    fn missing_server_name() {
+        let p = Config::from_toml("").unwrap_err();
+        assert_eq!(p[0].key, "server_name");
+    }
+
+    #[test]
+    fn cidrs() {
+        assert!(parse_cidr("192.168.1.0/24").is_some());
+        assert!(parse_cidr("fd00::/8").is_some());
+        assert!(parse_cidr("10.0.0.0/33").is_none());
+        assert!(parse_cidr("10.0.0.0").is_none());
+    }
+}

@@ -1,0 +1,20 @@
+//! homelab-matrix: one supervisor that turns a Debian host into a private Matrix server.
+//!
+//! Layering (DESIGN.md §11): `app` and `cli` wire feature modules (`synapse`, `postgres`,
+//! `control`) on top of foundations (`supervisor`, `config`, `secrets`, `fsutil`, `units`).
+//! Only `supervisor` creates processes.
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod fsutil;
+pub mod logging;
+pub mod notify;
+pub mod postgres;
+pub mod secrets;
+pub mod supervisor;
+pub mod synapse;
+pub mod units;
+
+pub use logging::init as init_tracing;

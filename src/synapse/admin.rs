@@ -1,0 +1,366 @@
+//! Synapse's admin API, spoken over its loopback listener: shared-secret registration and
+//! registration tokens. Also the appliance's own admin account, made once and kept.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use ring::hmac;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::secrets::{Kind, Secret, Secrets};
+
+/// Localpart of the account the appliance uses for admin API calls.
+pub const SERVICE_LOCALPART: &str = "homelab-matrix";
+/// Where its access token is kept, in the secrets dir.
+pub const SERVICE_TOKEN_FILE: &str = "service_access_token";
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error(
+        "cannot reach Synapse at {url}: {source}\n    fix: is homelab-matrix running? Check `homelab-matrix status` or `systemctl status homelab-matrix`"
+    )]
+    Unreachable { url: String, source: reqwest::Error },
+    #[error("user {0} already exists")]
+    UserInUse(String),
+    #[error(
+        "no registration token {0:?}\n    fix: `homelab-matrix token list` shows the tokens there are"
+    )]
+    NoSuchToken(String),
+    #[error("Synapse answered {status} to {what}: {errcode} {error}")]
+    Api {
+        what: String,
+        status: StatusCode,
+        errcode: String,
+        error: String,
+    },
+}
+
+/// A client for Synapse's loopback listener.
+#[derive(Debug, Clone)]
+pub struct Synapse {
+    base: String,
+    http: reqwest::Client,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Registered {
+    pub user_id: String,
+    pub access_token: String,
+    pub device_id: Option<String>,
+}
+
+/// A registration token as Synapse's admin API returns it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RegistrationToken {
+    pub token: String,
+    pub uses_allowed: Option<u64>,
+    pub pending: u64,
+    pub completed: u64,
+    /// Milliseconds since the epoch.
+    pub expiry_time: Option<i64>,
+}
+
+/// Synapse's registration token alphabet (admin_api/registration_tokens.md): A-Z a-z 0-9 . _ ~ -
+pub fn valid_token(t: &str) -> bool {
+    !t.is_empty()
+        && t.len() <= 64
+        && t.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._~-".contains(c))
+}
+
+/// The MAC of shared-secret registration (Synapse docs/admin_api/register_api.md): HMAC-SHA1
+/// over nonce, user, password and "admin" or "notadmin", NUL-separated, hex.
+pub fn registration_mac(
+    secret: &str,
+    nonce: &str,
+    user: &str,
+    password: &str,
+    admin: bool,
+) -> String {
+    let key = hmac::Key::new(hmac::HMAC_SHA1_FOR_LEGACY_USE_ONLY, secret.as_bytes());
+    let mut ctx = hmac::Context::with_key(&key);
+    ctx.update(nonce.as_bytes());
+    ctx.update(b"\x00");
+    ctx.update(user.as_bytes());
+    ctx.update(b"\x00");
+    ctx.update(password.as_bytes());
+    ctx.update(b"\x00");
+    ctx.update(if admin { b"admin" } else { b"notadmin" });
+    crate::secrets::hex(ctx.sign().as_ref())
+}
+
+impl Synapse {
+    pub fn new(base: &str) -> Synapse {
+        let http = reqwest::Client::builder()
+            // Loopback only: an HTTP(S)_PROXY in root's environment must not divert it.
+            .no_proxy()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .expect("building the HTTP client");
+        Synapse {
+            base: base.trim_end_matches('/').to_string(),
+            http,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn call(
+        &self,
+        what: &str,
+        req: reqwest::RequestBuilder,
+    ) -> Result<(StatusCode, Value), AdminError> {
+        let resp = req.send().await.map_err(|source| AdminError::Unreachable {
+            url: self.base.clone(),
+            source,
+        })?;
+        let status = resp.status();
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        if status.is_success() {
+            return Ok((status, body));
+        }
+        let errcode = body["errcode"].as_str().unwrap_or("").to_string();
+        let error = body["error"].as_str().unwrap_or("").to_string();
+        Err(AdminError::Api {
+            what: what.to_string(),
+            status,
+            errcode,
+            error,
+        })
+    }
+
+    /// Registers a user with the shared secret (no existing admin needed).
+    pub async fn register_with_secret(
+        &self,
+        secret: &Secret,
+        user: &str,
+        password: &str,
+        admin: bool,
+    ) -> Result<Registered, AdminError> {
+        let path = "/_synapse/admin/v1/register";
+        let (_, n) = self
+            .call("GET nonce", self.http.get(self.url(path)))
+            .await?;
+        let nonce = n["nonce"].as_str().unwrap_or_default();
+        let mac = registration_mac(secret.expose(), nonce, user, password, admin);
+        let body = json!({
+            "nonce": nonce, "username": user, "password": password, "admin": admin, "mac": mac,
+        });
+        match self
+            .call(
+                "shared-secret registration",
+                self.http.post(self.url(path)).json(&body),
+            )
+            .await
+        {
+            Ok((_, v)) => Ok(serde_json::from_value(v).map_err(|e| AdminError::Api {
+                what: "shared-secret registration".into(),
+                status: StatusCode::OK,
+                errcode: "M_BAD_JSON".into(),
+                error: e.to_string(),
+            })?),
+            Err(AdminError::Api { errcode, .. }) if errcode == "M_USER_IN_USE" => {
+                Err(AdminError::UserInUse(user.to_string()))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn login(&self, user: &str, password: &str) -> Result<Registered, AdminError> {
+        let body = json!({
+            "type": "m.login.password",
+            "identifier": {"type": "m.id.user", "user": user},
+            "password": password,
+            "initial_device_display_name": "homelab-matrix",
+        });
+        let (_, v) = self
+            .call(
+                "login",
+                self.http
+                    .post(self.url("/_matrix/client/v3/login"))
+                    .json(&body),
+            )
+            .await?;
+        serde_json::from_value(v).map_err(|e| AdminError::Api {
+            what: "login".into(),
+            status: StatusCode::OK,
+            errcode: "M_BAD_JSON".into(),
+            error: e.to_string(),
+        })
+    }
+
+    pub async fn whoami(&self, token: &str) -> Result<String, AdminError> {
+        let (_, v) = self
+            .call(
+                "whoami",
+                self.http
+                    .get(self.url("/_matrix/client/v3/account/whoami"))
+                    .bearer_auth(token),
+            )
+            .await?;
+        Ok(v["user_id"].as_str().unwrap_or_default().to_string())
+    }
+
+    /// Makes sure the appliance's own admin account exists and returns a working access token.
+    /// The token is kept in the secrets dir; if it stops working, log in again with the stored
+    /// password rather than making a new account.
+    pub async fn service_session(&self, secrets: &Secrets) -> anyhow::Result<Admin> {
+        use anyhow::Context;
+        if let Ok(t) = secrets.read_named(SERVICE_TOKEN_FILE)
+            && self.whoami(t.expose()).await.is_ok()
+        {
+            return Ok(Admin {
+                synapse: self.clone(),
+                token: t,
+            });
+        }
+        let password = secrets.get(Kind::ServicePassword)?;
+        let shared = secrets.get(Kind::RegistrationShared)?;
+        let token = match self
+            .register_with_secret(&shared, SERVICE_LOCALPART, password.expose(), true)
+            .await
+        {
+            Ok(r) => {
+                tracing::info!(user = %r.user_id, "created the appliance's admin account");
+                r.access_token
+            }
+            Err(AdminError::UserInUse(_)) => self
+                .login(SERVICE_LOCALPART, password.expose())
+                .await
+                .with_context(|| {
+                    format!(
+                        "the account {SERVICE_LOCALPART} exists but does not accept the password in {}; reset its password with Synapse's admin API, or deactivate it",
+                        secrets.path(Kind::ServicePassword).display()
+                    )
+                })?
+                .access_token,
+            Err(e) => return Err(e).context("creating the appliance's admin account"),
+        };
+        let token = Secret::new(token);
+        secrets.write_named(SERVICE_TOKEN_FILE, &token)?;
+        Ok(Admin {
+            synapse: self.clone(),
+            token,
+        })
+    }
+}
+
+/// An admin session: the registration-token API.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    synapse: Synapse,
+    token: Secret,
+}
+
+const TOKENS: &str = "/_synapse/admin/v1/registration_tokens";
+
+impl Admin {
+    fn authed(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        rb.bearer_auth(self.token.expose())
+    }
+
+    pub async fn create_token(
+        &self,
+        token: Option<&str>,
+        uses_allowed: Option<u64>,
+        expiry_time_ms: Option<i64>,
+    ) -> Result<RegistrationToken, AdminError> {
+        let mut body = serde_json::Map::new();
+        if let Some(t) = token {
+            body.insert("token".into(), json!(t));
+        }
+        if let Some(u) = uses_allowed {
+            body.insert("uses_allowed".into(), json!(u));
+        }
+        if let Some(e) = expiry_time_ms {
+            body.insert("expiry_time".into(), json!(e));
+        }
+        let s = &self.synapse;
+        let (_, v) = s
+            .call(
+                "creating a registration token",
+                self.authed(s.http.post(s.url(&format!("{TOKENS}/new"))).json(&body)),
+            )
+            .await?;
+        parse(v)
+    }
+
+    pub async fn list_tokens(&self) -> Result<Vec<RegistrationToken>, AdminError> {
+        let s = &self.synapse;
+        let (_, v) = s
+            .call(
+                "listing registration tokens",
+                self.authed(s.http.get(s.url(TOKENS))),
+            )
+            .await?;
+        parse(v["registration_tokens"].clone())
+    }
+
+    pub async fn get_token(&self, token: &str) -> Result<RegistrationToken, AdminError> {
+        let s = &self.synapse;
+        match s
+            .call(
+                "reading a registration token",
+                self.authed(s.http.get(s.url(&format!("{TOKENS}/{token}")))),
+            )
+            .await
+        {
+            Ok((_, v)) => parse(v),
+            Err(AdminError::Api { status, .. }) if status == StatusCode::NOT_FOUND => {
+                Err(AdminError::NoSuchToken(token.to_string()))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    pub async fn delete_token(&self, token: &str) -> Result<(), AdminError> {
+        let s = &self.synapse;
+        match s
+            .call(
+                "deleting a registration token",
+                self.authed(s.http.delete(s.url(&format!("{TOKENS}/{token}")))),
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(AdminError::Api { status, .. }) if status == StatusCode::NOT_FOUND => {
+                Err(AdminError::NoSuchToken(token.to_string()))
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, AdminError> {
+    serde_json::from_value(v).map_err(|e| AdminError::Api {
+        what: "reading Synapse's answer".into(),
+        status: StatusCode::OK,
+        errcode: "M_BAD_JSON".into(),
+        error: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Cross-checked against Python's hmac, which Synapse uses to verify:
+    /// hmac.new(b"secret", b"\0".join([b"nonce", b"user", b"pass", b"notadmin"]), sha1).hexdigest()
+    #[test]
+    fn mac_matches_pythons_hmac() {
+        assert_eq!(
+            registration_mac("secret", "nonce", "user", "pass", false),
+            "a62633a505e2bc2e61569cf3c6847ee41ef09bae"
+        );
+    }
+
+    #[test]
+    fn token_alphabet() {
+        assert!(valid_token("abc-DEF_1.2~"));
+        assert!(!valid_token("a/b"));
+        assert!(!valid_token(""));
+    }
+}

@@ -1,0 +1,453 @@
+//! Test harness: drives the real `homelab-matrix` binary against the real PostgreSQL and
+//! Synapse on this machine, each test in its own state dir, database, role and ports.
+//!
+//! A test that needs a missing component skips with a loud message, except under `CI=true`,
+//! where a missing component fails the test.
+
+#![allow(dead_code)]
+// The harness drives the binary from outside with std's process API; only tests/supervisor.rs
+// shares a process with the supervisor's reaper, and it calls none of these.
+#![allow(clippy::disallowed_methods)]
+
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+pub const SYNAPSE_PYTHON: &str = "/opt/venvs/matrix-synapse/bin/python";
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_homelab-matrix")
+}
+
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true")
+}
+
+/// True when `ok`; otherwise fails under CI, or prints a loud skip notice and returns false.
+pub fn require(component: &str, ok: bool, how: &str) -> bool {
+    if ok {
+        return true;
+    }
+    if in_ci() {
+        panic!("{component} is required under CI=true but is not available: {how}");
+    }
+    eprintln!(
+        "\n********************************************************************\n\
+         SKIPPED: {component} is not available: {how}\n\
+         Run `packaging/run-tests` (as root) to install and start everything.\n\
+         ********************************************************************\n"
+    );
+    false
+}
+
+pub fn is_root() -> bool {
+    nix::unistd::Uid::effective().is_root()
+}
+
+pub fn postgres_up() -> bool {
+    Command::new("pg_isready")
+        .args(["-q", "-h", "/var/run/postgresql"])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Root, a running PostgreSQL and Synapse's venv: what `run` needs.
+pub fn require_appliance() -> bool {
+    require(
+        "root",
+        is_root(),
+        "these tests start children as other users",
+    ) && require(
+        "PostgreSQL",
+        postgres_up(),
+        "pg_isready fails; start it with pg_ctlcluster 15 main start",
+    ) && require(
+        "Synapse",
+        Path::new(SYNAPSE_PYTHON).exists(),
+        "no venv at /opt/venvs/matrix-synapse (packaging/install-deps makes it)",
+    )
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Runs psql as the postgres OS user (peer authentication), returning trimmed stdout.
+pub fn psql(sql: &str) -> String {
+    let out = Command::new("runuser")
+        .args([
+            "-u",
+            "postgres",
+            "--",
+            "psql",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-Atc",
+            sql,
+        ])
+        .output()
+        .expect("running psql");
+    assert!(
+        out.status.success(),
+        "psql {sql:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// One appliance instance: its own temp dir, config, database, role and Synapse port.
+pub struct Lab {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub db: String,
+    pub synapse_port: u16,
+    pub server_name: String,
+}
+
+impl Lab {
+    pub fn new(name: &str) -> Lab {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("hm-{name}-"))
+            .tempdir()
+            .unwrap();
+        // The Synapse user must be able to traverse down to its state dir.
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let suffix: String = dir
+            .path()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .chars()
+            .rev()
+            .take(6)
+            .filter(|c| c.is_ascii_alphanumeric())
+            .collect::<String>()
+            .to_ascii_lowercase();
+        let db = format!("hm_{}_{}", name.replace('-', "_"), suffix);
+        let synapse_port = free_port();
+        let server_name = "matrix.test".to_string();
+        let lab = Lab {
+            config: dir.path().join("homelab-matrix.toml"),
+            dir,
+            db,
+            synapse_port,
+            server_name,
+        };
+        lab.write_config("");
+        // Synapse's login and registration rate limits would trip these tests (LAB.md gotcha 6).
+        let overrides = lab.path("synapse.d");
+        fs::create_dir_all(&overrides).unwrap();
+        fs::write(
+            overrides.join("90-test-ratelimits.yaml"),
+            "rc_login:\n  address: {per_second: 1000, burst_count: 1000}\n  account: {per_second: 1000, burst_count: 1000}\n  failed_attempts: {per_second: 1000, burst_count: 1000}\nrc_registration: {per_second: 1000, burst_count: 1000}\nrc_registration_token_validity: {per_second: 1000, burst_count: 1000}\nrc_message: {per_second: 1000, burst_count: 1000}\n",
+        )
+        .unwrap();
+        lab
+    }
+
+    pub fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    pub fn state(&self) -> PathBuf {
+        self.path("state")
+    }
+
+    /// Writes the config with `extra` TOML appended (top-level keys must come first in it).
+    pub fn write_config(&self, extra: &str) {
+        let d = self.dir.path().display();
+        let text = format!(
+            "server_name = \"{sn}\"\n{extra}\n\
+             [synapse]\nport = {port}\nconfig_dir = \"{d}/synapse.d\"\n\
+             [postgres]\ndatabase = \"{db}\"\nuser = \"{db}\"\n\
+             [state]\ndir = \"{d}/state\"\nrun_dir = \"{d}/run\"\n\
+             [supervisor]\ngrace_period = \"10s\"\n",
+            sn = self.server_name,
+            port = self.synapse_port,
+            db = self.db,
+        );
+        fs::write(&self.config, text).unwrap();
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(bin());
+        c.arg("--config").arg(&self.config).args(args);
+        c.env_remove("NOTIFY_SOCKET").env_remove("RUST_LOG");
+        c
+    }
+
+    pub fn run_cmd(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().expect("running homelab-matrix")
+    }
+
+    /// Runs a CLI command that must succeed; returns its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run_cmd(args);
+        assert!(
+            out.status.success(),
+            "homelab-matrix {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Starts `run` and waits for its sd_notify READY=1 (Synapse healthy, admin account made).
+    pub fn start(&self) -> Running {
+        let sock_path = self.path("notify.sock");
+        let _ = fs::remove_file(&sock_path);
+        let sock = UnixDatagram::bind(&sock_path).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let log = self.path("run.log");
+        let logf = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let mut c = self.cmd(&["run"]);
+        c.env("NOTIFY_SOCKET", &sock_path)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone().unwrap())
+            .stderr(logf);
+        let child = c.spawn().expect("starting homelab-matrix run");
+        let mut running = Running {
+            child: Some(child),
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(180);
+        let mut buf = [0u8; 512];
+        loop {
+            if let Ok(n) = sock.recv(&mut buf) {
+                let msg = String::from_utf8_lossy(&buf[..n]);
+                if msg.lines().any(|l| l == "READY=1") {
+                    return running;
+                }
+            }
+            if let Some(st) = running.try_exit() {
+                panic!(
+                    "homelab-matrix run exited ({st}) before READY=1:\n{}",
+                    running.log_tail()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no READY=1 within 180s:\n{}",
+                running.log_tail()
+            );
+        }
+    }
+
+    pub fn status(&self) -> Value {
+        serde_json::from_str(&self.ok(&["status", "--json"])).expect("status --json is JSON")
+    }
+
+    pub fn synapse_status(&self) -> Value {
+        let st = self.status();
+        st["children"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "synapse")
+            .cloned()
+            .expect("a synapse child")
+    }
+
+    pub fn synapse_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.synapse_port)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if is_root() && postgres_up() {
+            let _ = Command::new("runuser")
+                .args(["-u", "postgres", "--", "psql", "-qc"])
+                .arg(format!(
+                    "DROP DATABASE IF EXISTS \"{0}\" WITH (FORCE); DROP ROLE IF EXISTS \"{0}\";",
+                    self.db
+                ))
+                .output();
+        }
+    }
+}
+
+/// A running `homelab-matrix run`. Killed (SIGKILL) if the test drops it while running.
+pub struct Running {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Running {
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    fn try_exit(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut()?.try_wait().ok().flatten()
+    }
+
+    pub fn log_tail(&self) -> String {
+        let mut s = String::new();
+        let _ = fs::File::open(&self.log).and_then(|mut f| f.read_to_string(&mut s));
+        let lines: Vec<&str> = s.lines().collect();
+        lines[lines.len().saturating_sub(60)..].join("\n")
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends `sig` and waits up to `within` for the exit.
+    pub fn signal_and_wait(
+        &mut self,
+        sig: nix::sys::signal::Signal,
+        within: Duration,
+    ) -> ExitStatus {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).unwrap();
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(st) = self.try_exit() {
+                self.child = None;
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "homelab-matrix did not exit within {within:?} of {sig}:\n{}",
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn pid_alive(pid: i32) -> bool {
+    // A zombie still has a /proc entry; count it as gone only when reaped or dead.
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => false,
+        Ok(s) => !s
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+    }
+}
+
+pub fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !f() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The real uid of a process, from /proc.
+pub fn proc_uid(pid: i32) -> u32 {
+    let s = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// A minimal Matrix client-server API client (spec v1.x, /_matrix/client/v3).
+pub struct Matrix {
+    pub base: String,
+    http: reqwest::blocking::Client,
+}
+
+impl Matrix {
+    pub fn new(base: &str) -> Matrix {
+        Matrix {
+            base: base.to_string(),
+            http: reqwest::blocking::Client::builder()
+                .no_proxy()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .unwrap(),
+        }
+    }
+
+    pub fn req(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let url = format!("{}{path}", self.base);
+        let mut rb = self.http.request(method.parse().unwrap(), &url);
+        if let Some(t) = token {
+            rb = rb.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            rb = rb.json(&b);
+        }
+        let resp = rb.send().unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+        let status = resp.status().as_u16();
+        (status, resp.json().unwrap_or(Value::Null))
+    }
+
+    pub fn login(&self, user: &str, password: &str) -> String {
+        let (st, v) = self.req(
+            "POST",
+            "/_matrix/client/v3/login",
+            None,
+            Some(json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": user}, "password": password})),
+        );
+        assert_eq!(st, 200, "login {user}: {v}");
+        v["access_token"].as_str().unwrap().to_string()
+    }
+
+    /// Registration through the UIA flow (spec: "User-Interactive Authentication API"):
+    /// the token stage then the dummy stage. Returns the final status and body.
+    pub fn register(&self, user: &str, password: &str, token: Option<&str>) -> (u16, Value) {
+        let body = json!({"username": user, "password": password, "inhibit_login": false});
+        let (st, v) = self.req(
+            "POST",
+            "/_matrix/client/v3/register",
+            None,
+            Some(body.clone()),
+        );
+        if st != 401 {
+            return (st, v);
+        }
+        let session = v["session"].as_str().unwrap_or_default().to_string();
+        let Some(token) = token else { return (st, v) };
+        let mut b = body.clone();
+        b["auth"] =
+            json!({"type": "m.login.registration_token", "token": token, "session": session});
+        let (st, v) = self.req("POST", "/_matrix/client/v3/register", None, Some(b));
+        if st != 401 || v.get("errcode").is_some() {
+            return (st, v);
+        }
+        let mut b = body;
+        b["auth"] = json!({"type": "m.login.dummy", "session": session});
+        self.req("POST", "/_matrix/client/v3/register", None, Some(b))
+    }
+}
