@@ -823,6 +823,15 @@ x = 1
         assert_eq!(p[0].key, "postgres.port (line 3)");
     }
 
+    /// The shipped example must stay valid and say nothing the defaults do not.
+    #[test]
+    fn example_config_is_valid_and_matches_the_defaults() {
+        let text = include_str!("../packaging/homelab-matrix.toml.example");
+        let c = Config::from_toml(text).unwrap_or_else(|p| panic!("{p:#?}"));
+        let d = Config::from_toml("server_name = \"example.com\"\n").unwrap();
+        assert_eq!(c, d);
+    }
+
     #[test]
     fn missing_server_name() {
         let p = Config::from_toml("").unwrap_err();

@@ -1,0 +1,34 @@
+# Shared by packaging/run-tests and packaging/quickstart. Source it; do not run it.
+
+# Starts the Debian PostgreSQL cluster if it is down. Under systemd, through systemctl; without
+# systemd as PID 1 (containers, CI), with pg_ctlcluster directly.
+start_postgres() {
+  if pg_isready -q -h /var/run/postgresql; then
+    return 0
+  fi
+  if [ -d /run/systemd/system ]; then
+    systemctl start postgresql
+  else
+    local ver cluster
+    read -r ver cluster < <(pg_lsclusters --no-header | awk 'NR==1 {print $1, $2}')
+    if [ -z "${ver:-}" ]; then
+      ver=$(ls /usr/lib/postgresql | sort -V | tail -n 1)
+      cluster=main
+      pg_createcluster "$ver" "$cluster"
+    fi
+    pg_ctlcluster "$ver" "$cluster" start || pg_ctlcluster "$ver" "$cluster" status
+  fi
+  for _ in $(seq 1 100); do
+    pg_isready -q -h /var/run/postgresql && return 0
+    sleep 0.1
+  done
+  echo "PostgreSQL did not start; see /var/log/postgresql/" >&2
+  return 1
+}
+
+# Builds outside the source tree by default: the PostgreSQL helper runs this binary as the
+# postgres user, so every directory above it must be world-traversable, which a checkout under
+# a private home may not be. Also lets repeated runs reuse the build.
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/cache/homelab-matrix/target}
+mkdir -p "$CARGO_TARGET_DIR"
+chmod 755 "$(dirname "$CARGO_TARGET_DIR")" "$CARGO_TARGET_DIR"
