@@ -11,11 +11,15 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
+use crate::acme::{self, Acme};
+use crate::certs::ca::InternalCa;
+use crate::certs::{Cert, CertStore, Source, unix};
 use crate::config::{self, Config, ConfigError};
 use crate::control::{self, Status};
 use crate::fsutil::{Owner, ensure_dir};
+use crate::http::{Bound, FrontDoor, Limits};
 use crate::notify::notify;
 use crate::postgres;
 use crate::secrets::{Kind, Secrets};
@@ -38,7 +42,17 @@ struct App {
     supervisor: Supervisor,
     synapse: Mutex<Arc<Child>>,
     phase: Mutex<&'static str>,
+    certs: Arc<CertStore>,
+    ca: InternalCa,
+    acme: Option<Arc<Acme>>,
+    https_port: u16,
 }
+
+/// Internal-CA certificates: a year, re-issued when a third is left (browsers cap private-CA
+/// leaves at 825 days; a year keeps well inside that).
+const INTERNAL_VALIDITY: Duration = Duration::from_secs(365 * 86400);
+/// How long open connections get to finish when the front door closes.
+const DRAIN: Duration = Duration::from_secs(5);
 
 pub async fn run(config_path: &Path) -> Result<(), RunError> {
     let cfg = Config::load(config_path)?;
@@ -75,6 +89,20 @@ pub async fn run(config_path: &Path) -> Result<(), RunError> {
     );
     synapse::render(&cfg, &secrets, &synapse_user)?;
 
+    let bound = Bound::bind(&cfg).await?;
+    let https_port = bound.https_port();
+    let (certs, ca) = load_certificates(&cfg)?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let front = FrontDoor::new(&cfg, certs.clone(), https_port, Limits::default());
+    let front_task = tokio::spawn(front.serve(bound, stop_rx.clone(), DRAIN));
+    let acme = (cfg.tls.mode == "acme").then(|| {
+        let a = Acme::new(acme_settings(&cfg), &state.join("acme"), certs.clone());
+        for name in cfg.served_names() {
+            tokio::spawn(a.clone().maintain(name, stop_rx.clone()));
+        }
+        a
+    });
+
     let supervisor = Supervisor::new();
     let synapse_child = supervisor.start(synapse::child_spec(&cfg, synapse_user));
     let app = Arc::new(App {
@@ -84,7 +112,12 @@ pub async fn run(config_path: &Path) -> Result<(), RunError> {
         supervisor,
         synapse: Mutex::new(synapse_child.clone()),
         phase: Mutex::new("starting"),
+        certs,
+        ca,
+        acme,
+        https_port,
     });
+    tokio::spawn(maintain_internal(app.clone(), stop_rx.clone()));
 
     let (req_tx, mut req_rx) = mpsc::channel(4);
     let listener = control::bind(&app.cfg.control_socket())?;
@@ -103,13 +136,14 @@ pub async fn run(config_path: &Path) -> Result<(), RunError> {
     };
     if let Err(e) = started {
         tracing::error!("{e:#}");
-        stop(&app, control_task).await;
+        stop(&app, control_task, &stop_tx, front_task).await;
         return Err(e.into());
     }
     *app.phase.lock().unwrap() = "ready";
     notify("READY=1\nSTATUS=Synapse is ready");
     tracing::info!(
-        synapse = %app.cfg.synapse_local_url(),
+        url = %app.base_url(&app.cfg.hosts.matrix),
+        ca_root = %app.ca.root_path.display(),
         "homelab-matrix is ready"
     );
 
@@ -121,7 +155,7 @@ pub async fn run(config_path: &Path) -> Result<(), RunError> {
             Some(control::Request::Reload) = req_rx.recv() => reload(&app).await,
         }
     }
-    stop(&app, control_task).await;
+    stop(&app, control_task, &stop_tx, front_task).await;
     Ok(())
 }
 
@@ -136,9 +170,17 @@ async fn start_rest(app: &App, synapse_child: &Child) -> Result<()> {
     Ok(())
 }
 
-async fn stop(app: &App, control_task: tokio::task::JoinHandle<()>) {
+async fn stop(
+    app: &App,
+    control_task: tokio::task::JoinHandle<()>,
+    stop_tx: &watch::Sender<bool>,
+    front_task: tokio::task::JoinHandle<()>,
+) {
     *app.phase.lock().unwrap() = "stopping";
     notify("STOPPING=1");
+    // Stop accepting and let open requests finish, then stop the children (DESIGN.md §6).
+    let _ = stop_tx.send(true);
+    let _ = front_task.await;
     app.supervisor.shutdown().await;
     control_task.abort();
     let _ = std::fs::remove_file(app.cfg.control_socket());
@@ -159,6 +201,20 @@ async fn reload(app: &App) {
             app.config_path.display()
         ),
         Ok(_) => {}
+    }
+    if app.cfg.tls.mode == "files" {
+        for name in app.cfg.served_names() {
+            match load_files(&app.cfg, &name) {
+                Some(Ok(c)) => {
+                    tracing::info!(name = %name, expires = unix(c.not_after), "reloaded certificate files");
+                    app.certs.publish(&name, Arc::new(c));
+                }
+                Some(Err(e)) => {
+                    tracing::error!(name = %name, "keeping the current certificate: {e:#}")
+                }
+                None => {}
+            }
+        }
     }
     let result: Result<()> = async {
         let user = RunAs::lookup(&app.cfg.synapse.user)?;
@@ -182,7 +238,35 @@ async fn reload(app: &App) {
 }
 
 impl App {
+    fn base_url(&self, host: &str) -> String {
+        if self.https_port == 443 {
+            format!("https://{host}/")
+        } else {
+            format!("https://{host}:{}/", self.https_port)
+        }
+    }
+
     fn status(&self) -> Status {
+        let acme = self.acme.as_ref().map(|a| a.status()).unwrap_or_default();
+        let now = std::time::SystemTime::now();
+        let certificates = self
+            .certs
+            .all()
+            .into_iter()
+            .map(|(name, c)| {
+                let a = acme.get(&name).cloned().unwrap_or_default();
+                serde_json::json!({
+                    "name": name,
+                    "source": c.source,
+                    "issuer": c.issuer,
+                    "not_after": unix(c.not_after),
+                    "expires_in_secs": c.remaining(now).as_secs(),
+                    "next_attempt": a.next_attempt,
+                    "last_error": a.last_error,
+                    "failures": a.failures,
+                })
+            })
+            .collect();
         Status {
             version: env!("CARGO_PKG_VERSION").to_string(),
             pid: std::process::id(),
@@ -190,7 +274,96 @@ impl App {
             phase: self.phase.lock().unwrap().to_string(),
             state_dir: self.cfg.state.dir.clone(),
             synapse_url: self.cfg.synapse_local_url(),
+            url: self.base_url(&self.cfg.hosts.matrix),
+            element_url: self.base_url(&self.cfg.hosts.element),
+            tls_mode: self.cfg.tls.mode.clone(),
+            ca_root: self.ca.root_path.display().to_string(),
+            certificates,
             children: control::children_json(&self.supervisor.status()),
+        }
+    }
+}
+
+fn acme_settings(cfg: &Config) -> acme::Settings {
+    acme::Settings {
+        directory: cfg.tls.acme_directory.clone(),
+        email: cfg.tls.acme_email.clone(),
+        ca_root: cfg.tls.acme_ca_roots.first().map(PathBuf::from),
+        challenges: cfg
+            .tls
+            .challenges
+            .iter()
+            .map(|c| match c.as_str() {
+                "tls-alpn-01" => instant_acme::ChallengeType::TlsAlpn01,
+                _ => instant_acme::ChallengeType::Http01,
+            })
+            .collect(),
+    }
+}
+
+/// The certificates to serve from the first handshake on: saved ACME ones, the operator's
+/// files, or else one from the internal CA, so that 443 is never without a certificate.
+fn load_certificates(cfg: &Config) -> Result<(Arc<CertStore>, InternalCa)> {
+    let state = cfg.state_dir();
+    let store = CertStore::new(&state.join("acme").join("certs"), &cfg.hosts.matrix);
+    let ca = InternalCa::load_or_create(&state.join("ca"), &cfg.server_name)?;
+    let now = std::time::SystemTime::now();
+    for name in cfg.served_names() {
+        let loaded = match cfg.tls.mode.as_str() {
+            "acme" => store.load_saved(&name, Source::Acme),
+            "files" => load_files(cfg, &name),
+            _ => None,
+        };
+        match loaded {
+            Some(Ok(c)) if c.remaining(now) > Duration::ZERO => {
+                store.publish(&name, Arc::new(c));
+                continue;
+            }
+            Some(Ok(_)) => tracing::warn!(name = %name, "the saved certificate has expired"),
+            Some(Err(e)) => tracing::error!(name = %name, "{e:#}"),
+            None if cfg.tls.mode == "files" => tracing::warn!(
+                name = %name,
+                "no certificate files in {}/{name}/ (fullchain.pem, privkey.pem); serving one from the internal CA",
+                cfg.tls.files_dir
+            ),
+            None => {}
+        }
+        store.publish(
+            &name,
+            Arc::new(ca.issue(std::slice::from_ref(&name), INTERNAL_VALIDITY)?),
+        );
+    }
+    Ok((store, ca))
+}
+
+fn load_files(cfg: &Config, name: &str) -> Option<Result<Cert>> {
+    let d = Path::new(&cfg.tls.files_dir).join(name);
+    let chain = std::fs::read_to_string(d.join("fullchain.pem")).ok()?;
+    Some(
+        std::fs::read_to_string(d.join("privkey.pem"))
+            .context("reading privkey.pem")
+            .and_then(|key| Cert::parse(&chain, &key, Source::Files))
+            .with_context(|| format!("loading {}", d.display())),
+    )
+}
+
+/// Re-issues internal-CA certificates when a third of their life is left.
+async fn maintain_internal(app: Arc<App>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(12 * 3600)) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let now = std::time::SystemTime::now();
+        for (name, c) in app.certs.all() {
+            if c.source == Source::Internal && c.remaining(now) < c.lifetime() / 3 {
+                match app.ca.issue(std::slice::from_ref(&name), INTERNAL_VALIDITY) {
+                    Ok(fresh) => app.certs.publish(&name, Arc::new(fresh)),
+                    Err(e) => {
+                        tracing::error!(name = %name, "re-issuing the internal certificate: {e:#}")
+                    }
+                }
+            }
         }
     }
 }

@@ -207,6 +207,19 @@ async fn status(cfg: &Config, json: bool) -> Result<()> {
         v["phase"].as_str().unwrap_or("?"),
         v["server_name"].as_str().unwrap_or("?")
     );
+    println!(
+        "URL: {}   (Element: {})",
+        v["url"].as_str().unwrap_or("?"),
+        v["element_url"].as_str().unwrap_or("?")
+    );
+    if v["tls_mode"] != "acme" {
+        println!(
+            "TLS: {} CA; clients trust {}",
+            v["tls_mode"].as_str().unwrap_or("?"),
+            v["ca_root"].as_str().unwrap_or("?")
+        );
+    }
+    println!();
     println!("CHILD      STATE      USER             PID         UPTIME  RESTARTS  LAST EXIT");
     for c in v["children"].as_array().into_iter().flatten() {
         let state = if c["crash_loop"].as_bool() == Some(true) {
@@ -226,6 +239,30 @@ async fn status(cfg: &Config, json: bool) -> Result<()> {
             c["restarts"],
             c["last_exit"].as_str().unwrap_or("-"),
         );
+    }
+    println!();
+    println!("CERTIFICATE                  SOURCE    EXPIRES IN  NEXT ATTEMPT  ISSUER");
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    for c in v["certificates"].as_array().into_iter().flatten() {
+        let next = c["next_attempt"].as_u64().map_or("-".into(), |t| {
+            human_duration(Duration::from_secs(t.saturating_sub(now)))
+        });
+        println!(
+            "{:<28} {:<9} {:>10}  {:>12}  {}",
+            c["name"].as_str().unwrap_or("?"),
+            c["source"].as_str().unwrap_or("?"),
+            human_duration(Duration::from_secs(
+                c["expires_in_secs"].as_u64().unwrap_or(0)
+            )),
+            next,
+            c["issuer"].as_str().unwrap_or("?"),
+        );
+        if let Some(e) = c["last_error"].as_str() {
+            println!("    last error ({} failures): {e}", c["failures"]);
+        }
     }
     Ok(())
 }

@@ -57,6 +57,8 @@ pub struct Tls {
     pub acme_directory: String,
     pub acme_ca_roots: Vec<String>,
     pub challenges: Vec<String>,
+    /// `mode = "files"`: `<files_dir>/<host>/fullchain.pem` and `privkey.pem` per host.
+    pub files_dir: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -154,6 +156,7 @@ impl Default for Tls {
             acme_directory: "https://acme-v02.api.letsencrypt.org/directory".into(),
             acme_ca_roots: vec![],
             challenges: vec!["http-01".into(), "tls-alpn-01".into()],
+            files_dir: "/etc/homelab-matrix/tls".into(),
         }
     }
 }
@@ -415,6 +418,13 @@ impl Config {
                 );
             }
         }
+        if self.tls.acme_ca_roots.len() > 1 {
+            bad(
+                "tls.acme_ca_roots",
+                format!("lists {} files", self.tls.acme_ca_roots.len()),
+                "list at most one PEM root (the CA that signs the ACME directory's TLS certificate)",
+            );
+        }
         if self.tls.challenges.is_empty() {
             bad(
                 "tls.challenges",
@@ -494,6 +504,7 @@ impl Config {
         }
         for (key, v) in [
             ("synapse.config_dir", &self.synapse.config_dir),
+            ("tls.files_dir", &self.tls.files_dir),
             ("postgres.socket_dir", &self.postgres.socket_dir),
             ("state.dir", &self.state.dir),
             ("state.run_dir", &self.state.run_dir),
@@ -577,6 +588,23 @@ impl Config {
 
     pub fn control_socket(&self) -> PathBuf {
         Path::new(&self.state.run_dir).join("control.sock")
+    }
+
+    /// Every name the front door serves, each with its own certificate: server_name, then
+    /// the matrix, element and turn hosts, without repeats.
+    pub fn served_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = vec![];
+        for n in [
+            &self.server_name,
+            &self.hosts.matrix,
+            &self.hosts.element,
+            &self.hosts.turn,
+        ] {
+            if !v.contains(n) {
+                v.push(n.clone());
+            }
+        }
+        v
     }
 
     pub fn max_upload_bytes(&self) -> u64 {

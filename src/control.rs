@@ -22,6 +22,13 @@ pub struct Status {
     pub phase: String,
     pub state_dir: String,
     pub synapse_url: String,
+    /// The client API's public URL.
+    pub url: String,
+    pub element_url: String,
+    pub tls_mode: String,
+    /// The internal CA's certificate: what LAN clients trust in `internal` mode.
+    pub ca_root: String,
+    pub certificates: Vec<serde_json::Value>,
     pub children: Vec<ChildStatusOwned>,
 }
 

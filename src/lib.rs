@@ -4,17 +4,21 @@
 //! `control`) on top of foundations (`supervisor`, `config`, `secrets`, `fsutil`, `units`).
 //! Only `supervisor` creates processes.
 
+pub mod acme;
 pub mod app;
+pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod control;
 pub mod fsutil;
+pub mod http;
 pub mod logging;
 pub mod notify;
 pub mod postgres;
 pub mod secrets;
 pub mod supervisor;
 pub mod synapse;
+pub mod tls;
 pub mod units;
 
 pub use logging::init as init_tracing;

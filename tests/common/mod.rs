@@ -111,6 +111,9 @@ pub struct Lab {
     pub config: PathBuf,
     pub db: String,
     pub synapse_port: u16,
+    pub http_port: u16,
+    pub https_port: u16,
+    pub federation_port: u16,
     pub server_name: String,
 }
 
@@ -134,16 +137,18 @@ impl Lab {
             .collect::<String>()
             .to_ascii_lowercase();
         let db = format!("hm_{}_{}", name.replace('-', "_"), suffix);
-        let synapse_port = free_port();
         let server_name = "matrix.test".to_string();
         let lab = Lab {
             config: dir.path().join("homelab-matrix.toml"),
             dir,
             db,
-            synapse_port,
+            synapse_port: free_port(),
+            http_port: free_port(),
+            https_port: free_port(),
+            federation_port: free_port(),
             server_name,
         };
-        lab.write_config("");
+        lab.write_config("[tls]\nmode = \"internal\"\n");
         // Synapse's login and registration rate limits would trip these tests (LAB.md gotcha 6).
         let overrides = lab.path("synapse.d");
         fs::create_dir_all(&overrides).unwrap();
@@ -163,16 +168,21 @@ impl Lab {
         self.path("state")
     }
 
-    /// Writes the config with `extra` TOML appended (top-level keys must come first in it).
+    /// Writes the config; `extra` holds whole tables (at least `[tls]`) and may add `[http]`
+    /// or `[synapse]` keys after a `[synapse]`-less config: it must not repeat a table.
     pub fn write_config(&self, extra: &str) {
         let d = self.dir.path().display();
         let text = format!(
             "server_name = \"{sn}\"\n{extra}\n\
-             [synapse]\nport = {port}\nconfig_dir = \"{d}/synapse.d\"\n\
+             [listen]\nhttp = \"127.0.0.1:{hp}\"\nhttps = \"127.0.0.1:{sp}\"\nfederation = \"127.0.0.1:{fp}\"\n\
+             [synapse]\nport = {port}\nconfig_dir = \"{d}/synapse.d\"\nmax_upload_size = \"45M\"\n\
              [postgres]\ndatabase = \"{db}\"\nuser = \"{db}\"\n\
              [state]\ndir = \"{d}/state\"\nrun_dir = \"{d}/run\"\n\
              [supervisor]\ngrace_period = \"10s\"\n",
             sn = self.server_name,
+            hp = self.http_port,
+            sp = self.https_port,
+            fp = self.federation_port,
             port = self.synapse_port,
             db = self.db,
         );
@@ -267,6 +277,36 @@ impl Lab {
 
     pub fn synapse_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.synapse_port)
+    }
+
+    pub fn matrix_host(&self) -> String {
+        format!("matrix.{}", self.server_name)
+    }
+
+    /// The internal CA's root, which clients of an `internal` lab trust.
+    pub fn ca_root(&self) -> PathBuf {
+        self.state().join("ca/root.pem")
+    }
+
+    /// curl, resolving every served name to 127.0.0.1 on this lab's ports.
+    pub fn curl(&self) -> Command {
+        let mut c = Command::new("curl");
+        c.args(["-sS", "--max-time", "120"]);
+        for name in [
+            self.server_name.clone(),
+            self.matrix_host(),
+            format!("element.{}", self.server_name),
+        ] {
+            for port in [self.https_port, self.http_port, self.federation_port] {
+                c.arg("--resolve").arg(format!("{name}:{port}:127.0.0.1"));
+            }
+        }
+        c
+    }
+
+    /// `https://matrix.<server>:<port>`
+    pub fn https_base(&self) -> String {
+        format!("https://{}:{}", self.matrix_host(), self.https_port)
     }
 }
 

@@ -1,0 +1,363 @@
+//! Where a request goes (DESIGN.md §2), decided from the listener, the host, the path and the
+//! peer only, so it can be tested without sockets.
+
+use std::net::IpAddr;
+
+/// Which listener a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    /// :80, plain HTTP.
+    Http,
+    /// :443, clients and federation.
+    Https,
+    /// :8448, federation only.
+    Federation,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// RFC 8555 §8.3 HTTP-01 validation, answered from the challenge registry.
+    AcmeChallenge(String),
+    /// Everything else on :80 goes to https.
+    RedirectHttps,
+    WellKnownServer,
+    WellKnownClient,
+    /// Proxied to Synapse.
+    Synapse,
+    /// `/_synapse/admin` from outside the allowed networks.
+    AdminForbidden,
+    Element,
+    Landing,
+    NotFound,
+}
+
+/// The host names the front door serves.
+#[derive(Debug, Clone)]
+pub struct Hosts {
+    pub server_name: String,
+    pub matrix: String,
+    pub element: String,
+}
+
+impl Hosts {
+    pub fn served(&self, host: &str) -> bool {
+        host == self.server_name || host == self.matrix || host == self.element
+    }
+}
+
+/// The host of a request: the Host header or :authority, lowercased, without the port.
+pub fn host_only(authority: &str) -> String {
+    let a = authority.trim();
+    let h = if let Some(rest) = a.strip_prefix('[') {
+        // [v6]:port
+        rest.split(']').next().unwrap_or("")
+    } else {
+        a.rsplit_once(':').map_or(a, |(h, p)| {
+            if p.chars().all(|c| c.is_ascii_digit()) {
+                h
+            } else {
+                a
+            }
+        })
+    };
+    h.trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// Loopback, or inside one of the `admin_allow` networks.
+pub fn admin_allowed(peer: IpAddr, allow: &[(IpAddr, u8)]) -> bool {
+    let peer = peer.to_canonical();
+    peer.is_loopback() || allow.iter().any(|(net, len)| in_network(peer, *net, *len))
+}
+
+fn in_network(ip: IpAddr, net: IpAddr, len: u8) -> bool {
+    match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(n)) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            u32::from(a) & mask == u32::from(n) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V6(n)) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+            u128::from(a) & mask == u128::from(n) & mask
+        }
+        _ => false,
+    }
+}
+
+pub fn route(
+    listener: Listener,
+    hosts: &Hosts,
+    host: &str,
+    path: &str,
+    peer: IpAddr,
+    admin_allow: &[(IpAddr, u8)],
+) -> Route {
+    let synapse_or_admin = || {
+        if path.starts_with("/_synapse/admin/") || path == "/_synapse/admin" {
+            if admin_allowed(peer, admin_allow) {
+                Route::Synapse
+            } else {
+                Route::AdminForbidden
+            }
+        } else {
+            Route::Synapse
+        }
+    };
+    match listener {
+        Listener::Http => match path.strip_prefix("/.well-known/acme-challenge/") {
+            Some(token) if !token.is_empty() && !token.contains('/') => {
+                Route::AcmeChallenge(token.to_string())
+            }
+            _ => Route::RedirectHttps,
+        },
+        // Federation: server-server API and key queries only (Matrix spec, server-server API).
+        Listener::Federation => {
+            if path.starts_with("/_matrix/federation/") || path.starts_with("/_matrix/key/") {
+                Route::Synapse
+            } else {
+                Route::NotFound
+            }
+        }
+        Listener::Https => {
+            if !hosts.served(host) {
+                return Route::NotFound;
+            }
+            match path {
+                "/.well-known/matrix/server" => return Route::WellKnownServer,
+                "/.well-known/matrix/client" => return Route::WellKnownClient,
+                _ => {}
+            }
+            let api = path.starts_with("/_matrix/") || path.starts_with("/_synapse/");
+            if host == hosts.matrix && api {
+                return synapse_or_admin();
+            }
+            if host == hosts.element {
+                return Route::Element;
+            }
+            if host == hosts.matrix {
+                return Route::Landing;
+            }
+            // server_name only (delegated): well-known above, a landing page otherwise.
+            Route::Landing
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hosts() -> Hosts {
+        Hosts {
+            server_name: "example.com".into(),
+            matrix: "matrix.example.com".into(),
+            element: "element.example.com".into(),
+        }
+    }
+
+    const OUT: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(203, 0, 113, 9));
+    const LO: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+    fn r(l: Listener, host: &str, path: &str, peer: IpAddr) -> Route {
+        route(l, &hosts(), host, path, peer, &[])
+    }
+
+    #[test]
+    fn port_80_answers_challenges_and_redirects_the_rest() {
+        assert_eq!(
+            r(
+                Listener::Http,
+                "matrix.example.com",
+                "/.well-known/acme-challenge/abc",
+                OUT
+            ),
+            Route::AcmeChallenge("abc".into())
+        );
+        assert_eq!(
+            r(
+                Listener::Http,
+                "matrix.example.com",
+                "/_matrix/client/versions",
+                OUT
+            ),
+            Route::RedirectHttps
+        );
+        assert_eq!(
+            r(Listener::Http, "x", "/.well-known/acme-challenge/", OUT),
+            Route::RedirectHttps
+        );
+    }
+
+    #[test]
+    fn matrix_host_proxies_the_apis_and_guards_admin() {
+        assert_eq!(
+            r(
+                Listener::Https,
+                "matrix.example.com",
+                "/_matrix/client/versions",
+                OUT
+            ),
+            Route::Synapse
+        );
+        assert_eq!(
+            r(
+                Listener::Https,
+                "matrix.example.com",
+                "/_synapse/client/pick_username",
+                OUT
+            ),
+            Route::Synapse
+        );
+        assert_eq!(
+            r(
+                Listener::Https,
+                "matrix.example.com",
+                "/_synapse/admin/v1/registration_tokens",
+                OUT
+            ),
+            Route::AdminForbidden
+        );
+        assert_eq!(
+            r(
+                Listener::Https,
+                "matrix.example.com",
+                "/_synapse/admin/v1/registration_tokens",
+                LO
+            ),
+            Route::Synapse
+        );
+        assert_eq!(
+            r(Listener::Https, "matrix.example.com", "/", OUT),
+            Route::Landing
+        );
+        let allow = [("192.168.1.0".parse().unwrap(), 24)];
+        let lan: IpAddr = "192.168.1.20".parse().unwrap();
+        assert_eq!(
+            route(
+                Listener::Https,
+                &hosts(),
+                "matrix.example.com",
+                "/_synapse/admin/v1/x",
+                lan,
+                &allow
+            ),
+            Route::Synapse
+        );
+        let other: IpAddr = "192.168.2.20".parse().unwrap();
+        assert_eq!(
+            route(
+                Listener::Https,
+                &hosts(),
+                "matrix.example.com",
+                "/_synapse/admin/v1/x",
+                other,
+                &allow
+            ),
+            Route::AdminForbidden
+        );
+    }
+
+    #[test]
+    fn ipv4_mapped_loopback_counts_as_loopback() {
+        let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+        assert!(admin_allowed(mapped, &[]));
+    }
+
+    #[test]
+    fn well_known_on_every_served_host_and_element_on_its_own() {
+        for h in ["example.com", "matrix.example.com"] {
+            assert_eq!(
+                r(Listener::Https, h, "/.well-known/matrix/server", OUT),
+                Route::WellKnownServer
+            );
+            assert_eq!(
+                r(Listener::Https, h, "/.well-known/matrix/client", OUT),
+                Route::WellKnownClient
+            );
+        }
+        assert_eq!(
+            r(Listener::Https, "element.example.com", "/", OUT),
+            Route::Element
+        );
+        assert_eq!(
+            r(
+                Listener::Https,
+                "element.example.com",
+                "/_matrix/client/versions",
+                OUT
+            ),
+            Route::Element
+        );
+        assert_eq!(r(Listener::Https, "example.com", "/", OUT), Route::Landing);
+        assert_eq!(
+            r(
+                Listener::Https,
+                "evil.example.net",
+                "/_matrix/client/versions",
+                OUT
+            ),
+            Route::NotFound
+        );
+    }
+
+    #[test]
+    fn one_name_setups_route_by_path() {
+        let one = Hosts {
+            server_name: "chat.lan".into(),
+            matrix: "chat.lan".into(),
+            element: "chat.lan".into(),
+        };
+        let go = |p: &str| route(Listener::Https, &one, "chat.lan", p, OUT, &[]);
+        assert_eq!(go("/_matrix/client/versions"), Route::Synapse);
+        assert_eq!(go("/.well-known/matrix/client"), Route::WellKnownClient);
+        assert_eq!(go("/"), Route::Element);
+        assert_eq!(go("/_synapse/admin/v1/x"), Route::AdminForbidden);
+    }
+
+    #[test]
+    fn federation_port_serves_federation_only() {
+        assert_eq!(
+            r(
+                Listener::Federation,
+                "matrix.example.com",
+                "/_matrix/federation/v1/version",
+                OUT
+            ),
+            Route::Synapse
+        );
+        assert_eq!(
+            r(
+                Listener::Federation,
+                "matrix.example.com",
+                "/_matrix/key/v2/server",
+                OUT
+            ),
+            Route::Synapse
+        );
+        assert_eq!(
+            r(
+                Listener::Federation,
+                "matrix.example.com",
+                "/_matrix/client/versions",
+                OUT
+            ),
+            Route::NotFound
+        );
+        assert_eq!(
+            r(
+                Listener::Federation,
+                "matrix.example.com",
+                "/_synapse/admin/v1/x",
+                LO
+            ),
+            Route::NotFound
+        );
+    }
+
+    #[test]
+    fn hosts_are_normalised() {
+        assert_eq!(host_only("Matrix.Example.com:443"), "matrix.example.com");
+        assert_eq!(host_only("matrix.example.com."), "matrix.example.com");
+        assert_eq!(host_only("[::1]:8448"), "::1");
+        assert_eq!(host_only("matrix.example.com"), "matrix.example.com");
+    }
+}
