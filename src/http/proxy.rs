@@ -65,7 +65,14 @@ impl Upstream {
             .and_then(|v| v.parse::<u64>().ok())
             && len > self.max_body
         {
-            return too_large();
+            // Keep the unread request body until the answer is out: dropping it first would
+            // reset an HTTP/2 stream (RST_STREAM) before the client sees the 413.
+            let (parts, body) = too_large().into_parts();
+            let held = Holding {
+                body,
+                _unread: req.into_body(),
+            };
+            return Response::from_parts(parts, held.boxed());
         }
         let (mut parts, body) = req.into_parts();
         let inbound_version = parts.version;
@@ -129,6 +136,29 @@ impl Upstream {
                 )
             }
         }
+    }
+}
+
+/// A response body that keeps something alive (the unread request body) until it is done.
+struct Holding<T> {
+    body: Body,
+    _unread: T,
+}
+
+impl<T: Unpin> hyper::body::Body for Holding<T> {
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 

@@ -491,3 +491,156 @@ impl Matrix {
         self.req("POST", "/_matrix/client/v3/register", None, Some(b))
     }
 }
+
+/// A second "host": a network namespace joined to this one by a veth pair, so requests come
+/// from a real non-loopback address (10.231.k.2) to ours (10.231.k.1). Removed on drop.
+pub struct NetNs {
+    pub name: String,
+    veth: String,
+    pub host_ip: String,
+    pub ns_ip: String,
+}
+
+impl NetNs {
+    pub fn new() -> NetNs {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let k = (std::process::id() % 200)
+            + NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        let ns = NetNs {
+            name: format!("hmt{k}"),
+            veth: format!("hmv{k}"),
+            host_ip: format!("10.231.{k}.1"),
+            ns_ip: format!("10.231.{k}.2"),
+        };
+        ns.cleanup();
+        let (a, b) = (format!("{}a", ns.veth), format!("{}b", ns.veth));
+        let steps: Vec<Vec<String>> = vec![
+            vec!["netns".into(), "add".into(), ns.name.clone()],
+            vec![
+                "link".into(),
+                "add".into(),
+                a.clone(),
+                "type".into(),
+                "veth".into(),
+                "peer".into(),
+                "name".into(),
+                b.clone(),
+            ],
+            vec![
+                "link".into(),
+                "set".into(),
+                b.clone(),
+                "netns".into(),
+                ns.name.clone(),
+            ],
+            vec![
+                "addr".into(),
+                "add".into(),
+                format!("{}/24", ns.host_ip),
+                "dev".into(),
+                a.clone(),
+            ],
+            vec!["link".into(), "set".into(), a.clone(), "up".into()],
+            vec![
+                "-n".into(),
+                ns.name.clone(),
+                "addr".into(),
+                "add".into(),
+                format!("{}/24", ns.ns_ip),
+                "dev".into(),
+                b.clone(),
+            ],
+            vec![
+                "-n".into(),
+                ns.name.clone(),
+                "link".into(),
+                "set".into(),
+                b,
+                "up".into(),
+            ],
+            vec![
+                "-n".into(),
+                ns.name.clone(),
+                "link".into(),
+                "set".into(),
+                "lo".into(),
+                "up".into(),
+            ],
+        ];
+        for s in steps {
+            let out = Command::new("ip")
+                .args(&s)
+                .output()
+                .expect("running ip (iproute2)");
+            assert!(
+                out.status.success(),
+                "ip {s:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        ns
+    }
+
+    /// A command run inside the namespace.
+    pub fn exec(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+
+    fn cleanup(&self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &format!("{}a", self.veth)])
+            .output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        self.cleanup();
+    }
+}
+
+/// An HTTP/2 connection over TLS (rustls, ring), trusting `ca_pem`, to 127.0.0.1:`port`
+/// with SNI `host`. Returns the request sender and the server's leaf certificate (DER).
+pub async fn h2_connect(
+    port: u16,
+    host: &str,
+    ca_pem: &str,
+) -> (
+    hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    Vec<u8>,
+) {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let name = rustls_pki_types::ServerName::try_from(host.to_string()).unwrap();
+    let tls = connector.connect(name, tcp).await.expect("TLS handshake");
+    let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    (send, leaf)
+}

@@ -1,0 +1,658 @@
+//! The front door in front of a recording upstream: asserts on the exact bytes the upstream
+//! receives (path, headers, version, body), which Synapse would not let us see. The front door
+//! runs in-process from the library; clients are curl and openssl, real TLS clients.
+
+// This test process drives curl and openssl from outside: std's process API is right here.
+#![allow(clippy::disallowed_methods)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use homelab_matrix::certs::{Cert, CertStore, Source};
+use homelab_matrix::config::Config;
+use homelab_matrix::http::{Bound, FrontDoor, Limits};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+
+/// What the upstream saw of one request.
+#[derive(Debug, Clone, Default)]
+struct Seen {
+    head: String,
+    body_len: usize,
+}
+
+/// A plain HTTP/1.1 upstream that records every request and answers 200 "ok".
+struct Recorder {
+    port: u16,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    /// Bytes of body received so far by the request in progress.
+    progress: Arc<Mutex<usize>>,
+}
+
+async fn recorder() -> Recorder {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let seen = Arc::new(Mutex::new(vec![]));
+    let progress = Arc::new(Mutex::new(0usize));
+    let (s2, p2) = (seen.clone(), progress.clone());
+    tokio::spawn(async move {
+        loop {
+            let (mut sock, _) = l.accept().await.unwrap();
+            let (seen, progress) = (s2.clone(), p2.clone());
+            tokio::spawn(async move {
+                loop {
+                    // Read the head.
+                    let mut buf = vec![];
+                    let mut b = [0u8; 1];
+                    while !buf.ends_with(b"\r\n\r\n") {
+                        if sock.read(&mut b).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        buf.push(b[0]);
+                    }
+                    let head = String::from_utf8_lossy(&buf).to_string();
+                    let lower = head.to_ascii_lowercase();
+                    let mut body_len = 0usize;
+                    *progress.lock().unwrap() = 0;
+                    let mut chunk = vec![0u8; 65536];
+                    if let Some(cl) = lower
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse::<usize>().ok())
+                    {
+                        while body_len < cl {
+                            let want = (cl - body_len).min(chunk.len());
+                            let n = sock.read(&mut chunk[..want]).await.unwrap_or(0);
+                            if n == 0 {
+                                return;
+                            }
+                            body_len += n;
+                            *progress.lock().unwrap() = body_len;
+                        }
+                    } else if lower.contains("transfer-encoding: chunked") {
+                        // Count raw bytes until the terminating chunk; good enough for tests.
+                        let mut tail = vec![];
+                        loop {
+                            let n = sock.read(&mut chunk).await.unwrap_or(0);
+                            if n == 0 {
+                                return;
+                            }
+                            body_len += n;
+                            *progress.lock().unwrap() = body_len;
+                            tail.extend_from_slice(&chunk[..n]);
+                            if tail.len() > 16 {
+                                tail.drain(..tail.len() - 16);
+                            }
+                            if tail.ends_with(b"0\r\n\r\n") {
+                                break;
+                            }
+                        }
+                    }
+                    seen.lock().unwrap().push(Seen { head, body_len });
+                    let _ = sock
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\r\nok")
+                        .await;
+                }
+            });
+        }
+    });
+    Recorder {
+        port,
+        seen,
+        progress,
+    }
+}
+
+struct Door {
+    https: u16,
+    http: u16,
+    federation: u16,
+    ca: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+    stop: watch::Sender<bool>,
+    store: Arc<CertStore>,
+}
+
+const HOST: &str = "matrix.example.test";
+
+async fn door(upstream_port: u16, limits: Limits, listen_ip: &str) -> Door {
+    let dir = tempfile::tempdir().unwrap();
+    let (h, s, f) = (
+        common::free_port(),
+        common::free_port(),
+        common::free_port(),
+    );
+    let cfg = Config::from_toml(&format!(
+        "server_name = \"example.test\"\n[listen]\nhttp = \"{listen_ip}:{h}\"\nhttps = \"{listen_ip}:{s}\"\nfederation = \"{listen_ip}:{f}\"\n[synapse]\nport = {upstream_port}\nmax_upload_size = \"4M\"\n"
+    ))
+    .unwrap();
+    // A throwaway CA and one certificate for every served name.
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::default();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.distinguished_name = rcgen::DistinguishedName::new();
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "proxy test CA");
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut leaf_params = rcgen::CertificateParams::new(cfg.served_names()).unwrap();
+    leaf_params.distinguished_name = rcgen::DistinguishedName::new();
+    leaf_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, HOST);
+    let leaf = leaf_params.signed_by(&key, &issuer).unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, ca_cert.pem()).unwrap();
+    let store = CertStore::new(&dir.path().join("certs"), HOST);
+    let cert = Arc::new(Cert::parse(&leaf.pem(), &key.serialize_pem(), Source::Files).unwrap());
+    for n in cfg.served_names() {
+        store.publish(&n, cert.clone());
+    }
+    let bound = Bound::bind(&cfg).await.unwrap();
+    let front = FrontDoor::new(&cfg, store.clone(), s, limits);
+    let (stop, rx) = watch::channel(false);
+    tokio::spawn(front.serve(bound, rx, Duration::from_secs(1)));
+    Door {
+        https: s,
+        http: h,
+        federation: f,
+        ca,
+        _dir: dir,
+        stop,
+        store,
+    }
+}
+
+impl Door {
+    fn curl(&self) -> Command {
+        let mut c = Command::new("curl");
+        c.args(["-sS", "--max-time", "30", "--cacert"])
+            .arg(&self.ca);
+        for port in [self.https, self.http, self.federation] {
+            for name in [HOST, "example.test", "element.example.test"] {
+                c.arg("--resolve").arg(format!("{name}:{port}:127.0.0.1"));
+            }
+        }
+        c
+    }
+}
+
+fn run(mut c: Command) -> (String, String) {
+    let out = c.output().expect("running a client");
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_gets_the_path_byte_for_byte_and_our_forwarding_headers() {
+    let rec = recorder().await;
+    let d = door(rec.port, Limits::default(), "127.0.0.1").await;
+    let path = "/_matrix/client/v3/rooms/%21abc%3Aexample.test/state/m.room.member/%40u%3Aexample.test?filter=%7B%22a%22%3A1%7D&x=%2F..%2F";
+    let mut c = d.curl();
+    c.args([
+        "--http2",
+        "-w",
+        "%{http_version} %{http_code}",
+        "--path-as-is",
+    ])
+    .args([
+        "-H",
+        "X-Forwarded-For: 203.0.113.9",
+        "-H",
+        "X-Forwarded-Proto: http",
+        "-H",
+        "Forwarded: for=203.0.113.9",
+    ])
+    .args(["-H", "Authorization: Bearer tok"])
+    .arg(format!("https://{HOST}:{}{path}", d.https));
+    let (out, err) = tokio::task::spawn_blocking(move || run(c)).await.unwrap();
+    assert_eq!(out, "ok2 200", "{err}");
+    let seen = rec.seen.lock().unwrap().last().cloned().unwrap();
+    let first = seen.head.lines().next().unwrap();
+    assert_eq!(
+        first,
+        format!("GET {path} HTTP/1.1"),
+        "an h2 request goes upstream as HTTP/1.1, path untouched"
+    );
+    let h = seen.head.to_ascii_lowercase();
+    assert!(h.contains("\r\nx-forwarded-for: 127.0.0.1\r\n"), "{h}");
+    assert!(
+        !h.contains("203.0.113.9"),
+        "a forged address reached the upstream: {h}"
+    );
+    assert!(h.contains("\r\nx-forwarded-proto: https\r\n"), "{h}");
+    assert!(
+        h.contains(&format!("\r\nhost: {HOST}:{}\r\n", d.https)),
+        "{h}"
+    );
+    assert!(h.contains("\r\nauthorization: bearer tok\r\n"), "{h}");
+    let _ = d.stop.send(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hop_by_hop_headers_stop_at_the_front_door_and_federation_paths_pass_on_8448() {
+    let rec = recorder().await;
+    let d = door(rec.port, Limits::default(), "127.0.0.1").await;
+    let mut c = d.curl();
+    c.args(["--http1.1", "-D", "-", "-o", "/dev/null"])
+        .args([
+            "-H",
+            "Connection: keep-alive, X-Secret",
+            "-H",
+            "X-Secret: 1",
+            "-H",
+            "TE: trailers",
+            "-H",
+            "Keep-Alive: timeout=9",
+        ])
+        .arg(format!(
+            "https://{HOST}:{}/_matrix/federation/v1/query/profile?user_id=%40a%3Ab.c",
+            d.federation
+        ));
+    let (resp, err) = tokio::task::spawn_blocking(move || run(c)).await.unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}{err}");
+    let lower = resp.to_ascii_lowercase();
+    assert!(
+        !lower.contains("keep-alive: timeout=5"),
+        "upstream's Keep-Alive leaked to the client: {resp}"
+    );
+    assert!(
+        lower.contains("strict-transport-security: max-age=31536000"),
+        "{resp}"
+    );
+    let seen = rec.seen.lock().unwrap().last().cloned().unwrap();
+    assert!(
+        seen.head.starts_with(
+            "GET /_matrix/federation/v1/query/profile?user_id=%40a%3Ab.c HTTP/1.1\r\n"
+        ),
+        "{}",
+        seen.head
+    );
+    let h = seen.head.to_ascii_lowercase();
+    for gone in ["x-secret", "\r\nte:", "keep-alive: timeout=9"] {
+        assert!(!h.contains(gone), "{gone} reached the upstream: {h}");
+    }
+    // The client API is not served on the federation port.
+    let mut c = d.curl();
+    c.args(["-o", "/dev/null", "-w", "%{http_code}"])
+        .arg(format!(
+            "https://{HOST}:{}/_matrix/client/versions",
+            d.federation
+        ));
+    assert_eq!(
+        tokio::task::spawn_blocking(move || run(c)).await.unwrap().0,
+        "404"
+    );
+    let _ = d.stop.send(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_over_the_limit_get_413_and_the_upstream_sees_none_of_a_declared_one() {
+    let rec = recorder().await;
+    let d = door(rec.port, Limits::default(), "127.0.0.1").await;
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big");
+    std::fs::write(&big, vec![7u8; (4 << 20) + 1]).unwrap();
+    let url = format!("https://{HOST}:{}/_matrix/media/v3/upload", d.https);
+    for chunked in [false, true] {
+        let before = rec.seen.lock().unwrap().len();
+        let mut c = d.curl();
+        // HTTP/1.1: curl 7.88 reports the RST_STREAM(NO_ERROR) that RFC 9113 §8.1 prescribes
+        // after an early answer as an error; HTTP/2 is checked below with hyper's client.
+        c.args(["--http1.1", "-w", "\n%{http_code}", "--data-binary"])
+            .arg(format!("@{}", big.display()));
+        if chunked {
+            c.args(["-H", "Transfer-Encoding: chunked"]);
+        }
+        c.arg(&url);
+        let (out, err) = tokio::task::spawn_blocking(move || run(c)).await.unwrap();
+        assert!(out.ends_with("\n413"), "chunked={chunked}: {out} {err}");
+        assert!(out.contains("M_TOO_LARGE"), "{out}");
+        if !chunked {
+            assert_eq!(
+                rec.seen.lock().unwrap().len(),
+                before,
+                "the upstream saw a request it should not have"
+            );
+        }
+    }
+    // HTTP/2: the 413 arrives although the body was never read.
+    let ca = std::fs::read_to_string(&d.ca).unwrap();
+    let (mut h2, _) = common::h2_connect(d.https, HOST, &ca).await;
+    let req = http::Request::post(format!(
+        "https://{HOST}:{}/_matrix/media/v3/upload",
+        d.https
+    ))
+    .header("content-length", (5u64 << 20).to_string())
+    .body(http_body_util::Full::new(bytes::Bytes::from(vec![
+        0u8;
+        5 << 20
+    ])))
+    .unwrap();
+    let resp = h2.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 413);
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    // Exactly the limit passes.
+    std::fs::write(&big, vec![7u8; 4 << 20]).unwrap();
+    let mut c = d.curl();
+    c.args(["-w", "%{http_code}", "-o", "/dev/null", "--data-binary"])
+        .arg(format!("@{}", big.display()))
+        .arg(&url);
+    assert_eq!(
+        tokio::task::spawn_blocking(move || run(c)).await.unwrap().0,
+        "200"
+    );
+    assert_eq!(rec.seen.lock().unwrap().last().unwrap().body_len, 4 << 20);
+    let _ = d.stop.send(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_stream_through_without_being_buffered() {
+    // The client sends 1 MiB, then waits until the upstream has received it before sending the
+    // rest. A proxy that buffered whole bodies would never pass the first MiB on: deadlock.
+    let rec = recorder().await;
+    let d = door(rec.port, Limits::default(), "127.0.0.1").await;
+    let progress = rec.progress.clone();
+    let url = format!("https://{HOST}:{}/_matrix/media/v3/upload", d.https);
+    let mut c = d.curl();
+    // -T - streams stdin as it comes (--data-binary @- would read it all first).
+    c.args([
+        "-w",
+        "%{http_code}",
+        "-o",
+        "/dev/null",
+        "-X",
+        "POST",
+        "-H",
+        "Content-Length: 3145728",
+        "-T",
+        "-",
+    ])
+    .arg(&url)
+    .stdin(std::process::Stdio::piped())
+    .stdout(std::process::Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(&vec![1u8; 1 << 20]).unwrap();
+    stdin.flush().unwrap();
+    let t0 = Instant::now();
+    while *progress.lock().unwrap() < (1 << 20) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the first MiB never reached the upstream: the body is buffered"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stdin.write_all(&vec![2u8; 2 << 20]).unwrap();
+    drop(stdin);
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+    assert_eq!(rec.seen.lock().unwrap().last().unwrap().body_len, 3 << 20);
+    let _ = d.stop.send(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_upstream_gives_502_with_a_matrix_error_at_once() {
+    let dead = common::free_port();
+    let d = door(dead, Limits::default(), "127.0.0.1").await;
+    let mut c = d.curl();
+    c.args(["-w", "\n%{http_code}"]).arg(format!(
+        "https://{HOST}:{}/_matrix/client/versions",
+        d.https
+    ));
+    let t0 = Instant::now();
+    let (out, _) = tokio::task::spawn_blocking(move || run(c)).await.unwrap();
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "502 took {:?}",
+        t0.elapsed()
+    );
+    assert!(out.ends_with("\n502"), "{out}");
+    assert!(out.contains("\"errcode\":\"M_UNKNOWN\""), "{out}");
+    let _ = d.stop.send(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn port_80_redirects_except_acme_challenges_and_well_known_is_served() {
+    let rec = recorder().await;
+    let d = door(rec.port, Limits::default(), "127.0.0.1").await;
+    d.store.put_http01("tok123", "tok123.thumbprint");
+    let http = |path: &str| {
+        let mut c = d.curl();
+        c.args(["-D", "-", "-o", "-"])
+            .arg(format!("http://{HOST}:{}{path}", d.http));
+        c
+    };
+    let (r, _) = tokio::task::spawn_blocking({
+        let c = http("/_matrix/client/versions?x=1");
+        move || run(c)
+    })
+    .await
+    .unwrap();
+    assert!(r.starts_with("HTTP/1.1 301"), "{r}");
+    assert!(
+        r.to_ascii_lowercase().contains(&format!(
+            "location: https://{HOST}:{}/_matrix/client/versions?x=1",
+            d.https
+        )),
+        "{r}"
+    );
+    let (r, _) = tokio::task::spawn_blocking({
+        let c = http("/.well-known/acme-challenge/tok123");
+        move || run(c)
+    })
+    .await
+    .unwrap();
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert!(r.ends_with("\r\n\r\ntok123.thumbprint"), "{r}");
+    let (r, _) = tokio::task::spawn_blocking({
+        let c = http("/.well-known/acme-challenge/unknown");
+        move || run(c)
+    })
+    .await
+    .unwrap();
+    assert!(r.starts_with("HTTP/1.1 404"), "{r}");
+
+    let mut c = d.curl();
+    c.args(["-D", "-"]).arg(format!(
+        "https://example.test:{}/.well-known/matrix/server",
+        d.https
+    ));
+    let (r, _) = tokio::task::spawn_blocking(move || run(c)).await.unwrap();
+    assert!(
+        r.to_ascii_lowercase()
+            .contains("content-type: application/json"),
+        "{r}"
+    );
+    assert!(
+        r.ends_with(&format!("{{\"m.server\":\"{HOST}:{}\"}}", d.https)),
+        "{r}"
+    );
+    let _ = d.stop.send(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_below_1_2_is_refused_by_the_server() {
+    let rec = recorder().await;
+    let d = door(rec.port, Limits::default(), "127.0.0.1").await;
+    let s_client = |args: &[&str]| {
+        let mut c = Command::new("openssl");
+        c.args([
+            "s_client",
+            "-connect",
+            &format!("127.0.0.1:{}", d.https),
+            "-servername",
+            HOST,
+        ])
+        .args(args)
+        .stdin(std::process::Stdio::null());
+        c
+    };
+    // SECLEVEL=0 so that OpenSSL 3 itself is willing to offer TLS 1.1: the refusal must come
+    // from our server (an alert it sends: "SSL alert number N"), not from the client's policy.
+    let (out, err) = tokio::task::spawn_blocking({
+        let c = s_client(&["-tls1_1", "-cipher", "DEFAULT:@SECLEVEL=0"]);
+        move || run(c)
+    })
+    .await
+    .unwrap();
+    assert!(
+        err.contains("SSL alert number"),
+        "TLS 1.1 was not refused by the server:\n{out}\n{err}"
+    );
+    assert!(
+        out.contains("Cipher is (NONE)"),
+        "a TLS 1.1 session was established: {out}"
+    );
+    let (out, _) = tokio::task::spawn_blocking({
+        let c = s_client(&["-tls1_2"]);
+        move || run(c)
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.contains("Protocol  : TLSv1.2") || out.contains("Protocol: TLSv1.2"),
+        "{out}"
+    );
+    let _ = d.stop.send(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_flooding_clients_are_cut_off() {
+    let rec = recorder().await;
+    let limits = Limits {
+        max_connections_per_ip: 3,
+        header_read_timeout: Duration::from_secs(1),
+        ..Limits::default()
+    };
+    let d = door(rec.port, limits, "127.0.0.1").await;
+    let http = d.http;
+    tokio::task::spawn_blocking(move || {
+        // Slowloris: half a request head, then silence.
+        let mut s = TcpStream::connect(("127.0.0.1", http)).unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let t0 = Instant::now();
+        let mut buf = [0u8; 512];
+        let n = s.read(&mut buf).unwrap_or(0);
+        let resp = String::from_utf8_lossy(&buf[..n]).to_string();
+        assert!(t0.elapsed() < Duration::from_secs(5), "slow header not cut");
+        assert!(n == 0 || resp.starts_with("HTTP/1.1 408"), "{resp}");
+
+        // Flood: three connections held open, the fourth is closed at once.
+        let held: Vec<TcpStream> = (0..3)
+            .map(|_| TcpStream::connect(("127.0.0.1", http)).unwrap())
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        let mut extra = TcpStream::connect(("127.0.0.1", http)).unwrap();
+        extra
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let _ = extra.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        let n = extra.read(&mut buf).unwrap_or(0);
+        assert_eq!(n, 0, "a fourth connection from one address was served");
+        drop(held);
+        std::thread::sleep(Duration::from_millis(300));
+        // Places free up when connections close.
+        let mut again = TcpStream::connect(("127.0.0.1", http)).unwrap();
+        again
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        again
+            .write_all(b"GET / HTTP/1.1\r\nHost: matrix.example.test\r\n\r\n")
+            .unwrap();
+        let n = again.read(&mut buf).unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 301"));
+    })
+    .await
+    .unwrap();
+    let _ = d.stop.send(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_api_is_refused_from_another_host_and_allowed_from_loopback() {
+    if !common::require("root", common::is_root(), "network namespaces need root") {
+        return;
+    }
+    let rec = recorder().await;
+    let d = door(rec.port, Limits::default(), "0.0.0.0").await;
+    let ns = common::NetNs::new();
+    let url_from_ns = format!(
+        "https://{HOST}:{}/_synapse/admin/v1/registration_tokens",
+        d.https
+    );
+    // From the namespace: a different host, 10.x.y.2, reaching us on 10.x.y.1.
+    let mut c = ns.exec("curl");
+    c.args([
+        "-sS",
+        "--max-time",
+        "10",
+        "-w",
+        "\n%{http_code}",
+        "--cacert",
+    ])
+    .arg(&d.ca)
+    .arg("--resolve")
+    .arg(format!("{HOST}:{}:{}", d.https, ns.host_ip))
+    .arg(&url_from_ns);
+    let before = rec.seen.lock().unwrap().len();
+    let (out, err) = tokio::task::spawn_blocking(move || run(c)).await.unwrap();
+    assert!(out.ends_with("\n403"), "{out} {err}");
+    assert!(out.contains("M_FORBIDDEN"), "{out}");
+    assert_eq!(
+        rec.seen.lock().unwrap().len(),
+        before,
+        "the admin request reached the upstream"
+    );
+    // The client API still works from there.
+    let mut c = ns.exec("curl");
+    c.args([
+        "-sS",
+        "--max-time",
+        "10",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "--cacert",
+    ])
+    .arg(&d.ca)
+    .arg("--resolve")
+    .arg(format!("{HOST}:{}:{}", d.https, ns.host_ip))
+    .arg(format!(
+        "https://{HOST}:{}/_matrix/client/versions",
+        d.https
+    ));
+    assert_eq!(
+        tokio::task::spawn_blocking(move || run(c)).await.unwrap().0,
+        "200"
+    );
+    // From loopback the admin API is passed on.
+    let mut c = d.curl();
+    c.args(["-o", "/dev/null", "-w", "%{http_code}"])
+        .arg(format!(
+            "https://{HOST}:{}/_synapse/admin/v1/registration_tokens",
+            d.https
+        ));
+    assert_eq!(
+        tokio::task::spawn_blocking(move || run(c)).await.unwrap().0,
+        "200"
+    );
+    let seen = rec.seen.lock().unwrap().last().cloned().unwrap();
+    assert!(
+        seen.head
+            .starts_with("GET /_synapse/admin/v1/registration_tokens HTTP/1.1")
+    );
+    let _ = d.stop.send(true);
+}
