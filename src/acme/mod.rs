@@ -121,7 +121,7 @@ impl Acme {
                     let delay = retry_delay(current.as_deref(), failures);
                     retry_at = Some(SystemTime::now() + delay);
                     let msg = format!("{e:#}");
-                    tracing::warn!(name = %name, failures, "ACME issuance failed; the current certificate keeps serving; retrying in {}s: {msg}", delay.as_secs());
+                    tracing::warn!(name = %name, failures, "ACME issuance failed; the current certificate keeps serving; retrying in {:.1}s: {msg}", delay.as_secs_f64());
                     self.set_status(&name, |s| {
                         s.last_error = Some(msg);
                         s.failures = failures;

@@ -9,6 +9,8 @@
 // shares a process with the supervisor's reaper, and it calls none of these.
 #![allow(clippy::disallowed_methods)]
 
+pub mod pebble;
+
 use std::fs;
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
@@ -264,6 +266,16 @@ impl Lab {
         serde_json::from_str(&self.ok(&["status", "--json"])).expect("status --json is JSON")
     }
 
+    /// The certificates `status` reports, by name.
+    pub fn certificates(&self) -> std::collections::BTreeMap<String, Value> {
+        self.status()["certificates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| (c["name"].as_str().unwrap().to_string(), c.clone()))
+            .collect()
+    }
+
     pub fn synapse_status(&self) -> Value {
         let st = self.status();
         st["children"]
@@ -296,6 +308,7 @@ impl Lab {
             self.server_name.clone(),
             self.matrix_host(),
             format!("element.{}", self.server_name),
+            format!("turn.{}", self.server_name),
         ] {
             for port in [self.https_port, self.http_port, self.federation_port] {
                 c.arg("--resolve").arg(format!("{name}:{port}:127.0.0.1"));
