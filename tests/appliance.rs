@@ -289,3 +289,209 @@ fn sighup_applies_synapse_overrides_by_restarting_synapse() {
         Some(0)
     );
 }
+
+fn curl_json(c: &mut std::process::Command) -> serde_json::Value {
+    let out = c.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(&text)
+        .unwrap_or_else(|_| panic!("not JSON: {text} {}", String::from_utf8_lossy(&out.stderr)))
+}
+
+#[test]
+fn through_the_front_door_to_synapse() {
+    if !require_appliance() {
+        return;
+    }
+    let lab = Lab::new("front");
+    // All addresses, so that a second host (a network namespace) can reach the front door.
+    lab.write_config_on("0.0.0.0", "[tls]\nmode = \"internal\"\n");
+    let _run = lab.start();
+    let ca = lab.ca_root();
+    let base = lab.https_base();
+    let curl = || {
+        let mut c = lab.curl();
+        c.arg("--cacert").arg(&ca);
+        c
+    };
+
+    // /versions over HTTP/2 and HTTP/1.1, verified against the internal CA's root.
+    for (flag, want) in [("--http2", "2"), ("--http1.1", "1.1")] {
+        let out = curl()
+            .args([
+                flag,
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_version} %{http_code}",
+            ])
+            .arg(format!("{base}/_matrix/client/versions"))
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            format!("{want} 200"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    // Log in through the front door.
+    let pw = lab.path("alice.pw");
+    fs::write(&pw, "alice-password-1\n").unwrap();
+    lab.ok(&[
+        "user",
+        "add",
+        "alice",
+        "--admin",
+        "--password-file",
+        pw.to_str().unwrap(),
+    ]);
+    let login = curl_json(
+        curl()
+            .args(["-X", "POST", "-H", "Content-Type: application/json", "--data"])
+            .arg(json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "alice"}, "password": "alice-password-1"}).to_string())
+            .arg(format!("{base}/_matrix/client/v3/login")),
+    );
+    let token = login["access_token"]
+        .as_str()
+        .expect("an access token")
+        .to_string();
+    let auth = format!("Authorization: Bearer {token}");
+
+    // A 40 MB upload and download, byte-exact.
+    let big = lab.path("big.bin");
+    let data: Vec<u8> = (0..40_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    fs::write(&big, &data).unwrap();
+    let up = curl_json(
+        curl()
+            .args([
+                "-X",
+                "POST",
+                "-H",
+                &auth,
+                "-H",
+                "Content-Type: application/octet-stream",
+                "--data-binary",
+            ])
+            .arg(format!("@{}", big.display()))
+            .arg(format!("{base}/_matrix/media/v3/upload?filename=big.bin")),
+    );
+    let mxc = up["content_uri"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{up}"))
+        .to_string();
+    let media_id = mxc.rsplit('/').next().unwrap();
+    let back = lab.path("back.bin");
+    let out = curl()
+        .args(["-H", &auth, "-o"])
+        .arg(&back)
+        .args(["-w", "%{http_code}"])
+        .arg(format!(
+            "{base}/_matrix/client/v1/media/download/matrix.test/{media_id}"
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+    assert!(
+        fs::read(&back).unwrap() == data,
+        "the downloaded media differs from the upload"
+    );
+
+    // Over the limit (45M here): 413 from the front door.
+    fs::write(&big, vec![0u8; 46 << 20]).unwrap();
+    let out = curl()
+        .args([
+            "--http1.1",
+            "-X",
+            "POST",
+            "-H",
+            &auth,
+            "-w",
+            "\n%{http_code}",
+            "--data-binary",
+        ])
+        .arg(format!("@{}", big.display()))
+        .arg(format!("{base}/_matrix/media/v3/upload"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.ends_with("\n413") && text.contains("M_TOO_LARGE"),
+        "{text}"
+    );
+
+    // A forged X-Forwarded-For does not reach Synapse: its own record of alice's addresses
+    // (admin API "whois") has the real peer only.
+    let out = curl()
+        .args([
+            "-H",
+            &auth,
+            "-H",
+            "X-Forwarded-For: 203.0.113.9",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .arg(format!("{base}/_matrix/client/v3/account/whoami"))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+    let whois = curl_json(
+        curl()
+            .args(["-H", &auth])
+            .arg(format!("{base}/_synapse/admin/v1/whois/@alice:matrix.test")),
+    );
+    let text = whois.to_string();
+    assert!(text.contains("\"ip\":\"127.0.0.1\""), "{text}");
+    assert!(
+        !text.contains("203.0.113.9"),
+        "the forged address reached Synapse: {text}"
+    );
+
+    // Federation on its own port.
+    let key = curl_json(curl().arg(format!(
+        "https://{}:{}/_matrix/key/v2/server",
+        lab.matrix_host(),
+        lab.federation_port
+    )));
+    assert_eq!(key["server_name"], "matrix.test", "{key}");
+
+    // The admin API from a second host is refused; from here it works (above, and again).
+    let ns = common::NetNs::new();
+    let mut c = ns.exec("curl");
+    c.args([
+        "-sS",
+        "--max-time",
+        "10",
+        "-w",
+        "\n%{http_code}",
+        "-H",
+        &auth,
+        "--cacert",
+    ])
+    .arg(&ca)
+    .arg("--resolve")
+    .arg(format!(
+        "{}:{}:{}",
+        lab.matrix_host(),
+        lab.https_port,
+        ns.host_ip
+    ))
+    .arg(format!("{base}/_synapse/admin/v1/registration_tokens"));
+    let out = c.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.ends_with("\n403") && text.contains("M_FORBIDDEN"),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = curl()
+        .args(["-H", &auth, "-o", "/dev/null", "-w", "%{http_code}"])
+        .arg(format!("{base}/_synapse/admin/v1/registration_tokens"))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+}

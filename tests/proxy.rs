@@ -29,6 +29,8 @@ struct Seen {
 /// A plain HTTP/1.1 upstream that records every request and answers 200 "ok".
 struct Recorder {
     port: u16,
+    /// TCP connections accepted so far.
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
     seen: Arc<Mutex<Vec<Seen>>>,
     /// Bytes of body received so far by the request in progress.
     progress: Arc<Mutex<usize>>,
@@ -40,9 +42,12 @@ async fn recorder() -> Recorder {
     let seen = Arc::new(Mutex::new(vec![]));
     let progress = Arc::new(Mutex::new(0usize));
     let (s2, p2) = (seen.clone(), progress.clone());
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let a2 = accepted.clone();
     tokio::spawn(async move {
         loop {
             let (mut sock, _) = l.accept().await.unwrap();
+            a2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let (seen, progress) = (s2.clone(), p2.clone());
             tokio::spawn(async move {
                 loop {
@@ -103,6 +108,7 @@ async fn recorder() -> Recorder {
     });
     Recorder {
         port,
+        accepted,
         seen,
         progress,
     }
@@ -235,6 +241,21 @@ async fn the_upstream_gets_the_path_byte_for_byte_and_our_forwarding_headers() {
         "{h}"
     );
     assert!(h.contains("\r\nauthorization: bearer tok\r\n"), "{h}");
+    // Three more requests from three new client connections reuse the pooled upstream one.
+    for _ in 0..3 {
+        let mut c = d.curl();
+        c.args(["-o", "/dev/null"]).arg(format!(
+            "https://{HOST}:{}/_matrix/client/versions",
+            d.https
+        ));
+        tokio::task::spawn_blocking(move || run(c)).await.unwrap();
+    }
+    assert_eq!(rec.seen.lock().unwrap().len(), 4);
+    assert_eq!(
+        rec.accepted.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "upstream connections are not pooled"
+    );
     let _ = d.stop.send(true);
 }
 

@@ -173,10 +173,16 @@ impl Lab {
     /// Writes the config; `extra` holds whole tables (at least `[tls]`) and may add `[http]`
     /// or `[synapse]` keys after a `[synapse]`-less config: it must not repeat a table.
     pub fn write_config(&self, extra: &str) {
+        self.write_config_on("127.0.0.1", extra)
+    }
+
+    /// Like `write_config`, with the listeners on `ip` (e.g. 0.0.0.0 to be reached from a
+    /// network namespace).
+    pub fn write_config_on(&self, ip: &str, extra: &str) {
         let d = self.dir.path().display();
         let text = format!(
             "server_name = \"{sn}\"\n{extra}\n\
-             [listen]\nhttp = \"127.0.0.1:{hp}\"\nhttps = \"127.0.0.1:{sp}\"\nfederation = \"127.0.0.1:{fp}\"\n\
+             [listen]\nhttp = \"{ip}:{hp}\"\nhttps = \"{ip}:{sp}\"\nfederation = \"{ip}:{fp}\"\n\
              [synapse]\nport = {port}\nconfig_dir = \"{d}/synapse.d\"\nmax_upload_size = \"45M\"\n\
              [postgres]\ndatabase = \"{db}\"\nuser = \"{db}\"\n\
              [state]\ndir = \"{d}/state\"\nrun_dir = \"{d}/run\"\n\
