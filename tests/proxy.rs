@@ -98,7 +98,14 @@ async fn recorder() -> Recorder {
                             }
                         }
                     }
-                    seen.lock().unwrap().push(Seen { head, body_len });
+                    seen.lock().unwrap().push(Seen {
+                        head: head.clone(),
+                        body_len,
+                    });
+                    // A long-poll stand-in: answer only after 3 s of silence.
+                    if head.contains("?slow") {
+                        tokio::time::sleep(Duration::from_secs(3)).await;
+                    }
                     let _ = sock
                         .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\r\nok")
                         .await;
@@ -675,5 +682,40 @@ async fn admin_api_is_refused_from_another_host_and_allowed_from_loopback() {
         seen.head
             .starts_with("GET /_synapse/admin/v1/registration_tokens HTTP/1.1")
     );
+    let _ = d.stop.send(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_close_but_a_request_in_flight_is_never_cut() {
+    let rec = recorder().await;
+    let limits = Limits {
+        idle_timeout: Duration::from_secs(1),
+        ..Limits::default()
+    };
+    let d = door(rec.port, limits, "127.0.0.1").await;
+    let ca = std::fs::read_to_string(&d.ca).unwrap();
+    let (mut h2, _) = common::h2_connect(d.https, HOST, &ca).await;
+    let get = |p: &str| {
+        http::Request::get(format!("https://{HOST}:{}{p}", d.https))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap()
+    };
+    // 3 s without a byte either way, three times the idle timeout: still answered.
+    let t0 = Instant::now();
+    let resp = h2
+        .send_request(get("/_matrix/client/v3/sync?slow"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(t0.elapsed() >= Duration::from_secs(3));
+    // Then, idle with nothing in flight, the connection is closed.
+    let t0 = Instant::now();
+    while !h2.is_closed() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "an idle connection stayed open"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let _ = d.stop.send(true);
 }

@@ -319,7 +319,8 @@ impl FrontDoor {
         let conn = builder.serve_connection(TokioIo::new(io), svc);
         tokio::pin!(conn);
         let mut closing = false;
-        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        let mut tick =
+            tokio::time::interval((self.limits.idle_timeout / 4).min(Duration::from_secs(5)));
         loop {
             tokio::select! {
                 r = conn.as_mut() => {
