@@ -52,6 +52,9 @@ pub enum Cmd {
     /// Internal: the PostgreSQL provisioning helper, run as the postgres user by `run`.
     #[command(hide = true)]
     ProvisionDbHelper,
+    /// Packaging: write the man pages and shell completions into DIR.
+    #[command(hide = true)]
+    GenerateAssets { dir: PathBuf },
 }
 
 #[derive(Debug, Subcommand)]
@@ -128,6 +131,7 @@ async fn dispatch(cli: Cli) -> i32 {
         },
         Cmd::CheckConfig => return check_config(&path),
         Cmd::ProvisionDbHelper => return postgres::helper_main().await,
+        Cmd::GenerateAssets { dir } => generate_assets(&dir),
         cmd => match Config::load(&path) {
             Err(e) => return config_exit(e),
             Ok(cfg) => other(cmd, &cfg).await,
@@ -140,6 +144,26 @@ async fn dispatch(cli: Cli) -> i32 {
             1
         }
     }
+}
+
+/// man/homelab-matrix.1 (and one page per subcommand), completions/{bash,zsh,fish}.
+fn generate_assets(dir: &Path) -> Result<()> {
+    use clap::CommandFactory;
+    let cmd = Cli::command();
+    let man = dir.join("man");
+    std::fs::create_dir_all(&man)?;
+    clap_mangen::generate_to(cmd.clone(), &man).context("writing man pages")?;
+    let comp = dir.join("completions");
+    std::fs::create_dir_all(&comp)?;
+    for shell in [
+        clap_complete::Shell::Bash,
+        clap_complete::Shell::Zsh,
+        clap_complete::Shell::Fish,
+    ] {
+        clap_complete::generate_to(shell, &mut cmd.clone(), "homelab-matrix", &comp)
+            .context("writing shell completions")?;
+    }
+    Ok(())
 }
 
 fn config_exit(e: ConfigError) -> i32 {
@@ -190,7 +214,9 @@ async fn other(cmd: Cmd, cfg: &Config) -> Result<()> {
             password_file,
         }) => user_add(cfg, &name, admin, password_file.as_deref()).await,
         Cmd::Token(t) => token(cfg, t).await,
-        Cmd::Run | Cmd::CheckConfig | Cmd::ProvisionDbHelper => unreachable!("handled in dispatch"),
+        Cmd::Run | Cmd::CheckConfig | Cmd::ProvisionDbHelper | Cmd::GenerateAssets { .. } => {
+            unreachable!("handled in dispatch")
+        }
     }
 }
 

@@ -223,49 +223,9 @@ impl Lab {
 
     /// Starts `run` and waits for its sd_notify READY=1 (Synapse healthy, admin account made).
     pub fn start(&self) -> Running {
-        let sock_path = self.path("notify.sock");
-        let _ = fs::remove_file(&sock_path);
-        let sock = UnixDatagram::bind(&sock_path).unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(500)))
-            .unwrap();
-        let log = self.path("run.log");
-        let logf = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .unwrap();
         let mut c = self.cmd(&["run"]);
-        c.env("NOTIFY_SOCKET", &sock_path)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(logf.try_clone().unwrap())
-            .stderr(logf);
-        let child = c.spawn().expect("starting homelab-matrix run");
-        let mut running = Running {
-            child: Some(child),
-            log,
-        };
-        let deadline = Instant::now() + Duration::from_secs(180);
-        let mut buf = [0u8; 512];
-        loop {
-            if let Ok(n) = sock.recv(&mut buf) {
-                let msg = String::from_utf8_lossy(&buf[..n]);
-                if msg.lines().any(|l| l == "READY=1") {
-                    return running;
-                }
-            }
-            if let Some(st) = running.try_exit() {
-                panic!(
-                    "homelab-matrix run exited ({st}) before READY=1:\n{}",
-                    running.log_tail()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no READY=1 within 180s:\n{}",
-                running.log_tail()
-            );
-        }
+        c.env("RUST_LOG", "info");
+        start_until_ready(c, &self.path("notify.sock"), &self.path("run.log"))
     }
 
     pub fn status(&self) -> Value {
@@ -332,14 +292,61 @@ impl Lab {
 impl Drop for Lab {
     fn drop(&mut self) {
         if is_root() && postgres_up() {
+            // Two -c: DROP DATABASE cannot run inside the transaction one -c would make.
             let _ = Command::new("runuser")
-                .args(["-u", "postgres", "--", "psql", "-qc"])
+                .args(["-u", "postgres", "--", "psql", "-q", "-c"])
                 .arg(format!(
-                    "DROP DATABASE IF EXISTS \"{0}\" WITH (FORCE); DROP ROLE IF EXISTS \"{0}\";",
+                    "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
                     self.db
                 ))
+                .arg("-c")
+                .arg(format!("DROP ROLE IF EXISTS \"{}\"", self.db))
                 .output();
         }
+    }
+}
+
+/// Spawns `c` with NOTIFY_SOCKET set, output appended to `log`, and waits for READY=1, the way
+/// systemd runs a Type=notify unit.
+pub fn start_until_ready(mut c: Command, sock_path: &Path, log: &Path) -> Running {
+    let _ = fs::remove_file(sock_path);
+    let sock = UnixDatagram::bind(sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let logf = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    c.env("NOTIFY_SOCKET", sock_path)
+        .stdin(Stdio::null())
+        .stdout(logf.try_clone().unwrap())
+        .stderr(logf);
+    let child = c.spawn().expect("starting homelab-matrix");
+    let mut running = Running {
+        child: Some(child),
+        log: log.to_owned(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let mut buf = [0u8; 512];
+    loop {
+        if let Ok(n) = sock.recv(&mut buf) {
+            let msg = String::from_utf8_lossy(&buf[..n]);
+            if msg.lines().any(|l| l == "READY=1") {
+                return running;
+            }
+        }
+        if let Some(st) = running.try_exit() {
+            panic!(
+                "homelab-matrix exited ({st}) before READY=1:\n{}",
+                running.log_tail()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no READY=1 within 180s:\n{}",
+            running.log_tail()
+        );
     }
 }
 
