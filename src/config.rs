@@ -629,7 +629,7 @@ pub fn environment_problems(cfg: &Config) -> Vec<Problem> {
         out.push(Problem {
             key: "synapse.python".into(),
             message: format!("{} does not exist, so Synapse cannot start", cfg.synapse.python),
-            fix: "install Synapse into a venv: /usr/bin/python3 -m venv /opt/venvs/matrix-synapse && /opt/venvs/matrix-synapse/bin/pip install 'matrix-synapse[postgres]' (or packaging/install-deps from the source tree); or point synapse.python at a Python that can import synapse".into(),
+            fix: "install matrix.org's matrix-synapse-py3 package, or the homelab-matrix-synapse-venv package, or a venv by hand: /usr/bin/python3 -m venv /opt/venvs/matrix-synapse && /opt/venvs/matrix-synapse/bin/pip install 'matrix-synapse[postgres]'; or point synapse.python at a Python that can import synapse".into(),
         });
     }
     if nix::unistd::User::from_name(&cfg.synapse.user)
