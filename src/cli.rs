@@ -20,7 +20,7 @@ use crate::units::parse_duration;
     name = "homelab-matrix",
     version,
     about = "A private, federating Matrix server on one Debian host",
-    long_about = "homelab-matrix runs Synapse (and, as the appliance grows, coturn, TLS, Element and a registration bot) under one supervisor, configured from one file."
+    long_about = "homelab-matrix runs Synapse under one supervisor, provisions its PostgreSQL database, terminates TLS itself on 443 and 8448 with ACME (or internal-CA) certificates, proxies the Matrix APIs and serves the well-known files, all configured from one file: /etc/homelab-matrix/homelab-matrix.toml."
 )]
 pub struct Cli {
     /// The config file.

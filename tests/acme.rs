@@ -27,21 +27,6 @@ fn all_acme(lab: &Lab) -> bool {
     certs.len() == 4 && certs.values().all(|c| c["source"] == "acme")
 }
 
-fn curl_code(lab: &Lab, root: &std::path::Path, url: &str) -> String {
-    let out = lab
-        .curl()
-        .args(["-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
-        .arg(root)
-        .arg(url)
-        .output()
-        .unwrap();
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 #[test]
 fn http_01_issues_one_certificate_per_name_and_the_account_is_kept() {
     if !require_pebble() {
@@ -62,20 +47,18 @@ fn http_01_issues_one_certificate_per_name_and_the_account_is_kept() {
     // Clients that trust only the CA's root get through: the chain is real and complete.
     let base = lab.https_base();
     assert_eq!(
-        curl_code(&lab, &root, &format!("{base}/_matrix/client/versions")),
+        lab.https_code(&root, &format!("{base}/_matrix/client/versions")),
         "200"
     );
     assert_eq!(
-        curl_code(
-            &lab,
+        lab.https_code(
             &root,
             &format!("https://element.matrix.test:{}/", lab.https_port)
         ),
         "200"
     );
     assert_eq!(
-        curl_code(
-            &lab,
+        lab.https_code(
             &root,
             &format!(
                 "https://matrix.test:{}/.well-known/matrix/server",
@@ -132,7 +115,7 @@ fn http_01_issues_one_certificate_per_name_and_the_account_is_kept() {
     );
     assert_eq!(fs::read(&account).unwrap(), account_before);
     assert_eq!(
-        curl_code(&lab, &root, &format!("{base}/_matrix/client/versions")),
+        lab.https_code(&root, &format!("{base}/_matrix/client/versions")),
         "200"
     );
 }
@@ -156,16 +139,14 @@ fn tls_alpn_01_alone_issues_the_certificates() {
     fs::write(&root, pebble.issuing_root()).unwrap();
     // turn.* has no HTTP route (404), but its handshake proves the certificate.
     assert_eq!(
-        curl_code(
-            &lab,
+        lab.https_code(
             &root,
             &format!("https://turn.matrix.test:{}/", lab.https_port)
         ),
         "404"
     );
     assert_eq!(
-        curl_code(
-            &lab,
+        lab.https_code(
             &root,
             &format!("{}/_matrix/client/versions", lab.https_base())
         ),

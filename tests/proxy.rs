@@ -145,26 +145,12 @@ async fn door(upstream_port: u16, limits: Limits, listen_ip: &str) -> Door {
     ))
     .unwrap();
     // A throwaway CA and one certificate for every served name.
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::default();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params.distinguished_name = rcgen::DistinguishedName::new();
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "proxy test CA");
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut leaf_params = rcgen::CertificateParams::new(cfg.served_names()).unwrap();
-    leaf_params.distinguished_name = rcgen::DistinguishedName::new();
-    leaf_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, HOST);
-    let leaf = leaf_params.signed_by(&key, &issuer).unwrap();
+    let test_ca = common::TestCa::new("proxy test CA");
+    let (leaf_pem, key_pem) = test_ca.leaf(&cfg.served_names());
     let ca = dir.path().join("ca.pem");
-    std::fs::write(&ca, ca_cert.pem()).unwrap();
+    std::fs::write(&ca, &test_ca.pem).unwrap();
     let store = CertStore::new(&dir.path().join("certs"), HOST);
-    let cert = Arc::new(Cert::parse(&leaf.pem(), &key.serialize_pem(), Source::Files).unwrap());
+    let cert = Arc::new(Cert::parse(&leaf_pem, &key_pem, Source::Files).unwrap());
     for n in cfg.served_names() {
         store.publish(&n, cert.clone());
     }

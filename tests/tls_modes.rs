@@ -16,43 +16,17 @@ use nix::sys::signal::Signal;
 /// A CA (written to `dir/ca-<tag>.pem`) and, under `files_dir/<name>/`, a certificate for
 /// each name it signs.
 fn operator_certs(dir: &Path, files_dir: &Path, names: &[String], tag: &str) -> std::path::PathBuf {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::default();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, format!("operator CA {tag}"));
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let ca = common::TestCa::new(&format!("operator CA {tag}"));
     for n in names {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut p = rcgen::CertificateParams::new(vec![n.clone()]).unwrap();
-        p.distinguished_name
-            .push(rcgen::DnType::CommonName, n.clone());
-        let leaf = p.signed_by(&key, &issuer).unwrap();
+        let (cert, key) = ca.leaf(std::slice::from_ref(n));
         let d = files_dir.join(n);
         fs::create_dir_all(&d).unwrap();
-        fs::write(d.join("fullchain.pem"), leaf.pem()).unwrap();
-        fs::write(d.join("privkey.pem"), key.serialize_pem()).unwrap();
+        fs::write(d.join("fullchain.pem"), cert).unwrap();
+        fs::write(d.join("privkey.pem"), key).unwrap();
     }
     let p = dir.join(format!("ca-{tag}.pem"));
-    fs::write(&p, ca.pem()).unwrap();
+    fs::write(&p, &ca.pem).unwrap();
     p
-}
-
-fn code(lab: &Lab, ca: &Path, url: &str) -> String {
-    let out = lab
-        .curl()
-        .args(["-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
-        .arg(ca)
-        .arg(url)
-        .output()
-        .unwrap();
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 #[test]
@@ -74,7 +48,7 @@ fn files_mode_serves_the_operators_certificates_and_reloads_them_on_sighup() {
     ));
     let mut run = lab.start();
     let url = format!("{}/_matrix/client/versions", lab.https_base());
-    assert_eq!(code(&lab, &ca1, &url), "200");
+    assert_eq!(lab.https_code(&ca1, &url), "200");
     let certs = lab.certificates();
     assert_eq!(certs["matrix.matrix.test"]["source"], "files");
     assert_eq!(certs["turn.matrix.test"]["source"], "internal");
@@ -82,17 +56,17 @@ fn files_mode_serves_the_operators_certificates_and_reloads_them_on_sighup() {
     // New files, then SIGHUP: new connections get the new certificate; no restart.
     let ca2 = operator_certs(lab.dir.path(), &files, &names, "two");
     assert_eq!(
-        code(&lab, &ca2, &url).get(..3),
+        lab.https_code(&ca2, &url).get(..3),
         Some("000"),
         "the new CA is trusted before the reload?"
     );
     let synapse_pid = lab.synapse_status()["pid"].clone();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(run.pid()), Signal::SIGHUP).unwrap();
     wait_until("the reloaded certificate", Duration::from_secs(10), || {
-        code(&lab, &ca2, &url) == "200"
+        lab.https_code(&ca2, &url) == "200"
     });
     assert!(
-        code(&lab, &ca1, &url).starts_with("000"),
+        lab.https_code(&ca1, &url).starts_with("000"),
         "the old certificate is still served"
     );
     assert_eq!(
@@ -107,7 +81,7 @@ fn files_mode_serves_the_operators_certificates_and_reloads_them_on_sighup() {
     wait_until("the reload to be logged", Duration::from_secs(10), || {
         run.log_text().contains("keeping the current certificate")
     });
-    assert_eq!(code(&lab, &ca2, &url), "200");
+    assert_eq!(lab.https_code(&ca2, &url), "200");
     assert_eq!(
         run.signal_and_wait(Signal::SIGTERM, Duration::from_secs(20))
             .code(),
@@ -128,7 +102,7 @@ fn acme_mode_serves_internal_certificates_until_the_ca_delivers() {
     ));
     let _run = lab.start();
     let url = format!("{}/_matrix/client/versions", lab.https_base());
-    assert_eq!(code(&lab, &lab.ca_root(), &url), "200");
+    assert_eq!(lab.https_code(&lab.ca_root(), &url), "200");
     wait_until("a recorded ACME failure", Duration::from_secs(20), || {
         lab.certificates()["matrix.matrix.test"]["failures"].as_u64() >= Some(1)
     });

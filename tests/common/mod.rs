@@ -670,3 +670,60 @@ pub async fn h2_connect(
     tokio::spawn(conn);
     (send, leaf)
 }
+
+/// A throwaway certificate authority for tests, and leaves it signs.
+pub struct TestCa {
+    pub pem: String,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    pub fn new(common_name: &str) -> TestCa {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        // Not rcgen's default name: a leaf with the same subject would look self-signed.
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, common_name);
+        let pem = params.self_signed(&key).unwrap().pem();
+        TestCa {
+            pem,
+            issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    /// A leaf for `names` (DNS names, or IP addresses), as (certificate PEM, key PEM).
+    pub fn leaf(&self, names: &[String]) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(names.to_vec()).unwrap();
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.distinguished_name.push(
+            rcgen::DnType::CommonName,
+            names.first().cloned().unwrap_or_default(),
+        );
+        (
+            p.signed_by(&key, &self.issuer).unwrap().pem(),
+            key.serialize_pem(),
+        )
+    }
+}
+
+impl Lab {
+    /// The HTTP status of a GET through this lab's names, trusting `ca`; curl's error if none.
+    pub fn https_code(&self, ca: &Path, url: &str) -> String {
+        let out = self
+            .curl()
+            .args(["-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+            .arg(ca)
+            .arg(url)
+            .output()
+            .unwrap();
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }
+}

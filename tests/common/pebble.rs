@@ -34,25 +34,12 @@ impl Pebble {
     pub fn start(http_port: u16, tls_port: u16, validity: Option<u64>) -> Pebble {
         let dir = tempfile::tempdir().unwrap();
         // pebble from Debian ships no test certificates: make a CA and a 127.0.0.1 leaf.
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut ca_params = rcgen::CertificateParams::default();
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "pebble listener test CA");
-        let ca = ca_params.self_signed(&ca_key).unwrap();
-        let issuer = rcgen::Issuer::new(ca_params, ca_key);
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut lp = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-        lp.subject_alt_names
-            .push(rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap()));
-        lp.distinguished_name
-            .push(rcgen::DnType::CommonName, "localhost");
-        let leaf = lp.signed_by(&key, &issuer).unwrap();
+        let ca = super::TestCa::new("pebble listener test CA");
+        let (leaf, key) = ca.leaf(&["localhost".to_string(), "127.0.0.1".to_string()]);
         let listener_ca = dir.path().join("listener-ca.pem");
-        fs::write(&listener_ca, ca.pem()).unwrap();
-        fs::write(dir.path().join("listener.pem"), leaf.pem()).unwrap();
-        fs::write(dir.path().join("listener.key"), key.serialize_pem()).unwrap();
+        fs::write(&listener_ca, &ca.pem).unwrap();
+        fs::write(dir.path().join("listener.pem"), leaf).unwrap();
+        fs::write(dir.path().join("listener.key"), key).unwrap();
         let mut p = Pebble {
             directory_url: String::new(),
             listener_ca,
