@@ -104,6 +104,36 @@ fn synapse_under_the_supervisor_end_to_end() {
     assert_eq!(again.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
     let alice = hs.login("alice", "alice-password-1");
+    // Without --password-file, on a terminal, it asks twice (a real pty, through script(1)).
+    let cmdline = format!(
+        "{} --config {} user add dora",
+        common::bin(),
+        lab.config.display()
+    );
+    let mut c = std::process::Command::new("script");
+    c.args(["-qec", &cmdline, "/dev/null"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        // Typed slowly, as a person would: each line after its prompt.
+        for _ in 0..2 {
+            std::thread::sleep(Duration::from_millis(700));
+            stdin.write_all(b"dora-password-1\n").unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Password for dora:"), "{text}");
+    assert!(
+        !text.contains("dora-password-1"),
+        "the password was echoed: {text}"
+    );
+    assert!(text.contains("created @dora:matrix.test"), "{text}");
+    hs.login("dora", "dora-password-1");
     let (st, v) = hs.req(
         "GET",
         "/_synapse/admin/v2/users/@alice:matrix.test",

@@ -188,10 +188,27 @@ fn the_package_installs_runs_upgrades_and_purges_cleanly() {
 
     // Reinstalling the same version changes nothing the operator has.
     let before = fs::read(CONF).unwrap();
-    sh(&format!("DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --reinstall {} 2>&1", deb.display()));
-    assert_eq!(fs::read(CONF).unwrap(), before, "a reinstall rewrote the config");
-    assert_eq!(fs::read_link("/etc/systemd/system/coturn.service").ok(), Some(PathBuf::from("/dev/null")));
-    assert_eq!(fs::read_to_string(format!("{STATE}/masked-units")).unwrap().lines().count(), 2, "masks recorded twice");
+    sh(&format!(
+        "DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --reinstall {} 2>&1",
+        deb.display()
+    ));
+    assert_eq!(
+        fs::read(CONF).unwrap(),
+        before,
+        "a reinstall rewrote the config"
+    );
+    assert_eq!(
+        fs::read_link("/etc/systemd/system/coturn.service").ok(),
+        Some(PathBuf::from("/dev/null"))
+    );
+    assert_eq!(
+        fs::read_to_string(format!("{STATE}/masked-units"))
+            .unwrap()
+            .lines()
+            .count(),
+        2,
+        "masks recorded twice"
+    );
 
     // An operator edit, which upgrades must keep: its own database name.
     fs::write(
