@@ -167,7 +167,31 @@ async fn start_rest(app: &App, synapse_child: &Child) -> Result<()> {
     if let Err(e) = client.service_session(&app.secrets).await {
         tracing::error!("the appliance's admin account is not usable: {e:#}");
     }
+    if app.cfg.turn.enabled {
+        // Calls are optional: a coturn that will not start is reported and retried, and
+        // does not keep chat from being ready.
+        match start_coturn(app) {
+            Ok(child) => {
+                if let Err(e) = child.wait_ready(Duration::from_secs(60)).await {
+                    tracing::error!("coturn: {e:#}");
+                }
+            }
+            Err(e) => tracing::error!("coturn not started: {e:#}"),
+        }
+    }
     Ok(())
+}
+
+fn start_coturn(app: &App) -> Result<Arc<Child>> {
+    let user = RunAs::lookup(&app.cfg.turn.user)?;
+    let cert = app
+        .certs
+        .get(&app.cfg.hosts.turn)
+        .context("no certificate for the TURN host")?;
+    crate::coturn::render(&app.cfg, &app.secrets, &user, &cert)?;
+    Ok(app
+        .supervisor
+        .start(crate::coturn::child_spec(&app.cfg, user)))
 }
 
 async fn stop(
@@ -278,6 +302,11 @@ impl App {
             element_url: self.base_url(&self.cfg.hosts.element),
             tls_mode: self.cfg.tls.mode.clone(),
             ca_root: self.ca.root_path.display().to_string(),
+            turn_uris: if self.cfg.turn.enabled {
+                crate::coturn::uris(&self.cfg)
+            } else {
+                vec![]
+            },
             certificates,
             children: control::children_json(&self.supervisor.status()),
         }

@@ -245,6 +245,10 @@ async fn status(cfg: &Config, json: bool) -> Result<()> {
             v["ca_root"].as_str().unwrap_or("?")
         );
     }
+    if let Some(uris) = v["turn_uris"].as_array().filter(|u| !u.is_empty()) {
+        let uris: Vec<&str> = uris.iter().filter_map(|u| u.as_str()).collect();
+        println!("TURN: {}", uris.join("  "));
+    }
     println!();
     println!("CHILD      STATE      USER             PID         UPTIME  RESTARTS  LAST EXIT");
     for c in v["children"].as_array().into_iter().flatten() {

@@ -105,6 +105,11 @@ pub struct Turn {
     pub external_ip: String,
     pub user_quota: u32,
     pub total_quota: u32,
+    /// Peers relayed to despite the denied ranges (coturn allowed-peer-ip), e.g. this host's
+    /// own address so that two clients relayed by this server can reach each other.
+    pub allowed_peer_ips: Vec<String>,
+    /// Synapse turn_allow_guests.
+    pub allow_guests: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -200,6 +205,8 @@ impl Default for Turn {
             external_ip: "auto".into(),
             user_quota: 12,
             total_quota: 1200,
+            allowed_peer_ips: vec![],
+            allow_guests: false,
         }
     }
 }
@@ -499,6 +506,15 @@ impl Config {
                 "use \"auto\" or the public address of this host, e.g. \"203.0.113.7\"",
             );
         }
+        for (i, ip) in self.turn.allowed_peer_ips.iter().enumerate() {
+            if ip.parse::<IpAddr>().is_err() {
+                bad(
+                    &format!("turn.allowed_peer_ips[{i}]"),
+                    format!("{ip:?} is not an IP address"),
+                    "list single addresses, e.g. this host's public address \"203.0.113.7\"",
+                );
+            }
+        }
         if let Err(e) = parse_size(&self.synapse.max_upload_size) {
             bad("synapse.max_upload_size", e, "write a size like \"50M\"");
         }
@@ -630,6 +646,31 @@ pub fn environment_problems(cfg: &Config) -> Vec<Problem> {
             key: "synapse.python".into(),
             message: format!("{} does not exist, so Synapse cannot start", cfg.synapse.python),
             fix: "install matrix.org's matrix-synapse-py3 package, or the homelab-matrix-synapse-venv package, or a venv by hand: /usr/bin/python3 -m venv /opt/venvs/matrix-synapse && /opt/venvs/matrix-synapse/bin/pip install 'matrix-synapse[postgres]'; or point synapse.python at a Python that can import synapse".into(),
+        });
+    }
+    if cfg.turn.enabled && !Path::new(crate::coturn::TURNSERVER).exists() {
+        out.push(Problem {
+            key: "turn.enabled".into(),
+            message: format!(
+                "{} does not exist, so calls have no TURN server",
+                crate::coturn::TURNSERVER
+            ),
+            fix: "install coturn (apt install coturn), or set turn.enabled = false".into(),
+        });
+    }
+    if cfg.turn.enabled
+        && nix::unistd::User::from_name(&cfg.turn.user)
+            .ok()
+            .flatten()
+            .is_none()
+    {
+        out.push(Problem {
+            key: "turn.user".into(),
+            message: format!("system user {:?} does not exist", cfg.turn.user),
+            fix: format!(
+                "create it: adduser --system --group --no-create-home {} (the coturn package does)",
+                cfg.turn.user
+            ),
         });
     }
     if nix::unistd::User::from_name(&cfg.synapse.user)

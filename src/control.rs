@@ -28,6 +28,8 @@ pub struct Status {
     pub tls_mode: String,
     /// The internal CA's certificate: what LAN clients trust in `internal` mode.
     pub ca_root: String,
+    /// What Synapse hands clients for calls (empty when TURN is off).
+    pub turn_uris: Vec<String>,
     pub certificates: Vec<serde_json::Value>,
     pub children: Vec<ChildStatusOwned>,
 }

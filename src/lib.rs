@@ -10,6 +10,7 @@ pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod coturn;
 pub mod fsutil;
 pub mod http;
 pub mod logging;

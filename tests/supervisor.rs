@@ -76,14 +76,21 @@ async fn a_failing_child_is_restarted_with_growing_delays_and_flagged_as_a_crash
     child.stop().await;
     let t: Vec<i64> = lines(&log).iter().map(|l| l.parse().unwrap()).collect();
     let gaps: Vec<i64> = t.windows(2).map(|w| w[1] - w[0]).collect();
-    // Delays 100, 200, 400, 800, 800 ms, each jittered by ±25%: every gap from the third on
-    // must be clearly longer than the first, and none may pass the cap by much.
-    assert!(gaps[2] >= 2 * gaps[0], "no exponential growth: {gaps:?}");
-    assert!(gaps[3] >= gaps[1], "no growth: {gaps:?}");
-    assert!(
-        gaps.iter().all(|g| *g < 800 * 5 / 4 + 500),
-        "cap not respected: {gaps:?}"
-    );
+    // Delays 100, 200, 400, 800, 800 ms, each jittered by ±25%. Each gap also holds a process
+    // start, which a loaded machine makes slower, never faster: so the policy's lower bounds
+    // must hold exactly (a backoff that does not grow cannot pass the fourth), the upper ones
+    // with room for the load.
+    let expect = [100, 200, 400, 800, 800];
+    for (g, e) in gaps.iter().zip(expect) {
+        assert!(
+            *g >= e * 3 / 4 - 5,
+            "gap {g} ms below the policy's {e} ms: {gaps:?}"
+        );
+        assert!(
+            *g <= e * 5 / 4 + 600,
+            "gap {g} ms far above the policy's {e} ms: {gaps:?}"
+        );
+    }
     assert!(st.restarts >= 5, "{st:?}");
     assert!(
         st.crash_loop,

@@ -28,6 +28,8 @@ pub enum Readiness {
     Spawned,
     /// An HTTP GET on 127.0.0.1 answers 200 (Synapse's `/health`).
     HttpGet { port: u16, path: String },
+    /// A TCP connection to 127.0.0.1:port succeeds (coturn's listener).
+    TcpConnect { port: u16 },
 }
 
 /// Everything the supervisor needs to know to run a child.
@@ -322,6 +324,16 @@ async fn probe(r: &Readiness, timeout: Duration) -> bool {
                     return true;
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            false
+        }
+        Readiness::TcpConnect { port } => {
+            let deadline = Instant::now() + timeout;
+            while Instant::now() < deadline {
+                if TcpStream::connect(("127.0.0.1", *port)).await.is_ok() {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
             false
         }

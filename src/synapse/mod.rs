@@ -66,7 +66,7 @@ const SYNAPSE_SECRETS: [Kind; 4] = [
 /// that homeserver.yaml itself holds none.
 pub fn homeserver_config(cfg: &Config, l: &Layout) -> Value {
     let sec = |k: Kind| l.secrets().join(k.file_name()).display().to_string();
-    json!({
+    let mut v = json!({
         "server_name": cfg.server_name,
         // Synapse docs, config "public_baseurl": the URL clients reach the client API at.
         "public_baseurl": format!("https://{}/", cfg.hosts.matrix),
@@ -112,7 +112,20 @@ pub fn homeserver_config(cfg: &Config, l: &Layout) -> Value {
         "url_preview_enabled": false,
         "trusted_key_servers": [{"server_name": "matrix.org"}],
         "suppress_key_server_warning": true,
-    })
+    });
+    if cfg.turn.enabled {
+        // Synapse docs/turn-howto.md: Synapse hands out credentials signed with the secret
+        // coturn checks (use-auth-secret), valid for turn_user_lifetime.
+        let o = v.as_object_mut().expect("an object");
+        o.insert("turn_uris".into(), json!(crate::coturn::uris(cfg)));
+        o.insert(
+            "turn_shared_secret_path".into(),
+            json!(sec(Kind::TurnShared)),
+        );
+        o.insert("turn_user_lifetime".into(), json!("1d"));
+        o.insert("turn_allow_guests".into(), json!(cfg.turn.allow_guests));
+    }
+    v
 }
 
 /// Logging to stderr, which the supervisor turns into journald records tagged child=synapse.

@@ -76,12 +76,27 @@ pub fn require_appliance() -> bool {
     )
 }
 
+/// A port free on 127.0.0.1 for TCP and UDP, unique within this test process. Taken from
+/// below Linux's ephemeral range (32768+), so neither another lab's listener nor an outgoing
+/// connection can be handed the same one.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        20000 + (std::process::id() % 400) as u16 * 30,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    loop {
+        let p = NEXT.fetch_add(1, Ordering::SeqCst);
+        assert!(p < 32768, "ran out of test ports");
+        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()
+            && std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok()
+        {
+            return p;
+        }
+    }
 }
 
 /// Runs psql as the postgres OS user (peer authentication), returning trimmed stdout.
@@ -116,6 +131,10 @@ pub struct Lab {
     pub http_port: u16,
     pub https_port: u16,
     pub federation_port: u16,
+    pub turn_port: u16,
+    pub turn_tls_port: u16,
+    /// Extra keys for the `[turn]` table (set before `write_config`).
+    pub turn_extra: std::cell::RefCell<String>,
     pub server_name: String,
 }
 
@@ -148,6 +167,9 @@ impl Lab {
             http_port: free_port(),
             https_port: free_port(),
             federation_port: free_port(),
+            turn_port: free_port(),
+            turn_tls_port: free_port(),
+            turn_extra: std::cell::RefCell::new(String::new()),
             server_name,
         };
         lab.write_config("[tls]\nmode = \"internal\"\n");
@@ -186,8 +208,12 @@ impl Lab {
              [synapse]\nport = {port}\nconfig_dir = \"{d}/synapse.d\"\nmax_upload_size = \"45M\"\n\
              [postgres]\ndatabase = \"{db}\"\nuser = \"{db}\"\n\
              [state]\ndir = \"{d}/state\"\nrun_dir = \"{d}/run\"\n\
-             [supervisor]\ngrace_period = \"10s\"\n",
+             [supervisor]\ngrace_period = \"10s\"\n\
+             [turn]\nport = {tp}\ntls_port = {tsp}\n{turn_extra}",
             sn = self.server_name,
+            tp = self.turn_port,
+            tsp = self.turn_tls_port,
+            turn_extra = self.turn_extra.borrow(),
             hp = self.http_port,
             sp = self.https_port,
             fp = self.federation_port,

@@ -1,0 +1,220 @@
+//! Calls: coturn under the supervisor, wired to Synapse. Credentials come from Synapse through
+//! the front door and make a real TURN allocation with coturn's own client.
+
+// This test process drives turnutils, curl and the binary from outside: std's process API.
+#![allow(clippy::disallowed_methods)]
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{Lab, proc_uid, require, require_appliance, wait_until};
+use serde_json::json;
+
+fn uclient(lab: &Lab, user: &str, password: &str, peer_port: u16) -> (bool, String) {
+    let out = Command::new("turnutils_uclient")
+        .args(["-u", user, "-w", password, "-p", &lab.turn_port.to_string()])
+        .args([
+            "-e",
+            "127.0.0.1",
+            "-r",
+            &peer_port.to_string(),
+            "-n",
+            "10",
+            "-m",
+            "1",
+            "-c",
+        ])
+        .arg("127.0.0.1")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Progress lines come first; the summary line has the totals: take the largest.
+    let received = text
+        .lines()
+        .filter_map(|l| l.split("tot_recv_msgs=").nth(1))
+        .filter_map(|r| {
+            r.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse::<u32>()
+                .ok()
+        })
+        .max()
+        .unwrap_or(0);
+    (received > 0, text)
+}
+
+#[test]
+fn synapse_credentials_make_a_real_turn_allocation_and_coturn_is_supervised() {
+    if !require_appliance()
+        || !require(
+            "coturn",
+            std::path::Path::new("/usr/bin/turnutils_uclient").exists(),
+            "apt-get install coturn (packaging/install-deps does)",
+        )
+    {
+        return;
+    }
+    let lab = Lab::new("turn");
+    // The test's loopback peer needs an exception to the denied ranges; the default has none.
+    *lab.turn_extra.borrow_mut() = "allowed_peer_ips = [\"127.0.0.1\"]\n".into();
+    lab.write_config("[tls]\nmode = \"internal\"\n");
+    let _run = lab.start();
+    let st = lab.status();
+    let coturn = st["children"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "coturn")
+        .cloned()
+        .expect("a coturn child");
+    assert_eq!(coturn["state"], "running", "{coturn}");
+    assert_eq!(coturn["user"], "turnserver");
+    let pid = coturn["pid"].as_i64().unwrap() as i32;
+    let turn_uid = nix::unistd::User::from_name("turnserver")
+        .unwrap()
+        .unwrap()
+        .uid
+        .as_raw();
+    assert_eq!(proc_uid(pid), turn_uid);
+    assert!(
+        st["turn_uris"].to_string().contains(&format!(
+            "turns:turn.matrix.test:{}?transport=tcp",
+            lab.turn_tls_port
+        )),
+        "{st}"
+    );
+
+    // TURN credentials from Synapse, fetched through the front door as a client would.
+    let pw = lab.path("alice.pw");
+    std::fs::write(&pw, "alice-password-1\n").unwrap();
+    lab.ok(&[
+        "user",
+        "add",
+        "alice",
+        "--password-file",
+        pw.to_str().unwrap(),
+    ]);
+    let base = lab.https_base();
+    let ca = lab.ca_root();
+    let out = lab
+        .curl()
+        .args(["-H", "Content-Type: application/json", "--cacert"])
+        .arg(&ca)
+        .arg("--data")
+        .arg(json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "alice"}, "password": "alice-password-1"}).to_string())
+        .arg(format!("{base}/_matrix/client/v3/login"))
+        .output()
+        .unwrap();
+    let login: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let token = login["access_token"].as_str().unwrap();
+    let out = lab
+        .curl()
+        .args(["-H", &format!("Authorization: Bearer {token}"), "--cacert"])
+        .arg(&ca)
+        .arg(format!("{base}/_matrix/client/v3/voip/turnServer"))
+        .output()
+        .unwrap();
+    let creds: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stdout)));
+    let (user, password) = (
+        creds["username"].as_str().unwrap(),
+        creds["password"].as_str().unwrap(),
+    );
+    assert_eq!(creds["ttl"], 86400, "{creds}");
+    assert_eq!(creds["uris"].as_array().unwrap().len(), 3, "{creds}");
+
+    // A UDP echo peer on loopback, relayed to through coturn.
+    let peer_port = common::free_port();
+    let mut peer = Command::new("turnutils_peer")
+        .args(["-p", &peer_port.to_string(), "-L", "127.0.0.1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, text) = uclient(&lab, user, password, peer_port);
+    assert!(ok, "no data relayed with Synapse's credentials:\n{text}");
+    let (ok, text) = uclient(&lab, user, "not-the-password", peer_port);
+    assert!(!ok, "wrong credentials were relayed:\n{text}");
+    let _ = peer.kill();
+    let _ = peer.wait();
+
+    // A killed coturn is restarted by the supervisor.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_until("coturn to be restarted", Duration::from_secs(30), || {
+        let st = lab.status();
+        let c = st["children"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "coturn")
+            .cloned()
+            .unwrap();
+        c["state"] == "running"
+            && c["pid"].as_i64() != Some(pid as i64)
+            && c["restarts"].as_u64() >= Some(1)
+    });
+}
+
+#[test]
+fn relaying_into_denied_ranges_is_refused() {
+    if !require_appliance()
+        || !require(
+            "coturn",
+            std::path::Path::new("/usr/bin/turnutils_uclient").exists(),
+            "apt-get install coturn (packaging/install-deps does)",
+        )
+    {
+        return;
+    }
+    // The default config: loopback (like every private range) is denied. Only loopback is
+    // used as the target here: were the denial broken, no packet leaves this host.
+    let lab = Lab::new("turndeny");
+    let _run = lab.start();
+    let secret = std::fs::read_to_string(lab.state().join("secrets/turn_shared_secret")).unwrap();
+    // The TURN REST scheme Synapse uses: username "<expiry>:<user>", password
+    // base64(HMAC-SHA1(secret, username)) (Synapse docs/turn-howto.md).
+    let expiry = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    let user = format!("{expiry}:@alice:matrix.test");
+    let out = Command::new("sh")
+        .args([
+            "-c",
+            &format!(
+                "printf '%s' '{user}' | openssl dgst -binary -sha1 -hmac '{}' | base64",
+                secret.trim()
+            ),
+        ])
+        .output()
+        .unwrap();
+    let password = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let peer_port = common::free_port();
+    let mut peer = Command::new("turnutils_peer")
+        .args(["-p", &peer_port.to_string(), "-L", "127.0.0.1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, text) = uclient(&lab, &user, &password, peer_port);
+    let _ = peer.kill();
+    let _ = peer.wait();
+    assert!(!ok, "coturn relayed to a loopback peer:\n{text}");
+    assert!(
+        text.contains("403") || text.to_lowercase().contains("forbidden"),
+        "not refused by coturn:\n{text}"
+    );
+}
