@@ -170,7 +170,7 @@ async fn start_rest(app: &App, synapse_child: &Child) -> Result<()> {
     if app.cfg.turn.enabled {
         // Calls are optional: a coturn that will not start is reported and retried, and
         // does not keep chat from being ready.
-        match start_coturn(app) {
+        match start_coturn(app).await {
             Ok(child) => {
                 if let Err(e) = child.wait_ready(Duration::from_secs(60)).await {
                     tracing::error!("coturn: {e:#}");
@@ -182,16 +182,53 @@ async fn start_rest(app: &App, synapse_child: &Child) -> Result<()> {
     Ok(())
 }
 
-fn start_coturn(app: &App) -> Result<Arc<Child>> {
+async fn start_coturn(app: &App) -> Result<Arc<Child>> {
     let user = RunAs::lookup(&app.cfg.turn.user)?;
     let cert = app
         .certs
         .get(&app.cfg.hosts.turn)
         .context("no certificate for the TURN host")?;
-    crate::coturn::render(&app.cfg, &app.secrets, &user, &cert)?;
-    Ok(app
+    let external = crate::coturn::external_ip(&app.cfg).await;
+    crate::coturn::render(&app.cfg, &app.secrets, &user, &cert, external.as_deref())?;
+    let child = app
         .supervisor
-        .start(crate::coturn::child_spec(&app.cfg, user)))
+        .start(crate::coturn::child_spec(&app.cfg, user.clone()));
+    tokio::spawn(follow_turn_certificate(
+        app.certs.clone(),
+        app.cfg.clone(),
+        user,
+        child.clone(),
+    ));
+    Ok(child)
+}
+
+/// One certificate lifecycle for the front door and coturn: when the TURN host's certificate
+/// changes (ACME renewal, files reload), coturn gets the new copy and SIGUSR2, on which it
+/// reloads its certificate without a restart (coturn mainrelay.c, reload_ssl_certs).
+async fn follow_turn_certificate(
+    certs: Arc<CertStore>,
+    cfg: Config,
+    user: RunAs,
+    coturn: Arc<Child>,
+) {
+    let mut changes = certs.subscribe();
+    while changes.changed().await.is_ok() {
+        let Some(cert) = certs.get(&cfg.hosts.turn) else {
+            continue;
+        };
+        match crate::coturn::export_cert(&cfg, &user, &cert) {
+            Ok(false) => {}
+            Ok(true) => {
+                let signalled = coturn.signal(nix::sys::signal::Signal::SIGUSR2);
+                tracing::info!(
+                    expires = unix(cert.not_after),
+                    signalled,
+                    "new TURN certificate handed to coturn"
+                );
+            }
+            Err(e) => tracing::error!("copying the TURN certificate for coturn: {e:#}"),
+        }
+    }
 }
 
 async fn stop(

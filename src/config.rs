@@ -110,6 +110,8 @@ pub struct Turn {
     pub allowed_peer_ips: Vec<String>,
     /// Synapse turn_allow_guests.
     pub allow_guests: bool,
+    /// Asked for this host's public address when `external_ip = "auto"`.
+    pub stun_server: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -207,6 +209,7 @@ impl Default for Turn {
             total_quota: 1200,
             allowed_peer_ips: vec![],
             allow_guests: false,
+            stun_server: "stun.l.google.com:19302".into(),
         }
     }
 }
@@ -514,6 +517,18 @@ impl Config {
                     "list single addresses, e.g. this host's public address \"203.0.113.7\"",
                 );
             }
+        }
+        if !self
+            .turn
+            .stun_server
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+        {
+            bad(
+                "turn.stun_server",
+                format!("{:?} is not host:port", self.turn.stun_server),
+                "name a public STUN server, e.g. \"stun.l.google.com:19302\"",
+            );
         }
         if let Err(e) = parse_size(&self.synapse.max_upload_size) {
             bad("synapse.max_upload_size", e, "write a size like \"50M\"");

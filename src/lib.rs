@@ -17,6 +17,7 @@ pub mod logging;
 pub mod notify;
 pub mod postgres;
 pub mod secrets;
+pub mod stun;
 pub mod supervisor;
 pub mod synapse;
 pub mod tls;

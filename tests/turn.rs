@@ -180,7 +180,49 @@ fn relaying_into_denied_ranges_is_refused() {
     // The default config: loopback (like every private range) is denied. Only loopback is
     // used as the target here: were the denial broken, no packet leaves this host.
     let lab = Lab::new("turndeny");
-    let _run = lab.start();
+    // external_ip = "auto" asks a real STUN server (coturn in STUN-only mode) for our address.
+    let stun_port = common::free_port();
+    let mut stun = Command::new("turnserver")
+        .args([
+            "-n",
+            "--stun-only",
+            "--no-cli",
+            "--listening-ip",
+            "127.0.0.1",
+            "--listening-port",
+            &stun_port.to_string(),
+        ])
+        .args(["--log-file", "stdout"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Ready once it answers a Binding request.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    wait_until("the STUN server to answer", Duration::from_secs(15), || {
+        rt.block_on(homelab_matrix::stun::binding(
+            &format!("127.0.0.1:{stun_port}"),
+            Duration::from_secs(1),
+        ))
+        .is_ok()
+    });
+    *lab.turn_extra.borrow_mut() = format!("stun_server = \"127.0.0.1:{stun_port}\"\n");
+    lab.write_config("[tls]\nmode = \"internal\"\n");
+    let run = lab.start();
+    let _ = stun.kill();
+    let _ = stun.wait();
+    // Seen from the STUN server we are 127.0.0.1, our own address: no NAT, no external-ip.
+    assert!(
+        run.log_text().contains("public address from STUN"),
+        "{}",
+        run.log_text()
+            .lines()
+            .filter(|l| l.contains("STUN") || l.contains("public address") || l.contains("ready"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let conf = std::fs::read_to_string(lab.state().join("coturn/turnserver.conf")).unwrap();
+    assert!(!conf.contains("external-ip"), "{conf}");
     let secret = std::fs::read_to_string(lab.state().join("secrets/turn_shared_secret")).unwrap();
     // The TURN REST scheme Synapse uses: username "<expiry>:<user>", password
     // base64(HMAC-SHA1(secret, username)) (Synapse docs/turn-howto.md).
@@ -216,5 +258,185 @@ fn relaying_into_denied_ranges_is_refused() {
     assert!(
         text.contains("403") || text.to_lowercase().contains("forbidden"),
         "not refused by coturn:\n{text}"
+    );
+}
+
+/// The issuer of the certificate coturn presents on its TLS port.
+fn turn_tls_issuer(lab: &Lab) -> String {
+    let out = Command::new("sh")
+        .args([
+            "-c",
+            &format!(
+                "openssl s_client -connect 127.0.0.1:{} -servername turn.matrix.test </dev/null 2>/dev/null | openssl x509 -noout -issuer",
+                lab.turn_tls_port
+            ),
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn a_new_turn_certificate_reaches_coturn_without_a_restart_or_a_dropped_allocation() {
+    if !require_appliance()
+        || !require(
+            "coturn",
+            std::path::Path::new("/usr/bin/turnutils_uclient").exists(),
+            "apt-get install coturn (packaging/install-deps does)",
+        )
+    {
+        return;
+    }
+    let lab = Lab::new("turncert");
+    let files = lab.path("tls");
+    let names: Vec<String> = [
+        "matrix.test",
+        "matrix.matrix.test",
+        "element.matrix.test",
+        "turn.matrix.test",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let write_certs = |tag: &str| {
+        let ca = common::TestCa::new(&format!("operator CA {tag}"));
+        for n in &names {
+            let (cert, key) = ca.leaf(std::slice::from_ref(n));
+            let d = files.join(n);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("fullchain.pem"), cert).unwrap();
+            std::fs::write(d.join("privkey.pem"), key).unwrap();
+        }
+    };
+    write_certs("one");
+    *lab.turn_extra.borrow_mut() = "allowed_peer_ips = [\"127.0.0.1\"]\n".into();
+    lab.write_config(&format!(
+        "[tls]\nmode = \"files\"\nfiles_dir = \"{}\"\n",
+        files.display()
+    ));
+    let run = lab.start();
+    let coturn_pid = || {
+        lab.status()["children"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "coturn")
+            .unwrap()["pid"]
+            .as_i64()
+    };
+    let pid = coturn_pid();
+    assert!(
+        turn_tls_issuer(&lab).contains("operator CA one"),
+        "{}",
+        turn_tls_issuer(&lab)
+    );
+
+    // An allocation relaying throughout the reload (about 10 s of packets every 20 ms).
+    let secret = std::fs::read_to_string(lab.state().join("secrets/turn_shared_secret")).unwrap();
+    let expiry = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    let user = format!("{expiry}:@alice:matrix.test");
+    let out = Command::new("sh")
+        .args([
+            "-c",
+            &format!(
+                "printf '%s' '{user}' | openssl dgst -binary -sha1 -hmac '{}' | base64",
+                secret.trim()
+            ),
+        ])
+        .output()
+        .unwrap();
+    let password = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let peer_port = common::free_port();
+    let mut peer = Command::new("turnutils_peer")
+        .args(["-p", &peer_port.to_string(), "-L", "127.0.0.1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let client = Command::new("turnutils_uclient")
+        .args([
+            "-u",
+            &user,
+            "-w",
+            &password,
+            "-p",
+            &lab.turn_port.to_string(),
+        ])
+        .args([
+            "-e",
+            "127.0.0.1",
+            "-r",
+            &peer_port.to_string(),
+            "-n",
+            "500",
+            "-z",
+            "20",
+            "-m",
+            "1",
+            "-c",
+            "127.0.0.1",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+
+    write_certs("two");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(run.pid()),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    let t0 = std::time::Instant::now();
+    while !turn_tls_issuer(&lab).contains("operator CA two") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "coturn does not present the new certificate ({}):\n{}",
+            turn_tls_issuer(&lab),
+            run.log_text()
+                .lines()
+                .filter(|l| !l.contains("child=coturn") && !l.contains("child=synapse"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        coturn_pid(),
+        pid,
+        "coturn was restarted instead of reloading"
+    );
+
+    let out = client.wait_with_output().unwrap();
+    let _ = peer.kill();
+    let _ = peer.wait();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // About 10 s of packets, the reload 2 s in: at most about 120 can arrive before it, so 300
+    // or more means the allocation went on relaying after it. (A brief stall while coturn
+    // rebuilds its TLS contexts on a loaded machine is allowed; losing the allocation is not.)
+    let received = text
+        .lines()
+        .filter_map(|l| l.split("tot_recv_msgs=").nth(1))
+        .filter_map(|r| {
+            r.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse::<u32>()
+                .ok()
+        })
+        .max()
+        .unwrap_or(0);
+    assert!(
+        received >= 300,
+        "the allocation did not survive the reload ({received}/500 relayed):\n{text}"
     );
 }

@@ -104,6 +104,8 @@ impl Cert {
 pub struct CertStore {
     dir: PathBuf,
     live: ArcSwap<HashMap<String, Arc<Cert>>>,
+    /// Bumped at every publish, for those who copy certificates elsewhere (coturn).
+    changes: tokio::sync::watch::Sender<u64>,
     default_name: String,
     alpn: ArcSwap<HashMap<String, Arc<CertifiedKey>>>,
     http01: RwLock<HashMap<String, String>>,
@@ -122,6 +124,7 @@ impl CertStore {
         Arc::new(CertStore {
             dir: dir.to_owned(),
             live: ArcSwap::from_pointee(HashMap::new()),
+            changes: tokio::sync::watch::Sender::new(0),
             default_name: default_name.to_string(),
             alpn: ArcSwap::from_pointee(HashMap::new()),
             http01: RwLock::new(HashMap::new()),
@@ -159,6 +162,12 @@ impl CertStore {
             m.insert(name.to_string(), cert.clone());
             m
         });
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    /// Wakes on every publish.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     fn cert_dir(&self, name: &str) -> PathBuf {

@@ -160,6 +160,16 @@ impl Child {
             .map_err(|_| anyhow::anyhow!("{} stopped before it was ready", self.name))
     }
 
+    /// Sends `sig` to the running process (not its group), e.g. SIGUSR2 for coturn to reload
+    /// its certificate. Returns whether there was a process to signal.
+    pub fn signal(&self, sig: Signal) -> bool {
+        let pid = self.shared.lock().unwrap().status.pid;
+        match pid {
+            Some(p) => nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), sig).is_ok(),
+            None => false,
+        }
+    }
+
     /// Stops the child (stop signal, then SIGKILL after the grace period) and waits for it.
     pub async fn stop(&self) {
         let _ = self.stop.send(true);

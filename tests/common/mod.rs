@@ -76,6 +76,21 @@ pub fn require_appliance() -> bool {
     )
 }
 
+/// Twenty UDP ports for one lab's TURN relays, unique within this test process and below the
+/// kernel's ephemeral range.
+pub fn relay_range() -> (u16, u16) {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        10000 + (std::process::id() % 100) as u16 * 100,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    let start = NEXT.fetch_add(20, Ordering::SeqCst);
+    (start, start + 19)
+}
+
 /// A port free on 127.0.0.1 for TCP and UDP, unique within this test process. Taken from
 /// below Linux's ephemeral range (32768+), so neither another lab's listener nor an outgoing
 /// connection can be handed the same one.
@@ -133,6 +148,8 @@ pub struct Lab {
     pub federation_port: u16,
     pub turn_port: u16,
     pub turn_tls_port: u16,
+    /// coturn's relay range: its own per lab, so parallel labs' allocations never collide.
+    pub relay_ports: (u16, u16),
     /// Extra keys for the `[turn]` table (set before `write_config`).
     pub turn_extra: std::cell::RefCell<String>,
     pub server_name: String,
@@ -169,6 +186,7 @@ impl Lab {
             federation_port: free_port(),
             turn_port: free_port(),
             turn_tls_port: free_port(),
+            relay_ports: relay_range(),
             turn_extra: std::cell::RefCell::new(String::new()),
             server_name,
         };
@@ -209,8 +227,10 @@ impl Lab {
              [postgres]\ndatabase = \"{db}\"\nuser = \"{db}\"\n\
              [state]\ndir = \"{d}/state\"\nrun_dir = \"{d}/run\"\n\
              [supervisor]\ngrace_period = \"10s\"\n\
-             [turn]\nport = {tp}\ntls_port = {tsp}\n{turn_extra}",
+             [turn]\nport = {tp}\ntls_port = {tsp}\nmin_port = {rmin}\nmax_port = {rmax}\n{turn_extra}",
             sn = self.server_name,
+            rmin = self.relay_ports.0,
+            rmax = self.relay_ports.1,
             tp = self.turn_port,
             tsp = self.turn_tls_port,
             turn_extra = self.turn_extra.borrow(),
