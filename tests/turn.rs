@@ -440,3 +440,128 @@ fn a_new_turn_certificate_reaches_coturn_without_a_restart_or_a_dropped_allocati
         "the allocation did not survive the reload ({received}/500 relayed):\n{text}"
     );
 }
+
+/// Blackhole routes for the duration of a test: should coturn's denial ever fail, packets to
+/// these addresses are dropped on this host instead of leaving it.
+struct Blackholes(Vec<&'static str>);
+
+impl Blackholes {
+    fn new(addrs: Vec<&'static str>) -> Blackholes {
+        for a in &addrs {
+            let _ = Command::new("ip")
+                .args(["route", "del", "blackhole", a])
+                .output();
+            let out = Command::new("ip")
+                .args(["route", "add", "blackhole", a])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "ip route add blackhole {a}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Blackholes(addrs)
+    }
+}
+
+impl Drop for Blackholes {
+    fn drop(&mut self) {
+        for a in &self.0 {
+            let _ = Command::new("ip")
+                .args(["route", "del", "blackhole", a])
+                .output();
+        }
+    }
+}
+
+/// TURN REST credentials (Synapse docs/turn-howto.md): "<expiry>:<user>" and
+/// base64(HMAC-SHA1(secret, username)).
+fn rest_credentials(lab: &Lab, expiry: u64) -> (String, String) {
+    let secret = std::fs::read_to_string(lab.state().join("secrets/turn_shared_secret")).unwrap();
+    let user = format!("{expiry}:@alice:matrix.test");
+    let out = Command::new("sh")
+        .args([
+            "-c",
+            &format!(
+                "printf '%s' '{user}' | openssl dgst -binary -sha1 -hmac '{}' | base64",
+                secret.trim()
+            ),
+        ])
+        .output()
+        .unwrap();
+    (
+        user,
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+    )
+}
+
+#[test]
+fn expired_credentials_and_private_or_metadata_peers_are_refused() {
+    if !require_appliance()
+        || !require(
+            "coturn",
+            std::path::Path::new("/usr/bin/turnutils_uclient").exists(),
+            "apt-get install coturn (packaging/install-deps does)",
+        )
+        || !require("root", common::is_root(), "blackhole routes need root")
+    {
+        return;
+    }
+    let _guard = Blackholes::new(vec!["10.0.0.1", "169.254.169.254"]);
+    let lab = Lab::new("turnpeers");
+    let _run = lab.start();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+
+    // Expired: a correctly signed username whose time has passed. (The same helper's valid
+    // credentials get as far as coturn's peer check below, so this refusal is the expiry.)
+    let (user, password) = rest_credentials(&lab, now - 60);
+    let (ok, text) = uclient(&lab, &user, &password, 3480);
+    assert!(!ok, "expired credentials were accepted:\n{text}");
+    assert!(
+        text.contains("401")
+            || text.to_lowercase().contains("unauthorized")
+            || text.contains("Cannot complete Allocation"),
+        "{text}"
+    );
+
+    // Valid credentials, denied peers: a private address and the cloud metadata address.
+    let (user, password) = rest_credentials(&lab, now + 3600);
+    for peer in ["10.0.0.1", "169.254.169.254"] {
+        let out = Command::new("turnutils_uclient")
+            .args([
+                "-u",
+                &user,
+                "-w",
+                &password,
+                "-p",
+                &lab.turn_port.to_string(),
+            ])
+            .args([
+                "-e",
+                peer,
+                "-r",
+                "3480",
+                "-n",
+                "3",
+                "-m",
+                "1",
+                "-c",
+                "127.0.0.1",
+            ])
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            text.contains("403") || text.to_lowercase().contains("forbidden"),
+            "relaying to {peer} was not refused:\n{text}"
+        );
+    }
+}
