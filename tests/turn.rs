@@ -131,13 +131,7 @@ fn synapse_credentials_make_a_real_turn_allocation_and_coturn_is_supervised() {
 
     // A UDP echo peer on loopback, relayed to through coturn.
     let peer_port = common::free_port();
-    let mut peer = Command::new("turnutils_peer")
-        .args(["-p", &peer_port.to_string(), "-L", "127.0.0.1"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let mut peer = udp_echo_peer(peer_port);
     let (ok, text) = uclient(&lab, user, password, peer_port);
     assert!(ok, "no data relayed with Synapse's credentials:\n{text}");
     let (ok, text) = uclient(&lab, user, "not-the-password", peer_port);
@@ -223,34 +217,14 @@ fn relaying_into_denied_ranges_is_refused() {
     );
     let conf = std::fs::read_to_string(lab.state().join("coturn/turnserver.conf")).unwrap();
     assert!(!conf.contains("external-ip"), "{conf}");
-    let secret = std::fs::read_to_string(lab.state().join("secrets/turn_shared_secret")).unwrap();
-    // The TURN REST scheme Synapse uses: username "<expiry>:<user>", password
-    // base64(HMAC-SHA1(secret, username)) (Synapse docs/turn-howto.md).
     let expiry = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs()
         + 3600;
-    let user = format!("{expiry}:@alice:matrix.test");
-    let out = Command::new("sh")
-        .args([
-            "-c",
-            &format!(
-                "printf '%s' '{user}' | openssl dgst -binary -sha1 -hmac '{}' | base64",
-                secret.trim()
-            ),
-        ])
-        .output()
-        .unwrap();
-    let password = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let (user, password) = rest_credentials(&lab, expiry);
     let peer_port = common::free_port();
-    let mut peer = Command::new("turnutils_peer")
-        .args(["-p", &peer_port.to_string(), "-L", "127.0.0.1"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let mut peer = udp_echo_peer(peer_port);
     let (ok, text) = uclient(&lab, &user, &password, peer_port);
     let _ = peer.kill();
     let _ = peer.wait();
@@ -332,32 +306,14 @@ fn a_new_turn_certificate_reaches_coturn_without_a_restart_or_a_dropped_allocati
     );
 
     // An allocation relaying throughout the reload (about 10 s of packets every 20 ms).
-    let secret = std::fs::read_to_string(lab.state().join("secrets/turn_shared_secret")).unwrap();
     let expiry = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs()
         + 3600;
-    let user = format!("{expiry}:@alice:matrix.test");
-    let out = Command::new("sh")
-        .args([
-            "-c",
-            &format!(
-                "printf '%s' '{user}' | openssl dgst -binary -sha1 -hmac '{}' | base64",
-                secret.trim()
-            ),
-        ])
-        .output()
-        .unwrap();
-    let password = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let (user, password) = rest_credentials(&lab, expiry);
     let peer_port = common::free_port();
-    let mut peer = Command::new("turnutils_peer")
-        .args(["-p", &peer_port.to_string(), "-L", "127.0.0.1"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let mut peer = udp_echo_peer(peer_port);
     let client = Command::new("turnutils_uclient")
         .args([
             "-u",
@@ -439,6 +395,18 @@ fn a_new_turn_certificate_reaches_coturn_without_a_restart_or_a_dropped_allocati
         received >= 300,
         "the allocation did not survive the reload ({received}/500 relayed):\n{text}"
     );
+}
+
+/// coturn's UDP echo peer on 127.0.0.1:`port`, given a moment to bind.
+fn udp_echo_peer(port: u16) -> std::process::Child {
+    let peer = Command::new("turnutils_peer")
+        .args(["-p", &port.to_string(), "-L", "127.0.0.1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    peer
 }
 
 /// Blackhole routes for the duration of a test: should coturn's denial ever fail, packets to
