@@ -300,11 +300,7 @@ async fn reload(app: &App) {
 
 impl App {
     fn base_url(&self, host: &str) -> String {
-        if self.https_port == 443 {
-            format!("https://{host}/")
-        } else {
-            format!("https://{host}:{}/", self.https_port)
-        }
+        format!("{}/", crate::http::https_url(host, self.https_port))
     }
 
     fn status(&self) -> Status {
@@ -345,7 +341,7 @@ impl App {
                 vec![]
             },
             certificates,
-            children: control::children_json(&self.supervisor.status()),
+            children: self.supervisor.status(),
         }
     }
 }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use crate::fsutil::{Owner, ensure_dir, set_owner_mode};
 use crate::supervisor::ChildStatus;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Status {
     pub version: String,
     pub pid: u32,
@@ -31,16 +31,7 @@ pub struct Status {
     /// What Synapse hands clients for calls (empty when TURN is off).
     pub turn_uris: Vec<String>,
     pub certificates: Vec<serde_json::Value>,
-    pub children: Vec<ChildStatusOwned>,
-}
-
-/// `ChildStatus` as it travels (it is Serialize only in the supervisor).
-pub type ChildStatusOwned = serde_json::Value;
-
-pub fn children_json(c: &[ChildStatus]) -> Vec<ChildStatusOwned> {
-    c.iter()
-        .map(|s| serde_json::to_value(s).expect("status serializes"))
-        .collect()
+    pub children: Vec<ChildStatus>,
 }
 
 /// Requests the app acts on.

@@ -13,7 +13,7 @@ use nix::sys::signal::Signal;
 
 use crate::certs::Cert;
 use crate::config::Config;
-use crate::fsutil::{Owner, ensure_dir, write_if_changed};
+use crate::fsutil::{ensure_dir, write_if_changed};
 use crate::secrets::{Kind, Secrets};
 use crate::supervisor::{BackoffPolicy, ChildSpec, Command, Readiness, RunAs};
 
@@ -130,10 +130,7 @@ pub fn render(
     external: Option<&str>,
 ) -> Result<bool> {
     let d = dir(cfg);
-    let owner = Owner {
-        uid: user.uid,
-        gid: user.gid,
-    };
+    let owner = user.owner();
     ensure_dir(&d, owner, 0o700)?;
     let secret = secrets.get(Kind::TurnShared)?;
     let mut changed = write_if_changed(
@@ -149,10 +146,7 @@ pub fn render(
 /// Copies the TURN host's certificate and key where coturn reads them (owned by it, 0600).
 pub fn export_cert(cfg: &Config, user: &RunAs, cert: &Cert) -> Result<bool> {
     let d = dir(cfg);
-    let owner = Owner {
-        uid: user.uid,
-        gid: user.gid,
-    };
+    let owner = user.owner();
     let mut changed = write_if_changed(
         &d.join("privkey.pem"),
         cert.key_pem.as_bytes(),

@@ -12,7 +12,6 @@
 
 use std::time::Duration;
 
-use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls};
@@ -391,13 +390,6 @@ fn ident(s: &str) -> String {
 
 fn literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
-}
-
-/// For `check-config`-style callers that want a one-line summary with context.
-pub async fn provision_or_explain(cfg: &Config, password: &Secret) -> anyhow::Result<Report> {
-    provision(cfg, password)
-        .await
-        .context("provisioning PostgreSQL")
 }
 
 #[cfg(test)]

@@ -61,6 +61,15 @@ impl Default for Limits {
     }
 }
 
+/// `https://host`, with the port only when it is not 443.
+pub fn https_url(host: &str, port: u16) -> String {
+    if port == 443 {
+        format!("https://{host}")
+    } else {
+        format!("https://{host}:{port}")
+    }
+}
+
 pub fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
     Response::builder()
         .status(status)
@@ -431,11 +440,7 @@ impl FrontDoor {
     }
 
     fn base_url(&self, host: &str) -> String {
-        if self.https_port == 443 {
-            format!("https://{host}")
-        } else {
-            format!("https://{host}:{}", self.https_port)
-        }
+        https_url(host, self.https_port)
     }
 
     fn redirect(&self, host: &str, req: &Request<Incoming>) -> Response<Body> {

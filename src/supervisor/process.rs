@@ -43,6 +43,14 @@ pub struct RunAs {
 }
 
 impl RunAs {
+    /// This identity as the owner of files made for it.
+    pub fn owner(&self) -> crate::fsutil::Owner {
+        crate::fsutil::Owner {
+            uid: self.uid,
+            gid: self.gid,
+        }
+    }
+
     pub fn lookup(user: &str) -> anyhow::Result<RunAs> {
         use anyhow::Context;
         let u = nix::unistd::User::from_name(user)
@@ -324,14 +332,4 @@ fn reaper() {
             }
         }
     }
-}
-
-/// Pids the supervisor has started and not yet reaped (for tests and status).
-pub fn live_children() -> Vec<Pid> {
-    TABLE
-        .lock()
-        .unwrap()
-        .as_ref()
-        .map(|t| t.keys().copied().collect())
-        .unwrap_or_default()
 }

@@ -144,10 +144,7 @@ fn log_config() -> Value {
 /// Writes Synapse's files. Returns true when anything Synapse reads changed (a restart is due).
 pub fn render(cfg: &Config, secrets: &Secrets, synapse_user: &RunAs) -> Result<bool> {
     let l = Layout::new(&cfg.state_dir());
-    let owner = Owner {
-        uid: synapse_user.uid,
-        gid: synapse_user.gid,
-    };
+    let owner = synapse_user.owner();
     ensure_dir(&l.dir, owner, 0o750)?;
     ensure_dir(&l.secrets(), owner, 0o700)?;
     ensure_dir(&l.conf_d(), owner, 0o750)?;
