@@ -126,7 +126,7 @@ async fn run(args: Args) -> Result<()> {
 
     let bound = Bound::bind(&cfg).await?;
     let https_port = bound.https_port();
-    let front = FrontDoor::new(&cfg, certs, https_port, Limits::default());
+    let front = FrontDoor::new(&cfg, certs, https_port, Limits::default(), None);
     let (stop_tx, stop_rx) = watch::channel(false);
     let serving = tokio::spawn(front.serve(bound, stop_rx, DRAIN));
     eprintln!(

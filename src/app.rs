@@ -18,6 +18,7 @@ use crate::certs::ca::InternalCa;
 use crate::certs::{Cert, CertStore, Source, unix};
 use crate::config::{self, Config, ConfigError};
 use crate::control::{self, Status};
+use crate::element::{self, Element};
 use crate::fsutil::{Owner, ensure_dir};
 use crate::http::{Bound, FrontDoor, Limits};
 use crate::notify::notify;
@@ -46,6 +47,7 @@ struct App {
     ca: InternalCa,
     acme: Option<Arc<Acme>>,
     https_port: u16,
+    element: Arc<Element>,
 }
 
 /// Internal-CA certificates: a year, re-issued when a third is left (browsers cap private-CA
@@ -93,7 +95,19 @@ pub async fn run(config_path: &Path) -> Result<(), RunError> {
     let https_port = bound.https_port();
     let (certs, ca) = load_certificates(&cfg)?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let front = FrontDoor::new(&cfg, certs.clone(), https_port, Limits::default());
+    let element = Element::new(
+        &cfg,
+        config_path.parent().unwrap_or(Path::new("/")),
+        https_port,
+    )?;
+    tokio::spawn(element.clone().maintain(stop_rx.clone()));
+    let front = FrontDoor::new(
+        &cfg,
+        certs.clone(),
+        https_port,
+        Limits::default(),
+        Some(element.clone()),
+    );
     let front_task = tokio::spawn(front.serve(bound, stop_rx.clone(), DRAIN));
     let acme = (cfg.tls.mode == "acme").then(|| {
         let a = Acme::new(acme_settings(&cfg), &state.join("acme"), certs.clone());
@@ -116,6 +130,7 @@ pub async fn run(config_path: &Path) -> Result<(), RunError> {
         ca,
         acme,
         https_port,
+        element,
     });
     tokio::spawn(maintain_internal(app.clone(), stop_rx.clone()));
 
@@ -152,7 +167,7 @@ pub async fn run(config_path: &Path) -> Result<(), RunError> {
             _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
             _ = hup.recv() => reload(&app).await,
-            Some(control::Request::Reload) = req_rx.recv() => reload(&app).await,
+            Some(r) = req_rx.recv() => handle_request(&app, r).await,
         }
     }
     stop(&app, control_task, &stop_tx, front_task).await;
@@ -248,6 +263,33 @@ async fn stop(
     tracing::info!("stopped");
 }
 
+/// Element requests can take minutes (a download); they run beside the main loop.
+async fn handle_request(app: &Arc<App>, r: control::Request) {
+    let answer = |r: Result<element::Outcome, element::UpdateError>| match r {
+        Ok(o) => {
+            let mut v = serde_json::to_value(&o).expect("outcome serializes");
+            v["message"] = element::describe(&o).into();
+            v
+        }
+        Err(e) => serde_json::json!({"error": e.to_string()}),
+    };
+    match r {
+        control::Request::Reload => reload(app).await,
+        control::Request::ElementUpdate { check_only, reply } => {
+            let el = app.element.clone();
+            tokio::spawn(async move {
+                let _ = reply.send(answer(el.update(check_only).await));
+            });
+        }
+        control::Request::ElementRollback { reply } => {
+            let el = app.element.clone();
+            tokio::spawn(async move {
+                let _ = reply.send(answer(el.rollback().await));
+            });
+        }
+    }
+}
+
 /// SIGHUP: re-applies the operator's Synapse overrides (synapse.d) and restarts Synapse if its
 /// config changed. The TOML file is re-read to report mistakes early, but its changes need a
 /// restart of the service: they touch the database, the ports and the identity of the server.
@@ -262,6 +304,9 @@ async fn reload(app: &App) {
             app.config_path.display()
         ),
         Ok(_) => {}
+    }
+    if let Err(e) = app.element.reload_config(&app.cfg, app.https_port) {
+        tracing::error!("Element's config.json stays as it was: {e:#}");
     }
     if app.cfg.tls.mode == "files" {
         for name in app.cfg.served_names() {
@@ -342,6 +387,7 @@ impl App {
             },
             certificates,
             children: self.supervisor.status(),
+            element: self.element.status(),
         }
     }
 }

@@ -49,12 +49,29 @@ pub enum Cmd {
     /// Manage registration tokens (registration is only possible with one).
     #[command(subcommand)]
     Token(TokenCmd),
+    /// Element Web: check for, install or roll back releases.
+    #[command(subcommand)]
+    Element(ElementCmd),
     /// Internal: the PostgreSQL provisioning helper, run as the postgres user by `run`.
     #[command(hide = true)]
     ProvisionDbHelper,
     /// Packaging: write the man pages and shell completions into DIR.
     #[command(hide = true)]
     GenerateAssets { dir: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ElementCmd {
+    /// Check the release URL now and install a newer signed release (the running service
+    /// does this by itself every element.check_interval).
+    Update {
+        /// Only report whether a newer release exists.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Serve the previous release again, and hold automatic updates until a release newer
+    /// than the current one appears.
+    Rollback,
 }
 
 #[derive(Debug, Subcommand)]
@@ -114,6 +131,9 @@ pub fn main() -> i32 {
         }
     };
     crate::init_tracing(matches!(cli.command, Cmd::Run));
+    // One process-wide rustls provider (ring) for the clients that take the default
+    // (reqwest); the servers name theirs explicitly.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -214,6 +234,21 @@ async fn other(cmd: Cmd, cfg: &Config) -> Result<()> {
             password_file,
         }) => user_add(cfg, &name, admin, password_file.as_deref()).await,
         Cmd::Token(t) => token(cfg, t).await,
+        Cmd::Element(e) => {
+            let what = match e {
+                ElementCmd::Update { check: true } => "element-check",
+                ElementCmd::Update { check: false } => "element-update",
+                ElementCmd::Rollback => "element-rollback",
+            };
+            let v = control::request(&cfg.control_socket(), what).await?;
+            match v["error"].as_str() {
+                Some(e) => bail!("{e}"),
+                None => {
+                    println!("Element: {}", v["message"].as_str().unwrap_or("done"));
+                    Ok(())
+                }
+            }
+        }
         Cmd::Run | Cmd::CheckConfig | Cmd::ProvisionDbHelper | Cmd::GenerateAssets { .. } => {
             unreachable!("handled in dispatch")
         }
@@ -249,6 +284,14 @@ async fn status(cfg: &Config, json: bool) -> Result<()> {
         let uris: Vec<&str> = uris.iter().filter_map(|u| u.as_str()).collect();
         println!("TURN: {}", uris.join("  "));
     }
+    let el = &v["element"];
+    println!(
+        "Element: {}{}",
+        el["version"].as_str().unwrap_or("not installed yet"),
+        el["last_error"]
+            .as_str()
+            .map_or(String::new(), |e| format!("   (last update failed: {e})"))
+    );
     println!();
     println!("CHILD      STATE      USER             PID         UPTIME  RESTARTS  LAST EXIT");
     for c in v["children"].as_array().into_iter().flatten() {

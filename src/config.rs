@@ -120,6 +120,11 @@ pub struct Element {
     pub auto_update: bool,
     pub release_url: String,
     pub check_interval: String,
+    /// Where the Element release key is fetched from when the build did not bundle it; its
+    /// fingerprint is pinned in the binary whatever the source.
+    pub release_key_url: String,
+    /// Tests only: an armored public key trusted instead of Element's (logged as a warning).
+    pub test_release_key: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -221,6 +226,8 @@ impl Default for Element {
             release_url: "https://api.github.com/repos/element-hq/element-web/releases/latest"
                 .into(),
             check_interval: "6h".into(),
+            release_key_url: "https://packages.element.io/element-release-key.asc".into(),
+            test_release_key: String::new(),
         }
     }
 }
@@ -589,6 +596,15 @@ impl Config {
                 "use the default GitHub releases URL unless you mirror Element yourself",
             );
         }
+        if !self.element.release_key_url.starts_with("https://")
+            && !self.element.release_key_url.starts_with("http://")
+        {
+            bad(
+                "element.release_key_url",
+                format!("{:?} is not a URL", self.element.release_key_url),
+                "remove the key to use https://packages.element.io/element-release-key.asc",
+            );
+        }
         if let Err(e) = parse_duration(&self.element.check_interval) {
             bad("element.check_interval", e, "write it like \"6h\"");
         }
@@ -806,6 +822,15 @@ fn key_at(text: &str, offset: usize) -> (String, usize) {
         pos = end;
     }
     ("(file)".into(), 0)
+}
+
+/// The public https URL of a host; the port only when it is not 443.
+pub fn https_url(host: &str, port: u16) -> String {
+    if port == 443 {
+        format!("https://{host}")
+    } else {
+        format!("https://{host}:{port}")
+    }
 }
 
 pub fn is_dns_name(s: &str) -> bool {

@@ -8,8 +8,9 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
+use crate::element::ElementStatus;
 use crate::fsutil::{Owner, ensure_dir, set_owner_mode};
 use crate::supervisor::ChildStatus;
 
@@ -32,12 +33,21 @@ pub struct Status {
     pub turn_uris: Vec<String>,
     pub certificates: Vec<serde_json::Value>,
     pub children: Vec<ChildStatus>,
+    pub element: ElementStatus,
 }
 
 /// Requests the app acts on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Request {
     Reload,
+    /// `element update [--check]`; the answer is a JSON outcome or `{"error": ...}`.
+    ElementUpdate {
+        check_only: bool,
+        reply: oneshot::Sender<serde_json::Value>,
+    },
+    ElementRollback {
+        reply: oneshot::Sender<serde_json::Value>,
+    },
 }
 
 pub type StatusFn = Arc<dyn Fn() -> Status + Send + Sync>;
@@ -79,7 +89,23 @@ pub async fn serve(listener: UnixListener, status: StatusFn, requests: mpsc::Sen
                     let ok = requests.send(Request::Reload).await.is_ok();
                     serde_json::json!({"ok": ok}).to_string()
                 }
-                other => serde_json::json!({"error": format!("unknown request {other:?}; try status or reload")})
+                line @ ("element-update" | "element-check" | "element-rollback") => {
+                    let (tx, rx) = oneshot::channel();
+                    let req = if line == "element-rollback" {
+                        Request::ElementRollback { reply: tx }
+                    } else {
+                        Request::ElementUpdate {
+                            check_only: line == "element-check",
+                            reply: tx,
+                        }
+                    };
+                    let _ = requests.send(req).await;
+                    rx.await.unwrap_or_else(
+                        |_| serde_json::json!({"error": "homelab-matrix is stopping"}),
+                    )
+                    .to_string()
+                }
+                other => serde_json::json!({"error": format!("unknown request {other:?}; try status, reload, element-update, element-check or element-rollback")})
                     .to_string(),
             };
             let _ = w.write_all(format!("{reply}\n").as_bytes()).await;

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod coturn;
+pub mod element;
 pub mod fsutil;
 pub mod http;
 pub mod logging;

@@ -155,7 +155,7 @@ async fn door(upstream_port: u16, limits: Limits, listen_ip: &str) -> Door {
         store.publish(&n, cert.clone());
     }
     let bound = Bound::bind(&cfg).await.unwrap();
-    let front = FrontDoor::new(&cfg, store.clone(), s, limits);
+    let front = FrontDoor::new(&cfg, store.clone(), s, limits, None);
     let (stop, rx) = watch::channel(false);
     tokio::spawn(front.serve(bound, rx, Duration::from_secs(1)));
     Door {

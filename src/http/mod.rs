@@ -29,6 +29,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::certs::CertStore;
 use crate::config::{self, Config};
+use crate::element::Element;
 use router::{Hosts, Listener, Route};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -62,24 +63,18 @@ impl Default for Limits {
 }
 
 /// `https://host`, with the port only when it is not 443.
-pub fn https_url(host: &str, port: u16) -> String {
-    if port == 443 {
-        format!("https://{host}")
-    } else {
-        format!("https://{host}:{port}")
-    }
-}
+pub use crate::config::https_url;
 
 pub fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
     Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, content_type)
-        .body(
-            Full::new(body.into())
-                .map_err(|never| match never {})
-                .boxed(),
-        )
+        .body(full_body(body.into()))
         .expect("valid response")
+}
+
+pub fn full_body(body: Bytes) -> Body {
+    Full::new(body).map_err(|never| match never {}).boxed()
 }
 
 /// A Matrix-style error body (spec: "Standard error response").
@@ -101,6 +96,7 @@ pub struct FrontDoor {
     limits: Limits,
     conns: Semaphore,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
+    element: Option<Arc<Element>>,
 }
 
 /// The bound listeners, bound before anything else starts (ports 80/443 need root).
@@ -146,6 +142,7 @@ impl FrontDoor {
         certs: Arc<CertStore>,
         https_port: u16,
         limits: Limits,
+        element: Option<Arc<Element>>,
     ) -> Arc<FrontDoor> {
         Arc::new(FrontDoor {
             hosts: Hosts {
@@ -165,6 +162,7 @@ impl FrontDoor {
             limits,
             conns: Semaphore::new(limits.max_connections),
             per_ip: Mutex::new(HashMap::new()),
+            element,
         })
     }
 
@@ -399,14 +397,16 @@ impl FrontDoor {
                 "M_FORBIDDEN",
                 "the admin API is reachable only from this host (or the networks in [http] admin_allow)",
             ),
-            Route::Element => full(
-                StatusCode::OK,
-                "text/html; charset=utf-8",
-                page(
-                    "Element is being installed",
-                    "The web client will be served here. Meanwhile, any Matrix client works with this server.",
-                ),
-            ),
+            Route::Element => match &self.element {
+                Some(e) => {
+                    let (parts, body) = e
+                        .serve(req.method(), &path, req.headers())
+                        .await
+                        .into_parts();
+                    Response::from_parts(parts, full_body(body))
+                }
+                None => full(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+            },
             Route::Landing => {
                 let element = self.base_url(&self.hosts.element);
                 full(
