@@ -378,6 +378,16 @@ impl Element {
         Ok(())
     }
 
+    /// Installs an already unpacked and verified release tree (a copy is made) and serves it.
+    pub async fn install_from_dir(&self, src: &Path, version: &str) -> Result<()> {
+        let v = Version::parse(version).with_context(|| format!("{version:?} is not a version"))?;
+        let _busy = self.busy.lock().await;
+        let staging = self.staging_dir(&v)?;
+        let (from, to) = (src.to_owned(), staging.join("files"));
+        tokio::task::spawn_blocking(move || copy_tree(&from, &to)).await??;
+        self.finish_and_switch(staging, &v).await
+    }
+
     /// Checks the release URL and, unless `check_only`, installs a newer release.
     pub async fn update(&self, check_only: bool) -> Result<Outcome, UpdateError> {
         let _busy = self.busy.lock().await;
@@ -666,6 +676,24 @@ pub fn describe(o: &Outcome) -> String {
         ),
         Outcome::RolledBack { from, to } => format!("rolled back from {from} to {to}"),
     }
+}
+
+/// Copies regular files and directories; links and special files are refused.
+fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
+        let e = e?;
+        let t = e.file_type()?;
+        let dest = to.join(e.file_name());
+        if t.is_dir() {
+            copy_tree(&e.path(), &dest)?;
+        } else if t.is_file() {
+            std::fs::copy(e.path(), &dest)?;
+        } else {
+            anyhow::bail!("{}: not a regular file or directory", e.path().display());
+        }
+    }
+    Ok(())
 }
 
 fn bundled_version() -> Option<Version> {
