@@ -72,6 +72,14 @@ pub enum ElementCmd {
     /// Serve the previous release again, and hold automatic updates until a release newer
     /// than the current one appears.
     Rollback,
+    /// Packaging: download and verify the release pinned in LOCK into OUT/element.
+    #[command(hide = true)]
+    FetchPinned {
+        #[arg(long)]
+        lock: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -152,6 +160,12 @@ async fn dispatch(cli: Cli) -> i32 {
         Cmd::CheckConfig => return check_config(&path),
         Cmd::ProvisionDbHelper => return postgres::helper_main().await,
         Cmd::GenerateAssets { dir } => generate_assets(&dir),
+        // Package-build time: no config exists yet.
+        Cmd::Element(ElementCmd::FetchPinned { lock, out }) => {
+            crate::element::fetch_pinned(&lock, &out)
+                .await
+                .map(|m| println!("{m}"))
+        }
         cmd => match Config::load(&path) {
             Err(e) => return config_exit(e),
             Ok(cfg) => other(cmd, &cfg).await,
@@ -239,6 +253,7 @@ async fn other(cmd: Cmd, cfg: &Config) -> Result<()> {
                 ElementCmd::Update { check: true } => "element-check",
                 ElementCmd::Update { check: false } => "element-update",
                 ElementCmd::Rollback => "element-rollback",
+                ElementCmd::FetchPinned { .. } => unreachable!("handled in dispatch"),
             };
             let v = control::request(&cfg.control_socket(), what).await?;
             match v["error"].as_str() {

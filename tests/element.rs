@@ -101,7 +101,11 @@ fn refused(lab: &Lab, what: &str, expect: &str, serving: &str) {
         err.contains(expect),
         "{what}: expected {expect:?} in the error, got: {err}"
     );
-    assert_eq!(served_version(lab), serving, "{what}: the served version changed");
+    assert_eq!(
+        served_version(lab),
+        serving,
+        "{what}: the served version changed"
+    );
     assert_eq!(
         get(lab, "/", &[]).status,
         200,
@@ -169,7 +173,10 @@ fn element_is_installed_served_updated_and_rolled_back() {
     let bundle = format!("/bundles/{}/app.js", bundle_hash("1.0.0"));
     let plain = get(&lab, &bundle, &[]);
     assert_eq!(plain.status, 200);
-    assert_eq!(plain.h("cache-control"), "public, max-age=31536000, immutable");
+    assert_eq!(
+        plain.h("cache-control"),
+        "public, max-age=31536000, immutable"
+    );
     assert_eq!(plain.h("content-encoding"), "");
     assert_eq!(plain.h("vary"), "Accept-Encoding");
     let browser = "Accept-Encoding: gzip, deflate, br, zstd";
@@ -188,7 +195,11 @@ fn element_is_installed_served_updated_and_rolled_back() {
         .read_to_end(&mut ungz)
         .unwrap();
     assert_eq!(ungz, plain.body);
-    assert_ne!(br.h("etag"), gz.h("etag"), "each representation has its own ETag");
+    assert_ne!(
+        br.h("etag"),
+        gz.h("etag"),
+        "each representation has its own ETag"
+    );
     let inm = format!("If-None-Match: {}", br.h("etag"));
     let revalidated = get(&lab, &bundle, &[browser, &inm]);
     assert_eq!(revalidated.status, 304);
@@ -216,7 +227,15 @@ fn element_is_installed_served_updated_and_rolled_back() {
     }
     let post = lab
         .curl()
-        .args(["-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", "--cacert"])
+        .args([
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-X",
+            "POST",
+            "--cacert",
+        ])
         .arg(lab.ca_root())
         .arg(element_url(&lab, "/"))
         .output()
@@ -277,7 +296,10 @@ fn element_is_installed_served_updated_and_rolled_back() {
                             .unwrap();
                         count.fetch_add(1, Ordering::Relaxed);
                         if !b.status.success() {
-                            failures.push(format!("bundle {h}: {}", String::from_utf8_lossy(&b.stderr)));
+                            failures.push(format!(
+                                "bundle {h}: {}",
+                                String::from_utf8_lossy(&b.stderr)
+                            ));
                         }
                     } else {
                         failures.push(format!("index without a bundle: {text}"));
@@ -398,7 +420,8 @@ fn an_operator_element_json_is_merged_and_a_broken_one_is_named() {
     assert_eq!(page.status, 503);
     assert!(String::from_utf8_lossy(&page.body).contains("Element is being installed"));
     assert_eq!(page.h("retry-after"), "15");
-    let cfg: serde_json::Value = serde_json::from_slice(&get(&lab, "/config.json", &[]).body).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&get(&lab, "/config.json", &[]).body).unwrap();
     assert_eq!(cfg["brand"], "Our chat");
     assert_eq!(cfg["setting_defaults"]["custom"], 1);
     assert_eq!(cfg["setting_defaults"]["UIFeature.passwordReset"], false);
@@ -440,17 +463,40 @@ fn chromium_loads_element_with_no_csp_violation() {
     };
     ok(Command::new("certutil").args(["-N", "--empty-password", "-d", &db]));
     ok(Command::new("certutil")
-        .args(["-A", "-t", "C,,", "-n", "homelab-matrix lab", "-d", &db, "-i"])
+        .args([
+            "-A",
+            "-t",
+            "C,,",
+            "-n",
+            "homelab-matrix lab",
+            "-d",
+            &db,
+            "-i",
+        ])
         .arg(lab.ca_root()));
 
     let out = Command::new("timeout")
-        .args(["120", "chromium", "--headless", "--no-sandbox", "--disable-gpu"])
-        .args(["--no-first-run", "--disable-dev-shm-usage", "--enable-logging=stderr", "--v=0"])
+        .args([
+            "120",
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+        ])
+        .args([
+            "--no-first-run",
+            "--disable-dev-shm-usage",
+            "--enable-logging=stderr",
+            "--v=0",
+        ])
         .arg(format!(
             "--host-resolver-rules=MAP element.{} 127.0.0.1",
             lab.server_name
         ))
-        .arg(format!("--user-data-dir={}", home.join("profile").display()))
+        .arg(format!(
+            "--user-data-dir={}",
+            home.join("profile").display()
+        ))
         .args(["--virtual-time-budget=15000", "--dump-dom"])
         .arg(element_url(&lab, "/"))
         .env("HOME", &home)
@@ -466,4 +512,66 @@ fn chromium_loads_element_with_no_csp_violation() {
     for bad in ["Content Security Policy", "Refused to", "ERR_CERT"] {
         assert!(!log.contains(bad), "chromium logged {bad:?}:\n{log}");
     }
+}
+
+/// Package-build time: the pinned release is fetched only when its sha256, the key's
+/// fingerprint and the signature all check out; otherwise nothing is written.
+#[test]
+fn fetch_pinned_checks_hash_key_and_signature_before_unpacking() {
+    let server = ReleaseServer::start();
+    let key = TestKey::new("Test Releases <releases@test>");
+    let t = good_tarball("3.0.0");
+    server.publish("3.0.0", &t, &key.sign(&t));
+    server.put("/key.asc", key.public_armored().into_bytes());
+    let d = tempfile::tempdir().unwrap();
+    let fingerprint = key.fingerprint();
+    let lock = |sha: &str, fp: &str| {
+        let p = d.path().join("element.lock");
+        let base = format!("http://127.0.0.1:{}", server.port);
+        std::fs::write(
+            &p,
+            format!(
+                "version = \"3.0.0\"\nurl = \"{base}/download/v3.0.0/element-v3.0.0.tar.gz\"\nsignature_url = \"{base}/download/v3.0.0/element-v3.0.0.tar.gz.asc\"\nsha256 = \"{sha}\"\nkey_url = \"{base}/key.asc\"\nkey_fingerprint = \"{fp}\"\n"
+            ),
+        )
+        .unwrap();
+        p
+    };
+    let out = d.path().join("embedded");
+    std::fs::create_dir_all(&out).unwrap();
+    let fetch = |lock: &std::path::Path| {
+        Command::new(common::bin())
+            .args(["element", "fetch-pinned", "--lock"])
+            .arg(lock)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap()
+    };
+    let sha = common::element::sha256_hex(&t);
+    let other = TestKey::new("Other <o@test>").fingerprint();
+    for (sha, fp, expect) in [
+        ("0".repeat(64), &fingerprint, "sha256"),
+        (sha.clone(), &other, "not the one pinned"),
+    ] {
+        let o = fetch(&lock(&sha, fp));
+        assert!(!o.status.success());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(expect), "expected {expect:?}: {err}");
+        assert!(!out.join("element").exists(), "written despite: {err}");
+    }
+    server.publish("3.0.0", &t, &key.sign(b"something else"));
+    let o = fetch(&lock(&sha, &fingerprint));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("does not verify"));
+    assert!(!out.join("element").exists());
+
+    server.publish("3.0.0", &t, &key.sign(&t));
+    let o = fetch(&lock(&sha, &fingerprint));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read_to_string(out.join("element/version")).unwrap(),
+        "v3.0.0\n"
+    );
+    assert!(out.join("element/index.html").exists());
+    assert!(out.join("keys/element-release-key.asc").exists());
 }

@@ -678,6 +678,92 @@ pub fn describe(o: &Outcome) -> String {
     }
 }
 
+/// `packaging/element.lock`: the release built into the package.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PinnedRelease {
+    pub version: String,
+    pub url: String,
+    pub signature_url: String,
+    pub sha256: String,
+    pub key_url: String,
+    pub key_fingerprint: String,
+}
+
+/// Package-build time (packaging/fetch-element): downloads the pinned release, checks its
+/// sha256, the key's fingerprint and the signature, and unpacks it safely into
+/// `<out>/element`, with the key in `<out>/keys` (what `Bundled` and `BundledKeys` embed).
+/// Nothing in `out` changes unless every check passes.
+pub async fn fetch_pinned(lock: &Path, out: &Path) -> Result<String> {
+    let text =
+        std::fs::read_to_string(lock).with_context(|| format!("reading {}", lock.display()))?;
+    let pin: PinnedRelease = toml::from_str(&text)
+        .with_context(|| format!("{} is not a valid lock file", lock.display()))?;
+    let client = reqwest::Client::builder()
+        .user_agent(concat!("homelab-matrix/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(Duration::from_secs(20))
+        .timeout(Duration::from_secs(600))
+        .build()?;
+    let get = |url: String| {
+        let client = client.clone();
+        async move {
+            let r = client
+                .get(&url)
+                .send()
+                .await
+                .and_then(|r| r.error_for_status())
+                .with_context(|| format!("downloading {url}"))?;
+            let b = r
+                .bytes()
+                .await
+                .with_context(|| format!("downloading {url}"))?;
+            anyhow::ensure!(
+                (b.len() as u64) <= release::MAX_TARBALL,
+                "{url} is larger than {} MiB",
+                release::MAX_TARBALL >> 20
+            );
+            Ok::<_, anyhow::Error>(b)
+        }
+    };
+    let tarball = get(pin.url.clone()).await?;
+    let sum = tree::hex(ring::digest::digest(&ring::digest::SHA256, &tarball).as_ref());
+    anyhow::ensure!(
+        sum.eq_ignore_ascii_case(pin.sha256.trim()),
+        "{}: sha256 {sum}, but {} pins {}; refusing it",
+        pin.url,
+        lock.display(),
+        pin.sha256
+    );
+    let key_bytes = get(pin.key_url.clone()).await?;
+    let key = TrustedKey::from_armor(&key_bytes, Some(&pin.key_fingerprint))?;
+    let sig = get(pin.signature_url.clone()).await?;
+    let signer = key.verify(&tarball, &sig)?;
+    let staging = tempfile::Builder::new()
+        .prefix(".fetch-element-")
+        .tempdir_in(out)
+        .with_context(|| format!("creating a staging dir in {}", out.display()))?;
+    let s = staging.path().to_owned();
+    tokio::task::spawn_blocking(move || release::unpack(&tarball, &s)).await??;
+    let found = std::fs::read_to_string(staging.path().join("files/version"))
+        .ok()
+        .and_then(|v| Version::parse(&v));
+    anyhow::ensure!(
+        found == Version::parse(&pin.version),
+        "the tarball's version file says {found:?}, the lock file {}",
+        pin.version
+    );
+    let (el, keys) = (out.join("element"), out.join("keys"));
+    let _ = std::fs::remove_dir_all(&el);
+    std::fs::rename(staging.path().join("files"), &el)?;
+    std::fs::create_dir_all(&keys)?;
+    std::fs::write(keys.join("element-release-key.asc"), &key_bytes)?;
+    Ok(format!(
+        "Element {} (sha256 {sum}, signed by {signer}) unpacked into {}",
+        pin.version,
+        el.display()
+    ))
+}
+
 /// Copies regular files and directories; links and special files are refused.
 fn copy_tree(from: &Path, to: &Path) -> Result<()> {
     std::fs::create_dir_all(to)?;

@@ -42,6 +42,11 @@ impl TestKey {
         TestKey { secret }
     }
 
+    pub fn fingerprint(&self) -> String {
+        use pgp::types::KeyDetails;
+        format!("{:X}", self.secret.fingerprint())
+    }
+
     pub fn public_armored(&self) -> String {
         SignedPublicKey::from(self.secret.clone())
             .to_armored_string(ArmorOptions::default())
@@ -61,6 +66,14 @@ impl TestKey {
         .to_armored_bytes(ArmorOptions::default())
         .unwrap()
     }
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, data)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// The bundle hash webpack would give this version's build.
@@ -120,16 +133,15 @@ pub fn element_files(version: &str) -> Vec<(String, Vec<u8>)> {
         (format!("bundles/{h}/app.js"), app.into_bytes()),
         (
             format!("bundles/{h}/theme-light.css"),
-            "body { font-family: sans-serif; }\n".repeat(100).into_bytes(),
+            "body { font-family: sans-serif; }\n"
+                .repeat(100)
+                .into_bytes(),
         ),
         (
             "img/element-logo.1a2b3c4.svg".into(),
             br#"<svg xmlns="http://www.w3.org/2000/svg" width="1" height="1"></svg>"#.to_vec(),
         ),
-        (
-            "i18n/en_EN.json".into(),
-            br#"{"hello": "Hello"}"#.to_vec(),
-        ),
+        ("i18n/en_EN.json".into(), br#"{"hello": "Hello"}"#.to_vec()),
         ("config.sample.json".into(), b"{}".to_vec()),
     ]
 }
@@ -234,6 +246,10 @@ impl ReleaseServer {
             }
         });
         ReleaseServer { port, files }
+    }
+
+    pub fn put(&self, path: &str, body: Vec<u8>) {
+        self.files.lock().unwrap().insert(path.into(), body);
     }
 
     pub fn latest_url(&self) -> String {
