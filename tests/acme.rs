@@ -53,7 +53,7 @@ fn http_01_issues_one_certificate_per_name_and_the_account_is_kept() {
     assert_eq!(
         lab.https_code(
             &root,
-            &format!("https://element.matrix.test:{}/", lab.https_port)
+            &format!("https://element.matrix.test:{}/config.json", lab.https_port)
         ),
         "200"
     );

@@ -496,6 +496,8 @@ pub struct Matrix {
 
 impl Matrix {
     pub fn new(base: &str) -> Matrix {
+        // reqwest is built without a default crypto provider (the binary picks ring).
+        let _ = rustls::crypto::ring::default_provider().install_default();
         Matrix {
             base: base.to_string(),
             http: reqwest::blocking::Client::builder()
