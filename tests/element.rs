@@ -212,6 +212,20 @@ fn element_is_installed_served_updated_and_rolled_back() {
         "public, max-age=31536000, immutable"
     );
 
+    // HEAD: the GET's headers and length, no body.
+    let head = lab
+        .curl()
+        .args(["-I", "--cacert"])
+        .arg(lab.ca_root())
+        .arg(element_url(&lab, &bundle))
+        .output()
+        .unwrap();
+    let head = String::from_utf8_lossy(&head.stdout).to_ascii_lowercase();
+    assert!(
+        head.contains(&format!("content-length: {}", plain.body.len())),
+        "{head}"
+    );
+
     // Nothing outside the tree, and no method but GET/HEAD.
     for p in [
         "/../../../../etc/passwd",

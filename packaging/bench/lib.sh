@@ -5,6 +5,8 @@
 #   RUN_LIMIT    upper bound in seconds on any one load-generator run
 #   TMP          the script's temp dir
 # and defines `measure SCENARIO SERVER ARGS...`, which `pair` calls.
+# shellcheck shell=bash
+# shellcheck disable=SC2034 # R_* and U_* are results for the sourcing script
 
 die() { echo "$BENCH bench: $*" >&2; exit 1; }
 log() { echo "-- $*" >&2; }

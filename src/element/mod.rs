@@ -225,6 +225,9 @@ impl Element {
             HeaderValue::from_static(CSP),
         );
         if method == Method::HEAD {
+            // RFC 9110 §9.3.2: the headers a GET would have, including its length.
+            let len = HeaderValue::from(resp.body().len());
+            resp.headers_mut().insert(header::CONTENT_LENGTH, len);
             *resp.body_mut() = Bytes::new();
         }
         resp
@@ -601,6 +604,10 @@ impl Element {
             .filter(|o| o.as_os_str() != v.text.as_str());
         if let Some(prev) = keep_previous {
             set_link(&self.dir, "previous", prev)?;
+            // Only old tabs read from it now: give its memory back.
+            if let Some(old) = self.current.load_full() {
+                old.drop_cache();
+            }
             self.previous.store(self.current.load_full());
         }
         set_link(&self.dir, "current", Path::new(&v.text))?;

@@ -110,6 +110,11 @@ impl Tree {
         self.manifest.files.len()
     }
 
+    pub fn drop_cache(&self) {
+        self.cache.lock().unwrap().clear();
+        self.cached_bytes.store(0, Ordering::Relaxed);
+    }
+
     /// The bytes of one variant; small files are kept in memory after the first read.
     pub async fn read(&self, path: &str, enc: Encoding) -> std::io::Result<Bytes> {
         let key = (path.to_string(), enc);
