@@ -587,23 +587,21 @@ impl Config {
                 "write it like \"host=/var/run/postgresql user=postgres\" or postgresql://user:pass@host/db, or remove it to use peer auth as postgres.superuser",
             );
         }
-        if !self.element.release_url.starts_with("https://")
-            && !self.element.release_url.starts_with("http://")
-        {
-            bad(
+        for (key, url, fix) in [
+            (
                 "element.release_url",
-                format!("{:?} is not a URL", self.element.release_url),
+                &self.element.release_url,
                 "use the default GitHub releases URL unless you mirror Element yourself",
-            );
-        }
-        if !self.element.release_key_url.starts_with("https://")
-            && !self.element.release_key_url.starts_with("http://")
-        {
-            bad(
+            ),
+            (
                 "element.release_key_url",
-                format!("{:?} is not a URL", self.element.release_key_url),
+                &self.element.release_key_url,
                 "remove the key to use https://packages.element.io/element-release-key.asc",
-            );
+            ),
+        ] {
+            if !url.starts_with("https://") && !url.starts_with("http://") {
+                bad(key, format!("{url:?} is not a URL"), fix);
+            }
         }
         if let Err(e) = parse_duration(&self.element.check_interval) {
             bad("element.check_interval", e, "write it like \"6h\"");

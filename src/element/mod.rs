@@ -135,12 +135,7 @@ impl Element {
         }
         let overrides_path = config_dir.join("element.json");
         let config_json = client_config_bytes(cfg, https_port, &overrides_path)?;
-        let client = reqwest::Client::builder()
-            .user_agent(concat!("homelab-matrix/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(Duration::from_secs(20))
-            .timeout(Duration::from_secs(600))
-            .build()
-            .context("building the HTTP client")?;
+        let client = http_client()?;
         let e = Element {
             release_url: cfg.element.release_url.clone(),
             key_url: cfg.element.release_key_url.clone(),
@@ -685,6 +680,16 @@ pub fn describe(o: &Outcome) -> String {
     }
 }
 
+/// Downloads take minutes at most; GitHub's API wants a User-Agent.
+fn http_client() -> Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .user_agent(concat!("homelab-matrix/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(Duration::from_secs(20))
+        .timeout(Duration::from_secs(600))
+        .build()
+        .context("building the HTTP client")
+}
+
 /// `packaging/element.lock`: the release built into the package.
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -706,11 +711,7 @@ pub async fn fetch_pinned(lock: &Path, out: &Path) -> Result<String> {
         std::fs::read_to_string(lock).with_context(|| format!("reading {}", lock.display()))?;
     let pin: PinnedRelease = toml::from_str(&text)
         .with_context(|| format!("{} is not a valid lock file", lock.display()))?;
-    let client = reqwest::Client::builder()
-        .user_agent(concat!("homelab-matrix/", env!("CARGO_PKG_VERSION")))
-        .connect_timeout(Duration::from_secs(20))
-        .timeout(Duration::from_secs(600))
-        .build()?;
+    let client = http_client()?;
     let get = |url: String| {
         let client = client.clone();
         async move {
