@@ -259,6 +259,7 @@ fn element_is_installed_served_updated_and_rolled_back() {
     // A newer release: --check only reports it; update installs it without a restart.
     let t11 = good_tarball("1.1.0");
     server.publish("1.1.0", &t11, &key.sign(&t11));
+    let pid = lab.status()["pid"].clone();
     let check = lab.ok(&["element", "update", "--check"]);
     assert!(check.contains("1.1.0 is available"), "{check}");
     assert_eq!(served_version(&lab), "v1.0.0");
@@ -266,6 +267,7 @@ fn element_is_installed_served_updated_and_rolled_back() {
     assert!(upd.contains("installed 1.1.0"), "{upd}");
     assert_eq!(served_version(&lab), "v1.1.0");
     assert_eq!(element_status(&lab)["previous"], "1.0.0");
+    assert_eq!(lab.status()["pid"], pid, "the update restarted the service");
     // Tabs still running 1.0.0 can load its chunks.
     assert_eq!(get(&lab, &bundle, &[]).status, 200);
     let up_to_date = lab.ok(&["element", "update"]);
