@@ -13,7 +13,7 @@ use crate::control;
 use crate::postgres;
 use crate::secrets::{Kind, Secrets};
 use crate::synapse::admin::{self, AdminError, RegistrationToken};
-use crate::units::parse_duration;
+use crate::units::human_duration;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -297,16 +297,6 @@ async fn status(cfg: &Config, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn human_duration(d: Duration) -> String {
-    let s = d.as_secs();
-    match s {
-        0..60 => format!("{s}s"),
-        60..3600 => format!("{}m{}s", s / 60, s % 60),
-        3600..86400 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
-        _ => format!("{}d{}h", s / 86400, (s % 86400) / 3600),
-    }
-}
-
 async fn user_add(
     cfg: &Config,
     name: &str,
@@ -375,22 +365,10 @@ async fn token(cfg: &Config, cmd: TokenCmd) -> Result<()> {
             {
                 bail!("--token {t:?}: use at most 64 of A-Z a-z 0-9 . _ ~ -");
             }
-            let uses = match a.uses.as_str() {
-                "unlimited" => None,
-                n => match n.parse::<u64>() {
-                    Ok(0) | Err(_) => bail!(
-                        "--uses {n:?}: give a number of registrations (1 or more) or \"unlimited\""
-                    ),
-                    Ok(n) => Some(n),
-                },
-            };
-            let expiry = match a.expires.as_str() {
-                "never" => None,
-                d => {
-                    let d = parse_duration(d).map_err(|e| anyhow::anyhow!("--expires: {e}"))?;
-                    Some(now_ms() + d.as_millis() as i64)
-                }
-            };
+            let uses = admin::parse_uses(&a.uses).map_err(|e| anyhow::anyhow!("--uses: {e}"))?;
+            let expiry = admin::parse_expiry(&a.expires)
+                .map_err(|e| anyhow::anyhow!("--expires: {e}"))?
+                .map(|d| now_ms() + d.as_millis() as i64);
             let t = session
                 .create_token(a.token.as_deref(), uses, expiry)
                 .await?;
@@ -437,28 +415,5 @@ fn now_ms() -> i64 {
 }
 
 fn describe(t: &RegistrationToken) -> String {
-    let uses = match t.uses_allowed {
-        Some(n) => format!("used {} of {n}", t.completed),
-        None => format!("used {} (unlimited)", t.completed),
-    };
-    let pending = if t.pending > 0 {
-        format!(", {} registering now", t.pending)
-    } else {
-        String::new()
-    };
-    let expiry = match t.expiry_time {
-        None => "never expires".to_string(),
-        Some(ms) => {
-            let left = ms - now_ms();
-            if left <= 0 {
-                "expired".into()
-            } else {
-                format!(
-                    "expires in {}",
-                    human_duration(Duration::from_millis(left as u64))
-                )
-            }
-        }
-    };
-    format!("{uses}{pending}, {expiry}")
+    t.describe(now_ms())
 }
