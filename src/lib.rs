@@ -5,6 +5,7 @@
 //! Only `supervisor` creates processes.
 
 pub mod acme;
+pub mod alerts;
 pub mod app;
 pub mod certs;
 pub mod cli;
