@@ -114,6 +114,10 @@ pub fn main() -> i32 {
         }
     };
     crate::init_tracing(matches!(cli.command, Cmd::Run));
+    // One TLS provider for the whole process, before any TLS config is built: ring, as
+    // everything here is built for. matrix-sdk's reqwest also brings aws-lc-rs, and with two
+    // providers compiled in rustls cannot choose one by itself and panics.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -293,6 +297,31 @@ async fn status(cfg: &Config, json: bool) -> Result<()> {
         if let Some(e) = c["last_error"].as_str() {
             println!("    last error ({} failures): {e}", c["failures"]);
         }
+    }
+    let bot = &v["bot"];
+    println!();
+    print!("BOT: {}", bot["state"].as_str().unwrap_or("?"));
+    if let Some(u) = bot["user_id"].as_str() {
+        print!(
+            " as {u}, device {}{}",
+            bot["device_id"].as_str().unwrap_or("?"),
+            if bot["cross_signed"] == true {
+                " (cross-signed)"
+            } else {
+                " (not cross-signed)"
+            }
+        );
+    }
+    println!();
+    if let Some(e) = bot["last_error"].as_str() {
+        println!("    last error: {e}");
+    }
+    for p in v["problems"].as_array().into_iter().flatten() {
+        println!(
+            "PROBLEM {}: {}",
+            p["key"].as_str().unwrap_or("?"),
+            p["message"].as_str().unwrap_or("?")
+        );
     }
     Ok(())
 }
