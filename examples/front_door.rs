@@ -140,7 +140,12 @@ async fn element(args: &Args, cfg: &Config, https_port: u16) -> Result<Option<Ar
     let Some(state_dir) = &args.state_dir else {
         return Ok(None);
     };
-    let element = Element::new(cfg, state_dir, https_port)?;
+    let element = Element::new(
+        cfg,
+        state_dir,
+        https_port,
+        homelab_matrix::alerts::Alerts::new(),
+    )?;
     if let Some(dir) = &args.element_dir {
         let version = element_version(args, dir)?;
         let started = std::time::Instant::now();

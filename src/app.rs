@@ -1,8 +1,10 @@
 //! `homelab-matrix run`: the start and stop order of DESIGN.md §6.
 //!
 //! Start: config -> state dirs and secrets -> PostgreSQL -> Synapse's config -> control socket
-//! -> Synapse, wait for /health -> the appliance's admin account -> READY=1.
-//! Stop (SIGTERM/SIGINT): children in reverse start order, each with its grace period.
+//! -> Synapse, wait for /health -> the appliance's admin account -> coturn -> the registration
+//! bot (its own task: it ensures its account, then syncs) -> READY=1.
+//! Stop (SIGTERM/SIGINT): the front door and the bot, then the children in reverse start order,
+//! each with its grace period.
 //! SIGHUP (or `reload` on the control socket): re-read the config, re-render, restart what changed.
 
 use std::path::{Path, PathBuf};
@@ -14,6 +16,8 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, watch};
 
 use crate::acme::{self, Acme};
+use crate::alerts::{self, Alerts};
+use crate::bot::{self, Bot};
 use crate::certs::ca::InternalCa;
 use crate::certs::{Cert, CertStore, Source, unix};
 use crate::config::{self, Config, ConfigError};
@@ -48,6 +52,10 @@ struct App {
     acme: Option<Arc<Acme>>,
     https_port: u16,
     element: Arc<Element>,
+    /// Problems that need an admin; the bot tells them. The Element updater raises
+    /// `alerts::ELEMENT_UPDATE`.
+    alerts: Alerts,
+    bot: Bot,
 }
 
 /// Internal-CA certificates: a year, re-issued when a third is left (browsers cap private-CA
@@ -95,10 +103,12 @@ pub async fn run(config_path: &Path) -> Result<(), RunError> {
     let https_port = bound.https_port();
     let (certs, ca) = load_certificates(&cfg)?;
     let (stop_tx, stop_rx) = watch::channel(false);
+    let alerts = Alerts::new();
     let element = Element::new(
         &cfg,
         config_path.parent().unwrap_or(Path::new("/")),
         https_port,
+        alerts.clone(),
     )?;
     tokio::spawn(element.clone().maintain(stop_rx.clone()));
     let front = FrontDoor::new(
@@ -117,6 +127,7 @@ pub async fn run(config_path: &Path) -> Result<(), RunError> {
         a
     });
 
+    let bot = Bot::idle(&cfg);
     let supervisor = Supervisor::new();
     let synapse_child = supervisor.start(synapse::child_spec(&cfg, synapse_user));
     let app = Arc::new(App {
@@ -131,8 +142,11 @@ pub async fn run(config_path: &Path) -> Result<(), RunError> {
         acme,
         https_port,
         element,
+        alerts,
+        bot,
     });
     tokio::spawn(maintain_internal(app.clone(), stop_rx.clone()));
+    tokio::spawn(watch_problems(app.clone(), stop_rx.clone()));
 
     let (req_tx, mut req_rx) = mpsc::channel(4);
     let listener = control::bind(&app.cfg.control_socket())?;
@@ -145,7 +159,7 @@ pub async fn run(config_path: &Path) -> Result<(), RunError> {
 
     // Synapse may take a while (schema upgrades); a SIGTERM meanwhile still stops cleanly.
     let started = tokio::select! {
-        r = start_rest(&app, &synapse_child) => r,
+        r = start_rest(&app, &synapse_child, stop_rx.clone()) => r,
         _ = term.recv() => Err(anyhow::anyhow!("stopped by SIGTERM while starting")),
         _ = int.recv() => Err(anyhow::anyhow!("stopped by SIGINT while starting")),
     };
@@ -174,7 +188,11 @@ pub async fn run(config_path: &Path) -> Result<(), RunError> {
     Ok(())
 }
 
-async fn start_rest(app: &App, synapse_child: &Child) -> Result<()> {
+async fn start_rest(
+    app: &App,
+    synapse_child: &Child,
+    stop_rx: watch::Receiver<bool>,
+) -> Result<()> {
     // Restarts with backoff until ready; the timeout bounds a crash loop at start.
     synapse_child.wait_ready(Duration::from_secs(600)).await?;
     let client = admin::Synapse::new(&app.cfg.synapse_local_url());
@@ -194,7 +212,62 @@ async fn start_rest(app: &App, synapse_child: &Child) -> Result<()> {
             Err(e) => tracing::error!("coturn not started: {e:#}"),
         }
     }
+    // The bot makes or restores its account and logs in on its own task, retrying while
+    // Synapse is away: chat is ready without it.
+    app.bot.start(
+        bot::Deps {
+            cfg: app.cfg.clone(),
+            secrets: app.secrets.clone(),
+            alerts: app.alerts.clone(),
+        },
+        stop_rx,
+    );
     Ok(())
+}
+
+/// Turns what the supervisor and ACME report into alerts: a child in a crash loop, a name whose
+/// certificate cannot be issued or renewed. (`alerts::grace` decides when admins hear of it.)
+async fn watch_problems(app: Arc<App>, mut stop: watch::Receiver<bool>) {
+    // A child back up this long is healthy again (the supervisor's back-off resets then too).
+    let healthy_after = crate::supervisor::BackoffPolicy::default().reset_after;
+    loop {
+        for c in app.supervisor.status() {
+            let key = format!("{}{}", alerts::CRASH_LOOP, c.name);
+            let recovered = c.state == crate::supervisor::State::Running
+                && c.uptime_secs.unwrap_or(0) >= healthy_after.as_secs();
+            if c.crash_loop && !recovered {
+                app.alerts.raise(
+                    &key,
+                    format!(
+                        "{} is in a crash loop: it failed {} times in a row (last: {}). `journalctl -u homelab-matrix` on the server shows why; `homelab-matrix status` shows its state.",
+                        c.name,
+                        c.restarts,
+                        c.last_exit.as_deref().unwrap_or("did not start")
+                    ),
+                );
+            } else {
+                app.alerts.clear(&key);
+            }
+        }
+        if let Some(acme) = &app.acme {
+            for (name, st) in acme.status() {
+                let key = format!("{}{name}", alerts::CERTIFICATE);
+                match (&st.last_error, st.failures) {
+                    (Some(err), n) if n > 0 => app.alerts.raise(
+                        &key,
+                        format!(
+                            "the certificate for {name} cannot be issued or renewed ({n} failed attempts; last: {err}). Check that {name} points at this server and ports 80 and 443 are open; `homelab-matrix status` shows the next attempt."
+                        ),
+                    ),
+                    _ => app.alerts.clear(&key),
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
 }
 
 async fn start_coturn(app: &App) -> Result<Arc<Child>> {
@@ -257,6 +330,7 @@ async fn stop(
     // Stop accepting and let open requests finish, then stop the children (DESIGN.md §6).
     let _ = stop_tx.send(true);
     let _ = front_task.await;
+    app.bot.stopped().await;
     app.supervisor.shutdown().await;
     control_task.abort();
     let _ = std::fs::remove_file(app.cfg.control_socket());
@@ -388,6 +462,8 @@ impl App {
             certificates,
             children: self.supervisor.status(),
             element: self.element.status(),
+            bot: self.bot.status(),
+            problems: self.alerts.active(),
         }
     }
 }

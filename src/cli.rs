@@ -13,7 +13,7 @@ use crate::control;
 use crate::postgres;
 use crate::secrets::{Kind, Secrets};
 use crate::synapse::admin::{self, AdminError, RegistrationToken};
-use crate::units::parse_duration;
+use crate::units::human_duration;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -139,8 +139,10 @@ pub fn main() -> i32 {
         }
     };
     crate::init_tracing(matches!(cli.command, Cmd::Run));
-    // One process-wide rustls provider (ring) for the clients that take the default
-    // (reqwest); the servers name theirs explicitly.
+    // One TLS provider for the whole process, before any TLS config is built: ring, as
+    // everything here is built for. matrix-sdk's reqwest also brings aws-lc-rs, and with two
+    // providers compiled in rustls cannot choose one by itself and panics. Our own reqwest
+    // (Element updates) has no provider of its own and takes this one.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -352,17 +354,32 @@ async fn status(cfg: &Config, json: bool) -> Result<()> {
             println!("    last error ({} failures): {e}", c["failures"]);
         }
     }
-    Ok(())
-}
-
-fn human_duration(d: Duration) -> String {
-    let s = d.as_secs();
-    match s {
-        0..60 => format!("{s}s"),
-        60..3600 => format!("{}m{}s", s / 60, s % 60),
-        3600..86400 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
-        _ => format!("{}d{}h", s / 86400, (s % 86400) / 3600),
+    let bot = &v["bot"];
+    println!();
+    print!("BOT: {}", bot["state"].as_str().unwrap_or("?"));
+    if let Some(u) = bot["user_id"].as_str() {
+        print!(
+            " as {u}, device {}{}",
+            bot["device_id"].as_str().unwrap_or("?"),
+            if bot["cross_signed"] == true {
+                " (cross-signed)"
+            } else {
+                " (not cross-signed)"
+            }
+        );
     }
+    println!();
+    if let Some(e) = bot["last_error"].as_str() {
+        println!("    last error: {e}");
+    }
+    for p in v["problems"].as_array().into_iter().flatten() {
+        println!(
+            "PROBLEM {}: {}",
+            p["key"].as_str().unwrap_or("?"),
+            p["message"].as_str().unwrap_or("?")
+        );
+    }
+    Ok(())
 }
 
 async fn user_add(
@@ -433,22 +450,10 @@ async fn token(cfg: &Config, cmd: TokenCmd) -> Result<()> {
             {
                 bail!("--token {t:?}: use at most 64 of A-Z a-z 0-9 . _ ~ -");
             }
-            let uses = match a.uses.as_str() {
-                "unlimited" => None,
-                n => match n.parse::<u64>() {
-                    Ok(0) | Err(_) => bail!(
-                        "--uses {n:?}: give a number of registrations (1 or more) or \"unlimited\""
-                    ),
-                    Ok(n) => Some(n),
-                },
-            };
-            let expiry = match a.expires.as_str() {
-                "never" => None,
-                d => {
-                    let d = parse_duration(d).map_err(|e| anyhow::anyhow!("--expires: {e}"))?;
-                    Some(now_ms() + d.as_millis() as i64)
-                }
-            };
+            let uses = admin::parse_uses(&a.uses).map_err(|e| anyhow::anyhow!("--uses: {e}"))?;
+            let expiry = admin::parse_expiry(&a.expires)
+                .map_err(|e| anyhow::anyhow!("--expires: {e}"))?
+                .map(|d| now_ms() + d.as_millis() as i64);
             let t = session
                 .create_token(a.token.as_deref(), uses, expiry)
                 .await?;
@@ -495,28 +500,5 @@ fn now_ms() -> i64 {
 }
 
 fn describe(t: &RegistrationToken) -> String {
-    let uses = match t.uses_allowed {
-        Some(n) => format!("used {} of {n}", t.completed),
-        None => format!("used {} (unlimited)", t.completed),
-    };
-    let pending = if t.pending > 0 {
-        format!(", {} registering now", t.pending)
-    } else {
-        String::new()
-    };
-    let expiry = match t.expiry_time {
-        None => "never expires".to_string(),
-        Some(ms) => {
-            let left = ms - now_ms();
-            if left <= 0 {
-                "expired".into()
-            } else {
-                format!(
-                    "expires in {}",
-                    human_duration(Duration::from_millis(left as u64))
-                )
-            }
-        }
-    };
-    format!("{uses}{pending}, {expiry}")
+    t.describe(now_ms())
 }

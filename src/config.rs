@@ -133,6 +133,8 @@ pub struct Bot {
     pub enabled: bool,
     pub localpart: String,
     pub admins: Vec<String>,
+    /// Put before every command (e.g. "!"); empty: the first word of a message is the command.
+    pub prefix: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -238,6 +240,7 @@ impl Default for Bot {
             enabled: true,
             localpart: "registration-bot".into(),
             admins: vec![],
+            prefix: String::new(),
         }
     }
 }
@@ -616,6 +619,23 @@ impl Config {
                 "use lowercase letters, digits and . _ = - / (e.g. \"registration-bot\")",
             );
         }
+        if self.bot.prefix.chars().any(char::is_whitespace) {
+            bad(
+                "bot.prefix",
+                format!("{:?} contains white space", self.bot.prefix),
+                "use one word such as \"!\" or \"!reg\", or \"\" for none",
+            );
+        }
+        if self.bot.localpart == crate::synapse::admin::SERVICE_LOCALPART {
+            bad(
+                "bot.localpart",
+                format!(
+                    "{:?} is the appliance's own admin account",
+                    self.bot.localpart
+                ),
+                "keep the default \"registration-bot\" or pick another name",
+            );
+        }
         for (i, mxid) in self.bot.admins.iter().enumerate() {
             if !is_mxid(mxid) {
                 bad(
@@ -868,7 +888,7 @@ pub fn is_localpart(s: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._=-/".contains(c))
 }
 
-fn is_mxid(s: &str) -> bool {
+pub fn is_mxid(s: &str) -> bool {
     s.strip_prefix('@')
         .and_then(|r| r.split_once(':'))
         .is_some_and(|(local, server)| !local.is_empty() && !server.is_empty())

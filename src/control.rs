@@ -10,6 +10,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::alerts::Problem;
+use crate::bot::BotStatus;
 use crate::element::ElementStatus;
 use crate::fsutil::{Owner, ensure_dir, set_owner_mode};
 use crate::supervisor::ChildStatus;
@@ -34,6 +36,9 @@ pub struct Status {
     pub certificates: Vec<serde_json::Value>,
     pub children: Vec<ChildStatus>,
     pub element: ElementStatus,
+    pub bot: BotStatus,
+    /// Open problems that need an admin (the bot DMs them).
+    pub problems: Vec<Problem>,
 }
 
 /// Requests the app acts on.

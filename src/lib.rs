@@ -5,7 +5,9 @@
 //! Only `supervisor` creates processes.
 
 pub mod acme;
+pub mod alerts;
 pub mod app;
+pub mod bot;
 pub mod certs;
 pub mod cli;
 pub mod config;

@@ -25,16 +25,23 @@ pub enum Kind {
     TurnShared,
     /// Password of the appliance's own admin account (used to log in again if its token is lost).
     ServicePassword,
+    /// Password of the registration bot's account: to log in again if its token is lost, and
+    /// for the user-interactive auth that uploading cross-signing keys asks for.
+    BotPassword,
+    /// Passphrase of the bot's sqlite store (its end-to-end encryption keys).
+    BotStorePassphrase,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 8] = [
         Kind::RegistrationShared,
         Kind::Macaroon,
         Kind::Form,
         Kind::PostgresPassword,
         Kind::TurnShared,
         Kind::ServicePassword,
+        Kind::BotPassword,
+        Kind::BotStorePassphrase,
     ];
 
     pub fn file_name(self) -> &'static str {
@@ -45,6 +52,8 @@ impl Kind {
             Kind::PostgresPassword => "postgres_password",
             Kind::TurnShared => "turn_shared_secret",
             Kind::ServicePassword => "service_account_password",
+            Kind::BotPassword => "bot_account_password",
+            Kind::BotStorePassphrase => "bot_store_passphrase",
         }
     }
 }

@@ -31,6 +31,17 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("{s:?} is too large"))
 }
 
+/// A short human form: 45s, 3m20s, 5h12m, 6d23h.
+pub fn human_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{}s", s / 60, s % 60),
+        3600..86400 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d{}h", s / 86400, (s % 86400) / 3600),
+    }
+}
+
 /// Parses sizes the way Synapse's `max_upload_size` does: a number with an optional K, M, G
 /// (powers of 1024, as Synapse's `parse_size` reads them).
 pub fn parse_size(s: &str) -> Result<u64, String> {

@@ -111,6 +111,15 @@ fn refused(lab: &Lab, what: &str, expect: &str, serving: &str) {
         200,
         "{what}: index.html not served"
     );
+    let problems = lab.status()["problems"].clone();
+    assert!(
+        problems
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["key"] == "element-update"),
+        "{what}: no alert for the admins: {problems}"
+    );
     let st = element_status(lab);
     assert_eq!(st["version"], serving.trim_start_matches('v'));
     assert!(
@@ -404,6 +413,11 @@ fn element_is_installed_served_updated_and_rolled_back() {
     assert!(upd.contains("installed 1.3.0"), "{upd}");
     assert_eq!(served_version(&lab), "v1.3.0");
     assert_eq!(element_status(&lab)["last_error"], serde_json::Value::Null);
+    assert_eq!(
+        lab.status()["problems"],
+        serde_json::json!([]),
+        "the alert was not cleared"
+    );
     drop(run);
 
     // A restart serves what was installed, before any check.

@@ -22,6 +22,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
+use crate::alerts::{self, Alerts};
 use crate::config::Config;
 use crate::fsutil::{Owner, ensure_dir, write_atomic};
 use release::{Release, ReleaseError, TrustedKey, Version};
@@ -117,12 +118,18 @@ pub struct Element {
     config_json: arc_swap::ArcSwap<(Bytes, String)>,
     status: Mutex<ElementStatus>,
     busy: tokio::sync::Mutex<()>,
+    alerts: Alerts,
 }
 
 impl Element {
     /// Opens what is installed under `state/element`; fails only on an unreadable operator
     /// `element.json`, which names the file and the fix.
-    pub fn new(cfg: &Config, config_dir: &Path, https_port: u16) -> Result<Arc<Element>> {
+    pub fn new(
+        cfg: &Config,
+        config_dir: &Path,
+        https_port: u16,
+        alerts: Alerts,
+    ) -> Result<Arc<Element>> {
         let dir = cfg.state_dir().join("element");
         ensure_dir(&dir, Owner::root(), 0o755)?;
         // Leftovers of an install interrupted by a crash or power loss.
@@ -155,6 +162,7 @@ impl Element {
                 ..Default::default()
             }),
             busy: tokio::sync::Mutex::new(()),
+            alerts,
             dir,
         };
         e.current.store(e.open_link("current").map(Arc::new));
@@ -396,10 +404,15 @@ impl Element {
             Ok(o) => {
                 s.last_result = Some(describe(o));
                 s.last_error = None;
+                self.alerts.clear(alerts::ELEMENT_UPDATE);
             }
             Err(e) => {
                 s.last_result = Some("failed".into());
                 s.last_error = Some(e.to_string());
+                self.alerts.raise(
+                    alerts::ELEMENT_UPDATE,
+                    format!("Element Web could not be updated; the installed release keeps serving. {e}. `homelab-matrix status` shows it; `homelab-matrix element update` retries now."),
+                );
             }
         }
         drop(s);

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::secrets::{Kind, Secret, Secrets};
+use crate::units::{human_duration, parse_duration};
 
 /// Localpart of the account the appliance uses for admin API calls.
 pub const SERVICE_LOCALPART: &str = "homelab-matrix";
@@ -59,6 +60,60 @@ pub struct RegistrationToken {
     pub completed: u64,
     /// Milliseconds since the epoch.
     pub expiry_time: Option<i64>,
+}
+
+impl RegistrationToken {
+    /// "used 1 of 2, expires in 23h59m" at `now_ms` (milliseconds since the epoch).
+    pub fn describe(&self, now_ms: i64) -> String {
+        let uses = match self.uses_allowed {
+            Some(n) => format!("used {} of {n}", self.completed),
+            None => format!("used {} (unlimited)", self.completed),
+        };
+        let pending = if self.pending > 0 {
+            format!(", {} registering now", self.pending)
+        } else {
+            String::new()
+        };
+        let expiry = match self.expiry_time {
+            None => "never expires".to_string(),
+            Some(ms) if ms <= now_ms => "expired".into(),
+            Some(ms) => format!(
+                "expires in {}",
+                human_duration(Duration::from_millis((ms - now_ms) as u64))
+            ),
+        };
+        format!("{uses}{pending}, {expiry}")
+    }
+}
+
+/// How many registrations a new token allows: a number (1 or more) or "unlimited" (`None`).
+pub fn parse_uses(s: &str) -> Result<Option<u64>, String> {
+    if s.eq_ignore_ascii_case("unlimited") {
+        return Ok(None);
+    }
+    match s.parse::<u64>() {
+        Ok(n) if n > 0 => Ok(Some(n)),
+        _ => Err(format!(
+            "{s:?}: give a number of registrations (1 or more) or \"unlimited\""
+        )),
+    }
+}
+
+/// How long a new token stays valid: a duration such as 24h or 7d, or "never" (`None`).
+/// Synapse refuses an expiry in the past, so zero is refused here already.
+pub fn parse_expiry(s: &str) -> Result<Option<Duration>, String> {
+    if s.eq_ignore_ascii_case("never") {
+        return Ok(None);
+    }
+    match parse_duration(s) {
+        Ok(d) if d.is_zero() => Err(format!("{s:?}: a token must be valid for some time")),
+        // Ten years: beyond that "never" says it better, and milliseconds stay in range.
+        Ok(d) if d > Duration::from_secs(3650 * 86_400) => Err(format!(
+            "{s:?} is more than ten years; say \"never\" instead"
+        )),
+        Ok(d) => Ok(Some(d)),
+        Err(e) => Err(format!("{e}, or \"never\"")),
+    }
 }
 
 /// Synapse's registration token alphabet (admin_api/registration_tokens.md): A-Z a-z 0-9 . _ ~ -
@@ -170,12 +225,28 @@ impl Synapse {
     }
 
     pub async fn login(&self, user: &str, password: &str) -> Result<Registered, AdminError> {
-        let body = json!({
+        self.login_device(user, password, None, "homelab-matrix")
+            .await
+    }
+
+    /// Password login; with `device_id`, into that existing device (its end-to-end keys stay
+    /// valid; Matrix spec, client-server API "Login": a known device ID is reused).
+    pub async fn login_device(
+        &self,
+        user: &str,
+        password: &str,
+        device_id: Option<&str>,
+        display_name: &str,
+    ) -> Result<Registered, AdminError> {
+        let mut body = json!({
             "type": "m.login.password",
             "identifier": {"type": "m.id.user", "user": user},
             "password": password,
-            "initial_device_display_name": "homelab-matrix",
+            "initial_device_display_name": display_name,
         });
+        if let Some(d) = device_id {
+            body["device_id"] = json!(d);
+        }
         let (_, v) = self
             .call(
                 "login",
@@ -256,8 +327,34 @@ pub struct Admin {
 }
 
 const TOKENS: &str = "/_synapse/admin/v1/registration_tokens";
+const USERS: &str = "/_synapse/admin/v2/users";
+
+/// Percent-encodes what may not stand in one path segment ('/' is legal in a localpart).
+fn path_escape(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "@:._-~=".contains(c) {
+                c.to_string()
+            } else {
+                let mut b = [0u8; 4];
+                c.encode_utf8(&mut b)
+                    .bytes()
+                    .map(|x| format!("%{x:02X}"))
+                    .collect()
+            }
+        })
+        .collect()
+}
 
 impl Admin {
+    /// An admin session from an access token of a server admin (e.g. the bot's own).
+    pub fn with_token(synapse: &Synapse, token: Secret) -> Admin {
+        Admin {
+            synapse: synapse.clone(),
+            token,
+        }
+    }
+
     fn authed(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         rb.bearer_auth(self.token.expose())
     }
@@ -289,14 +386,73 @@ impl Admin {
     }
 
     pub async fn list_tokens(&self) -> Result<Vec<RegistrationToken>, AdminError> {
+        self.list_tokens_where(None).await
+    }
+
+    /// `Some(true)`: only tokens that can still register someone (uses left, not expired), by
+    /// Synapse's own rule; `Some(false)`: only the others; `None`: all.
+    pub async fn list_tokens_where(
+        &self,
+        valid: Option<bool>,
+    ) -> Result<Vec<RegistrationToken>, AdminError> {
         let s = &self.synapse;
+        let url = match valid {
+            Some(v) => format!("{TOKENS}?valid={v}"),
+            None => TOKENS.to_string(),
+        };
         let (_, v) = s
             .call(
                 "listing registration tokens",
-                self.authed(s.http.get(s.url(TOKENS))),
+                self.authed(s.http.get(s.url(&url))),
             )
             .await?;
         parse(v["registration_tokens"].clone())
+    }
+
+    /// Whether `user_id` is a server admin of this homeserver (admin API "Query User Account",
+    /// GET /_synapse/admin/v2/users/<user_id>). Unknown and remote users are not.
+    pub async fn is_server_admin(&self, user_id: &str) -> Result<bool, AdminError> {
+        let s = &self.synapse;
+        match s
+            .call(
+                "looking up a user",
+                self.authed(
+                    s.http
+                        .get(s.url(&format!("{USERS}/{}", path_escape(user_id)))),
+                ),
+            )
+            .await
+        {
+            Ok((_, v)) => Ok(v["admin"].as_bool() == Some(true) && v["deactivated"] != true),
+            // 404: no such user; 400: "Can only look up local users".
+            Err(AdminError::Api { status, .. })
+                if status == StatusCode::NOT_FOUND || status == StatusCode::BAD_REQUEST =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The server admins (active accounts), by user ID (admin API "List Accounts", v2, with
+    /// `admins=true`).
+    pub async fn server_admins(&self) -> Result<Vec<String>, AdminError> {
+        let s = &self.synapse;
+        let (_, v) = s
+            .call(
+                "listing server admins",
+                self.authed(
+                    s.http
+                        .get(s.url(&format!("{USERS}?admins=true&deactivated=false&limit=1000"))),
+                ),
+            )
+            .await?;
+        Ok(v["users"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|u| u["name"].as_str().map(str::to_string))
+            .collect())
     }
 
     pub async fn get_token(&self, token: &str) -> Result<RegistrationToken, AdminError> {
@@ -355,6 +511,32 @@ mod tests {
             registration_mac("secret", "nonce", "user", "pass", false),
             "a62633a505e2bc2e61569cf3c6847ee41ef09bae"
         );
+    }
+
+    #[test]
+    fn uses_and_expiry() {
+        assert_eq!(parse_uses("2"), Ok(Some(2)));
+        assert_eq!(parse_uses("Unlimited"), Ok(None));
+        assert!(parse_uses("0").is_err());
+        assert!(parse_uses("-1").is_err());
+        assert_eq!(parse_expiry("24h"), Ok(Some(Duration::from_secs(86_400))));
+        assert_eq!(parse_expiry("never"), Ok(None));
+        assert!(parse_expiry("0d").is_err());
+        assert!(parse_expiry("soon").is_err());
+        assert!(parse_expiry("20000d").is_err());
+    }
+
+    #[test]
+    fn describe_counts_uses_and_time_left() {
+        let t = RegistrationToken {
+            token: "abc".into(),
+            uses_allowed: Some(2),
+            pending: 0,
+            completed: 1,
+            expiry_time: Some(86_400_000),
+        };
+        assert_eq!(t.describe(3_600_000), "used 1 of 2, expires in 23h0m");
+        assert_eq!(t.describe(86_400_000), "used 1 of 2, expired");
     }
 
     #[test]

@@ -270,8 +270,7 @@ impl Lab {
 
     /// Starts `run` and waits for its sd_notify READY=1 (Synapse healthy, admin account made).
     pub fn start(&self) -> Running {
-        let mut c = self.cmd(&["run"]);
-        c.env("RUST_LOG", "info");
+        let c = self.cmd(&["run"]);
         start_until_ready(c, &self.path("notify.sock"), &self.path("run.log"))
     }
 

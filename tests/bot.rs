@@ -1,0 +1,603 @@
+//! The registration bot end to end: the real binary, the real Synapse, and real Matrix clients
+//! on the user side (matrix-sdk with end-to-end encryption, and matrix-nio once). One long
+//! scenario, because each Synapse start costs seconds.
+
+#![cfg(feature = "bot")]
+// This test process drives the binary from outside: std's process API is the right tool here.
+#![allow(clippy::disallowed_methods)]
+
+mod common;
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{Lab, Matrix, Running, require, require_appliance, wait_until};
+use matrix_sdk::config::SyncSettings;
+use matrix_sdk::deserialized_responses::EncryptionInfo;
+use matrix_sdk::ruma::api::client::room::create_room;
+use matrix_sdk::ruma::events::room::member::{MembershipState, StrippedRoomMemberEvent};
+use matrix_sdk::ruma::events::room::message::{
+    MessageType, OriginalSyncRoomMessageEvent, RoomMessageEventContent,
+};
+use matrix_sdk::ruma::{OwnedRoomId, OwnedUserId, UserId};
+use matrix_sdk::{Client, Room};
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+const NIO_PYTHON: &str = "/opt/venvs/homelab-matrix-nio/bin/python";
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A message the user side received.
+#[derive(Debug, Clone)]
+struct Msg {
+    room: OwnedRoomId,
+    sender: OwnedUserId,
+    body: String,
+    msgtype: String,
+    /// It arrived encrypted and was decrypted here.
+    encrypted: bool,
+    /// origin_server_ts (ms): history that arrives late (a join) is told from answers by it.
+    ts: u64,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// A person with a Matrix client (matrix-sdk, own crypto store), syncing in the background.
+struct Person {
+    client: Client,
+    user_id: OwnedUserId,
+    inbox: Arc<Mutex<Vec<Msg>>>,
+    sync: tokio::task::JoinHandle<()>,
+    _store: tempfile::TempDir,
+}
+
+impl Drop for Person {
+    fn drop(&mut self) {
+        self.sync.abort();
+    }
+}
+
+impl Person {
+    /// Logs in and syncs until dropped; joins rooms the bot invites it to (alerts arrive in DMs
+    /// the bot opens).
+    async fn login(hs: &str, user: &str, password: &str, bot: &UserId) -> Person {
+        let store = tempfile::tempdir().unwrap();
+        let client = Client::builder()
+            .homeserver_url(hs)
+            // Synapse's login answer names its public URL, which only the front door serves.
+            .respect_login_well_known(false)
+            .sqlite_store(store.path(), None)
+            .build()
+            .await
+            .unwrap();
+        client
+            .matrix_auth()
+            .login_username(user, password)
+            .initial_device_display_name("bot test")
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("login {user}: {e}"));
+        let user_id = client.user_id().unwrap().to_owned();
+        let inbox: Arc<Mutex<Vec<Msg>>> = Arc::default();
+        let sink = inbox.clone();
+        client.add_event_handler(
+            move |ev: OriginalSyncRoomMessageEvent, room: Room, enc: Option<EncryptionInfo>| {
+                let sink = sink.clone();
+                async move {
+                    let (msgtype, body) = match &ev.content.msgtype {
+                        MessageType::Text(t) => ("m.text", t.body.clone()),
+                        MessageType::Notice(n) => ("m.notice", n.body.clone()),
+                        _ => return,
+                    };
+                    sink.lock().unwrap().push(Msg {
+                        room: room.room_id().to_owned(),
+                        sender: ev.sender.clone(),
+                        body,
+                        msgtype: msgtype.into(),
+                        encrypted: enc.is_some(),
+                        ts: ev.origin_server_ts.0.into(),
+                    });
+                }
+            },
+        );
+        let bot = bot.to_owned();
+        let me = user_id.clone();
+        client.add_event_handler(move |ev: StrippedRoomMemberEvent, room: Room| {
+            let (bot, me) = (bot.clone(), me.clone());
+            async move {
+                if ev.sender == bot && ev.state_key == me {
+                    let _ = room.join().await;
+                }
+            }
+        });
+        // Our own loop: Synapse restarts in this test, and `Client::sync` ends at an error.
+        let c = client.clone();
+        let sync = tokio::spawn(async move {
+            loop {
+                let s = SyncSettings::default().timeout(Duration::from_secs(5));
+                if c.sync_once(s).await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        });
+        Person {
+            client,
+            user_id,
+            inbox,
+            sync,
+            _store: store,
+        }
+    }
+
+    /// A room (unencrypted) with the bot invited.
+    async fn room_with(&self, bot: &UserId) -> Room {
+        let mut req = create_room::v3::Request::new();
+        req.invite = vec![bot.to_owned()];
+        req.preset = Some(create_room::v3::RoomPreset::PrivateChat);
+        self.client.create_room(req).await.unwrap()
+    }
+
+    async fn say(&self, room: &Room, text: &str) {
+        room.send(RoomMessageEventContent::text_plain(text))
+            .await
+            .unwrap_or_else(|e| panic!("{} sending {text:?}: {e}", self.user_id));
+    }
+
+    /// Waits for the next message from `from` in `room` sent at `since` (ms) or later.
+    async fn reply_after(&self, since: u64, room: &Room, from: &UserId) -> Msg {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some(m) = self
+                .inbox
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|m| m.room == room.room_id() && m.sender == from && m.ts >= since)
+            {
+                return m.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} got no answer from {from} in {} within {WAIT:?}; inbox: {:#?}",
+                self.user_id,
+                room.room_id(),
+                self.inbox.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Sends `text` to the bot and returns its answer.
+    async fn ask(&self, room: &Room, bot: &UserId, text: &str) -> Msg {
+        let since = now_ms();
+        self.say(room, text).await;
+        let m = self.reply_after(since, room, bot).await;
+        assert_eq!(m.msgtype, "m.notice", "the bot answers with notices: {m:?}");
+        m
+    }
+
+    async fn membership(&self, room: &Room, who: &UserId) -> Option<MembershipState> {
+        room.get_member_no_sync(who)
+            .await
+            .ok()
+            .flatten()
+            .map(|m| m.membership().clone())
+    }
+
+    async fn wait_membership(&self, room: &Room, who: &UserId, want: MembershipState) {
+        let deadline = Instant::now() + WAIT;
+        while self.membership(room, who).await.as_ref() != Some(&want) {
+            assert!(
+                Instant::now() < deadline,
+                "{who} is not {want:?} in {} after {WAIT:?} (is {:?})",
+                room.room_id(),
+                self.membership(room, who).await
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// The first code span of a reply: the bot puts tokens in them.
+fn code_span(body: &str) -> String {
+    body.split('`')
+        .nth(1)
+        .unwrap_or_else(|| panic!("no code span in {body:?}"))
+        .to_string()
+}
+
+fn wait_bot_running(lab: &Lab) -> Value {
+    let mut last = Value::Null;
+    wait_until("the bot to be running", Duration::from_secs(120), || {
+        last = lab.status()["bot"].clone();
+        last["state"] == "running"
+    });
+    last
+}
+
+fn token_json(lab: &Lab, token: &str) -> Option<Value> {
+    let out = lab.run_cmd(&["token", "show", token, "--json"]);
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).unwrap())
+}
+
+fn token_count(lab: &Lab) -> usize {
+    let v: Value = serde_json::from_str(&lab.ok(&["token", "list", "--json"])).unwrap();
+    v.as_array().unwrap().len()
+}
+
+fn add_user(lab: &Lab, name: &str, admin: bool) -> String {
+    let pw = format!("{name}-password-1");
+    let file = lab.path(&format!("{name}.pw"));
+    std::fs::write(&file, &pw).unwrap();
+    let mut args = vec![
+        "user",
+        "add",
+        name,
+        "--password-file",
+        file.to_str().unwrap(),
+    ];
+    if admin {
+        args.push("--admin");
+    }
+    lab.ok(&args);
+    pw
+}
+
+/// Registers a new user with `token` through the client API's UIA flow (blocking HTTP, so off
+/// the async runtime's threads).
+async fn register(hs: &str, user: &str, token: &str) -> (u16, Value) {
+    let (hs, user, token) = (hs.to_string(), user.to_string(), token.to_string());
+    tokio::task::spawn_blocking(move || {
+        Matrix::new(&hs).register(&user, &format!("{user}-password-1"), Some(&token))
+    })
+    .await
+    .unwrap()
+}
+
+fn restart(lab: &Lab, run: &mut Running) -> Running {
+    let st = run.signal_and_wait(Signal::SIGTERM, Duration::from_secs(20));
+    assert_eq!(st.code(), Some(0), "{}", run.log_tail());
+    lab.start()
+}
+
+#[test]
+fn registration_bot_end_to_end() {
+    if !require_appliance() {
+        return;
+    }
+    let nio = require(
+        "matrix-nio",
+        Path::new(NIO_PYTHON).exists(),
+        "no venv at /opt/venvs/homelab-matrix-nio (packaging/install-deps makes it)",
+    );
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let lab = Lab::new("bot");
+    let _log = LogOnPanic(lab.path("run.log"));
+    let mut run = lab.start();
+    let t0 = Instant::now();
+    let bot_status = wait_bot_running(&lab);
+    eprintln!("bot running {:?} after READY", t0.elapsed());
+    let bot: OwnedUserId = "@registration-bot:matrix.test".parse().unwrap();
+    assert_eq!(bot_status["user_id"], bot.as_str());
+    wait_until("the bot's device to be cross-signed", WAIT, || {
+        lab.status()["bot"]["cross_signed"] == true
+    });
+    let device = bot_status["device_id"].as_str().unwrap().to_string();
+    // Session and store are the root's alone.
+    use std::os::unix::fs::MetadataExt;
+    let bot_dir = lab.state().join("bot");
+    assert_eq!(std::fs::metadata(&bot_dir).unwrap().mode() & 0o777, 0o700);
+    assert_eq!(
+        std::fs::metadata(bot_dir.join("session.json"))
+            .unwrap()
+            .mode()
+            & 0o777,
+        0o600
+    );
+
+    let hs = lab.synapse_url();
+    let alice_pw = add_user(&lab, "alice", true);
+    let eve_pw = add_user(&lab, "eve", false);
+    let friend_pw = add_user(&lab, "friend", false);
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let alice = Person::login(&hs, "alice", &alice_pw, &bot).await;
+
+        // An admin in an unencrypted room: `create 2 1d` gives a token with 2 uses for a day,
+        // and it registers a new user.
+        let room = alice.room_with(&bot).await;
+        alice
+            .wait_membership(&room, &bot, MembershipState::Join)
+            .await;
+        let m = alice.ask(&room, &bot, "create 2 1d").await;
+        assert!(!m.encrypted);
+        let t1 = code_span(&m.body);
+        let shown = token_json(&lab, &t1).expect("the token exists");
+        assert_eq!(shown["uses_allowed"], 2, "{shown}");
+        let expiry = shown["expiry_time"].as_i64().unwrap();
+        let day_from_now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+            + 86_400_000;
+        assert!((expiry - day_from_now).abs() < 120_000, "{shown}");
+        let (st, v) = register(&hs, "newbie1", &t1).await;
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(v["user_id"], "@newbie1:matrix.test");
+
+        // An admin in Element's kind of DM (encrypted): the bot decrypts, answers encrypted.
+        let dm = alice.client.create_dm(&bot).await.unwrap();
+        alice
+            .wait_membership(&dm, &bot, MembershipState::Join)
+            .await;
+        let m = alice.ask(&dm, &bot, "Create 2 1d").await;
+        assert!(m.encrypted, "the answer in the DM was not encrypted: {m:?}");
+        let t2 = code_span(&m.body);
+        assert_eq!(token_json(&lab, &t2).unwrap()["uses_allowed"], 2);
+        let (st, v) = register(&hs, "newbie2", &t2).await;
+        assert_eq!(st, 200, "{v}");
+        // On the server, the bot's messages in the DM are ciphertext only.
+        let alice_token = alice.client.access_token().unwrap();
+        let (st, v) = tokio::task::block_in_place(|| {
+            Matrix::new(&hs).req(
+                "GET",
+                &format!(
+                    "/_matrix/client/v3/rooms/{}/messages?dir=b&limit=50",
+                    dm.room_id()
+                ),
+                Some(&alice_token),
+                None,
+            )
+        });
+        assert_eq!(st, 200, "{v}");
+        let from_bot: Vec<&Value> = v["chunk"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["sender"] == bot.as_str() && e.get("state_key").is_none())
+            .collect();
+        assert!(!from_bot.is_empty(), "{v}");
+        assert!(
+            from_bot.iter().all(|e| e["type"] == "m.room.encrypted"),
+            "the bot sent plaintext into the encrypted DM: {from_bot:?}"
+        );
+        assert!(
+            !v.to_string().contains(&t2),
+            "the token is visible on the server"
+        );
+        // Its device is signed by its own cross-signing identity.
+        let dev = alice
+            .client
+            .encryption()
+            .get_device(&bot, device.as_str().into())
+            .await
+            .unwrap()
+            .expect("alice knows the bot's device");
+        assert!(
+            dev.is_cross_signed_by_owner(),
+            "the bot's device is not cross-signed"
+        );
+
+        // `help`, and a word it does not know, get answers.
+        assert!(
+            alice
+                .ask(&dm, &bot, "help")
+                .await
+                .body
+                .contains("delete-all confirm")
+        );
+        assert!(
+            alice
+                .ask(&dm, &bot, "frobnicate")
+                .await
+                .body
+                .contains("help")
+        );
+
+        // A non-admin: their invitation is rejected, and in a room they share with the bot
+        // they are told, politely, that they may not.
+        let eve = Person::login(&hs, "eve", &eve_pw, &bot).await;
+        let eves = eve.room_with(&bot).await;
+        eve.wait_membership(&eves, &bot, MembershipState::Leave)
+            .await;
+        room.invite_user_by_id(&eve.user_id).await.unwrap();
+        alice
+            .wait_membership(&room, &eve.user_id, MembershipState::Invite)
+            .await;
+        eve.client.join_room_by_id(room.room_id()).await.unwrap();
+        let before = token_count(&lab);
+        let eve_room = eve.client.get_room(room.room_id()).unwrap();
+        let m = eve.ask(&eve_room, &bot, "create").await;
+        assert!(m.body.starts_with("Sorry"), "{m:?}");
+        assert_eq!(token_count(&lab), before, "a non-admin made a token");
+        // In a group room, talk that is not a command is not answered.
+        let since = now_ms();
+        eve.say(&eve_room, "hello everyone").await;
+        assert!(alice.ask(&room, &bot, "list").await.body.contains(&t1));
+        assert!(
+            !alice
+                .inbox
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|m| m.sender == bot && m.ts >= since && m.body.starts_with("Sorry")),
+            "the bot answered small talk"
+        );
+
+        // `delete` removes a token; `delete-all` without `confirm` deletes nothing.
+        let t3 = code_span(&alice.ask(&dm, &bot, "create").await.body);
+        assert!(token_json(&lab, &t3).is_some());
+        let m = alice.ask(&dm, &bot, &format!("delete {t3}")).await;
+        assert!(m.body.contains("deleted"), "{m:?}");
+        assert!(token_json(&lab, &t3).is_none(), "{t3} still exists");
+        let (st, _) = register(&hs, "newbie3", &t3).await;
+        assert_eq!(st, 401);
+        let before = token_count(&lab);
+        let m = alice.ask(&dm, &bot, "delete-all").await;
+        assert!(m.body.contains("Nothing was deleted"), "{m:?}");
+        assert_eq!(token_count(&lab), before);
+        // `list all` shows the used-up and deleted-free state: t1 is still valid (1 use left).
+        let m = alice.ask(&dm, &bot, "list all").await;
+        assert!(m.body.contains(&t1) && m.body.contains(&t2), "{m:?}");
+
+        // `allow`: a non-admin friend may then command the bot, here through matrix-nio.
+        let m = alice.ask(&dm, &bot, "allow @friend:matrix.test").await;
+        assert!(m.body.contains("Allowed"), "{m:?}");
+        if nio {
+            let out = std::process::Command::new(NIO_PYTHON)
+                .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/bot_nio.py"))
+                .args([&hs, "friend", &friend_pw, bot.as_str(), "create 1 2h"])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "matrix-nio: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(v["msgtype"], "m.notice", "{v}");
+            let t = code_span(v["body"].as_str().unwrap());
+            assert_eq!(token_json(&lab, &t).unwrap()["uses_allowed"], 1, "{v}");
+        }
+        let friend = Person::login(&hs, "friend", &friend_pw, &bot).await;
+        let froom = friend.room_with(&bot).await;
+        friend
+            .wait_membership(&froom, &bot, MembershipState::Join)
+            .await;
+        let t = code_span(&friend.ask(&froom, &bot, "create").await.body);
+        assert!(token_json(&lab, &t).is_some());
+        // Access to the bot is for owners to hand out.
+        let m = friend.ask(&froom, &bot, "allow @eve:matrix.test").await;
+        assert!(m.body.contains("Only server admins"), "{m:?}");
+
+        // A restart: the same device, and new messages in the encrypted DM still decrypt
+        // (alice's client keeps its room key, so the bot needs the one it stored).
+        let mut run2 = tokio::task::block_in_place(|| restart(&lab, &mut run));
+        let after = tokio::task::block_in_place(|| wait_bot_running(&lab));
+        assert_eq!(
+            after["device_id"],
+            device.as_str(),
+            "a new device after the restart"
+        );
+        let m = alice.ask(&dm, &bot, "list").await;
+        assert!(m.encrypted, "{m:?}");
+        assert!(m.body.contains(&t2) && !m.body.contains(&t3), "{m:?}");
+        // The allow list survived the restart; `disallow` ends it.
+        assert!(
+            friend
+                .ask(&froom, &bot, "allowed")
+                .await
+                .body
+                .contains("@friend:matrix.test")
+        );
+        let t = code_span(&friend.ask(&froom, &bot, "create").await.body);
+        assert!(token_json(&lab, &t).is_some());
+        let m = alice.ask(&dm, &bot, "disallow @friend:matrix.test").await;
+        assert!(m.body.contains("may no longer"), "{m:?}");
+        let m = friend.ask(&froom, &bot, "create").await;
+        assert!(m.body.starts_with("Sorry"), "{m:?}");
+
+        // An alert: coturn made to crash-loop (killed five times in a row) reaches the admin
+        // in a DM.
+        let since = now_ms();
+        tokio::task::block_in_place(|| crash_loop(&lab, "coturn"));
+        let deadline = Instant::now() + WAIT;
+        let alert = loop {
+            if let Some(m) = alice
+                .inbox
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|m| m.sender == bot && m.ts >= since && m.body.contains("crash loop"))
+            {
+                break m.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no alert for the crash loop: {:#?}",
+                alice.inbox.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert!(alert.body.contains("coturn"), "{alert:?}");
+        assert!(alert.encrypted, "{alert:?}");
+        let problems = tokio::task::block_in_place(|| lab.status()["problems"].clone());
+        assert!(
+            problems.to_string().contains("crash-loop:coturn"),
+            "{problems}"
+        );
+
+        drop((alice, eve, friend));
+        let st = run2.signal_and_wait(Signal::SIGTERM, Duration::from_secs(20));
+        assert_eq!(st.code(), Some(0), "{}", run2.log_tail());
+    });
+}
+
+/// Prints the end of the appliance's log when the test fails, before the lab is removed.
+struct LogOnPanic(std::path::PathBuf);
+
+impl Drop for LogOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let text = std::fs::read_to_string(&self.0).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            eprintln!(
+                "--- the last lines of {} ---\n{}",
+                self.0.display(),
+                lines[lines.len().saturating_sub(120)..].join("\n")
+            );
+        }
+    }
+}
+
+/// Kills `child` each time the supervisor restarts it, until it is flagged as a crash loop.
+fn crash_loop(lab: &Lab, child: &str) {
+    let mut last = None;
+    for _ in 0..5 {
+        let mut pid = None;
+        wait_until(
+            &format!("{child} to run again"),
+            Duration::from_secs(60),
+            || {
+                let st = lab.status();
+                pid = st["children"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|c| c["name"] == child)
+                    .and_then(|c| c["pid"].as_i64());
+                pid.is_some() && pid != last
+            },
+        );
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid.unwrap() as i32),
+            Signal::SIGKILL,
+        )
+        .unwrap();
+        last = pid;
+    }
+    wait_until(
+        &format!("{child} flagged as a crash loop"),
+        Duration::from_secs(30),
+        || {
+            lab.status()["children"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c["name"] == child && c["crash_loop"] == true)
+        },
+    );
+}
