@@ -31,4 +31,6 @@ start_postgres() {
 # a private home may not be. Also lets repeated runs reuse the build.
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/cache/homelab-matrix/target}
 mkdir -p "$CARGO_TARGET_DIR"
-chmod 755 "$(dirname "$CARGO_TARGET_DIR")" "$CARGO_TARGET_DIR"
+# Add traversal only: the parent may be a shared directory such as /tmp (mode 1777).
+chmod a+x "$(dirname "$CARGO_TARGET_DIR")"
+chmod a+rx "$CARGO_TARGET_DIR"
