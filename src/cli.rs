@@ -108,12 +108,17 @@ pub enum TokenCmd {
     },
     /// Show one token.
     Show {
+        /// Synapse's tokens may start with '-', which must not read as an option.
+        #[arg(allow_hyphen_values = true)]
         token: String,
         #[arg(long)]
         json: bool,
     },
     /// Delete a token.
-    Delete { token: String },
+    Delete {
+        #[arg(allow_hyphen_values = true)]
+        token: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -501,4 +506,24 @@ fn now_ms() -> i64 {
 
 fn describe(t: &RegistrationToken) -> String {
     t.describe(now_ms())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Synapse generates tokens from A-Z a-z 0-9 . _ ~ -, so one in 66 starts with '-'.
+    #[test]
+    fn a_token_may_start_with_a_hyphen() {
+        let cli =
+            Cli::try_parse_from(["homelab-matrix", "token", "show", "-xY1", "--json"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Cmd::Token(TokenCmd::Show { ref token, json: true }) if token == "-xY1"
+        ));
+        let cli = Cli::try_parse_from(["homelab-matrix", "token", "delete", "-xY1"]).unwrap();
+        assert!(
+            matches!(cli.command, Cmd::Token(TokenCmd::Delete { ref token }) if token == "-xY1")
+        );
+    }
 }

@@ -960,6 +960,20 @@ x = 1
     }
 
     #[test]
+    fn bot_keys_are_checked() {
+        let text = "server_name = \"a.b\"\n[bot]\nprefix = \"! x\"\nlocalpart = \"homelab-matrix\"\nadmins = [\"alice\"]\n";
+        let p = Config::from_toml(text).unwrap_err();
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["bot.prefix", "bot.localpart", "bot.admins[0]"],
+            "{p:#?}"
+        );
+        let c = Config::from_toml("server_name = \"a.b\"\n[bot]\nprefix = \"!\"\n").unwrap();
+        assert_eq!(c.bot.prefix, "!");
+    }
+
+    #[test]
     fn missing_server_name() {
         let p = Config::from_toml("").unwrap_err();
         assert_eq!(p[0].key, "server_name");

@@ -18,7 +18,7 @@ use matrix_sdk::deserialized_responses::EncryptionInfo;
 use matrix_sdk::ruma::api::client::room::create_room;
 use matrix_sdk::ruma::events::room::member::{MembershipState, StrippedRoomMemberEvent};
 use matrix_sdk::ruma::events::room::message::{
-    MessageType, OriginalSyncRoomMessageEvent, RoomMessageEventContent,
+    MessageType, OriginalSyncRoomMessageEvent, ReplacementMetadata, RoomMessageEventContent,
 };
 use matrix_sdk::ruma::{OwnedRoomId, OwnedUserId, UserId};
 use matrix_sdk::{Client, Room};
@@ -221,11 +221,18 @@ fn wait_bot_running(lab: &Lab) -> Value {
     last
 }
 
+/// `token show --json`, or None when there is no such token (any other failure panics).
 fn token_json(lab: &Lab, token: &str) -> Option<Value> {
     let out = lab.run_cmd(&["token", "show", token, "--json"]);
-    out.status
-        .success()
-        .then(|| serde_json::from_slice(&out.stdout).unwrap())
+    if out.status.success() {
+        return Some(serde_json::from_slice(&out.stdout).unwrap());
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no registration token"),
+        "token show {token}: {err}"
+    );
+    None
 }
 
 fn token_count(lab: &Lab) -> usize {
@@ -346,7 +353,8 @@ fn registration_bot_end_to_end() {
         let m = alice.ask(&dm, &bot, "Create 2 1d").await;
         assert!(m.encrypted, "the answer in the DM was not encrypted: {m:?}");
         let t2 = code_span(&m.body);
-        assert_eq!(token_json(&lab, &t2).unwrap()["uses_allowed"], 2);
+        let shown = token_json(&lab, &t2).unwrap_or_else(|| panic!("no token in {m:?}"));
+        assert_eq!(shown["uses_allowed"], 2, "{shown}");
         let (st, v) = register(&hs, "newbie2", &t2).await;
         assert_eq!(st, 200, "{v}");
         // On the server, the bot's messages in the DM are ciphertext only.
@@ -437,9 +445,30 @@ fn registration_bot_end_to_end() {
             "the bot answered small talk"
         );
 
+        // An edit is not a new command: "help" edited into "create" makes no token.
+        let since = now_ms();
+        let help = dm
+            .send(RoomMessageEventContent::text_plain("help"))
+            .await
+            .unwrap()
+            .response
+            .event_id;
+        alice.reply_after(since, &dm, &bot).await;
+        let before = token_count(&lab);
+        let edit = RoomMessageEventContent::text_plain("* create")
+            .make_replacement(ReplacementMetadata::new(help, None));
+        let since = now_ms();
+        dm.send(edit).await.unwrap();
+        alice.say(&dm, "allowed").await;
+        // The first answer after the edit is the one to `allowed`: the edit got none.
+        let m = alice.reply_after(since, &dm, &bot).await;
+        assert!(m.body.contains("may always use me"), "{m:?}");
+        assert_eq!(token_count(&lab), before, "an edit was taken as a command");
+
         // `delete` removes a token; `delete-all` without `confirm` deletes nothing.
-        let t3 = code_span(&alice.ask(&dm, &bot, "create").await.body);
-        assert!(token_json(&lab, &t3).is_some());
+        let m = alice.ask(&dm, &bot, "create").await;
+        let t3 = code_span(&m.body);
+        assert!(token_json(&lab, &t3).is_some(), "{m:?}");
         let m = alice.ask(&dm, &bot, &format!("delete {t3}")).await;
         assert!(m.body.contains("deleted"), "{m:?}");
         assert!(token_json(&lab, &t3).is_none(), "{t3} still exists");
@@ -477,8 +506,8 @@ fn registration_bot_end_to_end() {
         friend
             .wait_membership(&froom, &bot, MembershipState::Join)
             .await;
-        let t = code_span(&friend.ask(&froom, &bot, "create").await.body);
-        assert!(token_json(&lab, &t).is_some());
+        let m = friend.ask(&froom, &bot, "create").await;
+        assert!(token_json(&lab, &code_span(&m.body)).is_some(), "{m:?}");
         // Access to the bot is for owners to hand out.
         let m = friend.ask(&froom, &bot, "allow @eve:matrix.test").await;
         assert!(m.body.contains("Only server admins"), "{m:?}");
@@ -503,8 +532,8 @@ fn registration_bot_end_to_end() {
                 .body
                 .contains("@friend:matrix.test")
         );
-        let t = code_span(&friend.ask(&froom, &bot, "create").await.body);
-        assert!(token_json(&lab, &t).is_some());
+        let m = friend.ask(&froom, &bot, "create").await;
+        assert!(token_json(&lab, &code_span(&m.body)).is_some(), "{m:?}");
         let m = alice.ask(&dm, &bot, "disallow @friend:matrix.test").await;
         assert!(m.body.contains("may no longer"), "{m:?}");
         let m = friend.ask(&froom, &bot, "create").await;

@@ -11,7 +11,7 @@ use matrix_sdk::event_handler::Ctx;
 use matrix_sdk::ruma::api::error::ErrorKind;
 use matrix_sdk::ruma::events::room::member::{MembershipState, StrippedRoomMemberEvent};
 use matrix_sdk::ruma::events::room::message::{
-    FormattedBody, MessageType, OriginalSyncRoomMessageEvent, RoomMessageEventContent,
+    FormattedBody, MessageType, OriginalSyncRoomMessageEvent, Relation, RoomMessageEventContent,
 };
 use matrix_sdk::ruma::{OwnedRoomId, OwnedUserId, UserId};
 use matrix_sdk::{Client, Room, RoomMemberships, RoomState};
@@ -503,6 +503,11 @@ async fn on_message(ev: OriginalSyncRoomMessageEvent, room: Room, Ctx(bot): Ctx<
     let MessageType::Text(text) = &ev.content.msgtype else {
         return;
     };
+    // An edit repeats the message with "* " in front (spec, "Event replacements"): the
+    // command was answered when it was first sent.
+    if matches!(ev.content.relates_to, Some(Relation::Replacement(_))) {
+        return;
+    }
     bot.handle(&room, &ev.sender, &text.body).await;
 }
 
