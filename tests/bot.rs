@@ -158,7 +158,14 @@ impl Person {
                 .lock()
                 .unwrap()
                 .iter()
-                .find(|m| m.room == room.room_id() && m.sender == from && m.ts >= since)
+                // Alerts arrive whenever a problem does (here: Element cannot reach GitHub);
+                // they are not answers.
+                .find(|m| {
+                    m.room == room.room_id()
+                        && m.sender == from
+                        && m.ts >= since
+                        && !m.body.starts_with("homelab-matrix needs an admin")
+                })
             {
                 return m.clone();
             }
