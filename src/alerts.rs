@@ -11,6 +11,8 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 use tokio::sync::watch;
 
+use crate::units::unix;
+
 /// Key prefix of a certificate that cannot be issued or renewed.
 pub const CERTIFICATE: &str = "certificate:";
 /// Key prefix of a child in a crash loop.
@@ -125,12 +127,6 @@ pub fn due<'a>(
                 .is_none_or(|t| now.saturating_sub(*t) >= REPEAT_AFTER.as_secs())
         })
         .collect()
-}
-
-fn unix(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -163,6 +163,20 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Hex SHA-256 (file pins, ETags).
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, data).as_ref())
+}
+
+/// A uniform number in [0, 1) from the OS CSPRNG, for jitter; 0.5 if it fails.
+pub fn random_fraction() -> f64 {
+    let mut b = [0u8; 4];
+    if SystemRandom::new().fill(&mut b).is_err() {
+        return 0.5;
+    }
+    u32::from_le_bytes(b) as f64 / (u32::MAX as f64 + 1.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

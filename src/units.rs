@@ -1,6 +1,13 @@
 //! Human units in the config file: durations ("30s", "7d") and sizes ("50M").
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Seconds since the epoch, for status output and saved timestamps.
+pub fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
 
 /// Parses `90s`, `15m`, `6h`, `7d`, `2w` (one integer, one unit). Bare numbers are refused on
 /// purpose: "30" could mean seconds or minutes, and the operator should not have to guess.

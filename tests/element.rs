@@ -578,7 +578,7 @@ fn fetch_pinned_checks_hash_key_and_signature_before_unpacking() {
             .output()
             .unwrap()
     };
-    let sha = common::element::sha256_hex(&t);
+    let sha = homelab_matrix::secrets::sha256_hex(&t);
     let other = TestKey::new("Other <o@test>").fingerprint();
     for (sha, fp, expect) in [
         ("0".repeat(64), &fingerprint, "sha256"),

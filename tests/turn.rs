@@ -34,18 +34,7 @@ fn uclient(lab: &Lab, user: &str, password: &str, peer_port: u16) -> (bool, Stri
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    // Progress lines come first; the summary line has the totals: take the largest.
-    let received = text
-        .lines()
-        .filter_map(|l| l.split("tot_recv_msgs=").nth(1))
-        .filter_map(|r| {
-            r.split(|c: char| !c.is_ascii_digit())
-                .next()?
-                .parse::<u32>()
-                .ok()
-        })
-        .max()
-        .unwrap_or(0);
+    let received = tot_recv_msgs(&text);
     (received > 0, text)
 }
 
@@ -380,17 +369,7 @@ fn a_new_turn_certificate_reaches_coturn_without_a_restart_or_a_dropped_allocati
     // About 10 s of packets, the reload 2 s in: at most about 120 can arrive before it, so 300
     // or more means the allocation went on relaying after it. (A brief stall while coturn
     // rebuilds its TLS contexts on a loaded machine is allowed; losing the allocation is not.)
-    let received = text
-        .lines()
-        .filter_map(|l| l.split("tot_recv_msgs=").nth(1))
-        .filter_map(|r| {
-            r.split(|c: char| !c.is_ascii_digit())
-                .next()?
-                .parse::<u32>()
-                .ok()
-        })
-        .max()
-        .unwrap_or(0);
+    let received = tot_recv_msgs(&text);
     assert!(
         received >= 300,
         "the allocation did not survive the reload ({received}/500 relayed):\n{text}"
@@ -532,4 +511,19 @@ fn expired_credentials_and_private_or_metadata_peers_are_refused() {
             "relaying to {peer} was not refused:\n{text}"
         );
     }
+}
+
+/// What `turnutils_uclient` reports as received. Progress lines come first and the summary
+/// line has the totals: take the largest.
+fn tot_recv_msgs(text: &str) -> u32 {
+    text.lines()
+        .filter_map(|l| l.split("tot_recv_msgs=").nth(1))
+        .filter_map(|r| {
+            r.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse::<u32>()
+                .ok()
+        })
+        .max()
+        .unwrap_or(0)
 }

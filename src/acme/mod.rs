@@ -9,12 +9,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use crate::secrets::random_fraction;
 use anyhow::{Context, Result, anyhow, bail};
 use instant_acme::{
     Account, AccountCredentials, AuthorizationStatus, CertificateIdentifier, ChallengeType,
     Identifier, NewAccount, NewOrder, OrderStatus, RetryPolicy,
 };
-use ring::rand::{SecureRandom, SystemRandom};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde::Serialize;
@@ -351,14 +351,6 @@ fn retry_delay(current: Option<&Cert>, failures: u32) -> Duration {
     exp.min(max)
         .mul_f64(0.8 + 0.4 * random_fraction())
         .max(Duration::from_secs(1))
-}
-
-fn random_fraction() -> f64 {
-    let mut b = [0u8; 4];
-    if SystemRandom::new().fill(&mut b).is_err() {
-        return 0.5;
-    }
-    u32::from_le_bytes(b) as f64 / (u32::MAX as f64 + 1.0)
 }
 
 #[cfg(test)]

@@ -246,9 +246,4 @@ impl CertStore {
     }
 }
 
-/// Seconds since the epoch, for status output.
-pub fn unix(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+pub use crate::units::unix;

@@ -12,7 +12,7 @@ pub mod tree;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result, anyhow};
 use arc_swap::ArcSwapOption;
@@ -25,6 +25,8 @@ use tokio::sync::watch;
 use crate::alerts::{self, Alerts};
 use crate::config::Config;
 use crate::fsutil::{Owner, ensure_dir, write_atomic};
+use crate::secrets::{random_fraction, random_token, sha256_hex};
+use crate::units::unix;
 use release::{Release, ReleaseError, TrustedKey, Version};
 use tree::{CacheClass, Encoding, Tree};
 
@@ -451,10 +453,8 @@ impl Element {
             });
         }
         let key = self.trusted_key().await?;
-        let tarball = self
-            .download(&latest.tarball_url, latest.tarball_size)
-            .await?;
-        let sig = self.download(&latest.signature_url, None).await?;
+        let tarball = download(&self.client, &latest.tarball_url, latest.tarball_size).await?;
+        let sig = download(&self.client, &latest.signature_url, None).await?;
         let signer = key.verify(&tarball, &sig)?;
         tracing::info!(version = %latest.version, signer = %signer, bytes = tarball.len(), "Element release signature verified");
         let staging = self
@@ -508,41 +508,6 @@ impl Element {
         json.release().map_err(fail)
     }
 
-    async fn download(&self, url: &str, expected: Option<u64>) -> Result<Vec<u8>, UpdateError> {
-        let fail = |m: String| UpdateError::Download {
-            url: url.to_string(),
-            message: m,
-        };
-        let mut resp = self
-            .client
-            .get(url)
-            .send()
-            .await
-            .map_err(|e| fail(e.to_string()))?;
-        if !resp.status().is_success() {
-            return Err(fail(format!("HTTP {}", resp.status())));
-        }
-        let mut out = Vec::new();
-        while let Some(chunk) = resp.chunk().await.map_err(|e| fail(e.to_string()))? {
-            out.extend_from_slice(&chunk);
-            if out.len() as u64 > release::MAX_TARBALL {
-                return Err(fail(format!(
-                    "larger than {} MiB",
-                    release::MAX_TARBALL >> 20
-                )));
-            }
-        }
-        if let Some(n) = expected
-            && out.len() as u64 != n
-        {
-            return Err(fail(format!(
-                "got {} bytes, the release lists {n}",
-                out.len()
-            )));
-        }
-        Ok(out)
-    }
-
     /// The key releases must verify against: the test key when configured, else the Element
     /// release key bundled at package-build time, else one fetched earlier, else downloaded
     /// now. Whatever the source, its fingerprint must be the pinned one.
@@ -564,8 +529,7 @@ impl Element {
         {
             return Ok(k);
         }
-        let data = self
-            .download(&self.key_url, None)
+        let data = download(&self.client, &self.key_url, None)
             .await
             .map_err(|e| UpdateError::Key(e.to_string()))?;
         let k = TrustedKey::from_armor(&data, pin)?;
@@ -574,12 +538,8 @@ impl Element {
     }
 
     fn staging_dir(&self, v: &Version) -> Result<PathBuf> {
-        let mut r = [0u8; 6];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut r)
-            .map_err(|_| anyhow!("the system random source failed"))?;
-        let p = self
-            .dir
-            .join(format!(".partial-{}-{}", v.text, tree::hex(&r)));
+        let r = random_token(&ring::rand::SystemRandom::new())?;
+        let p = self.dir.join(format!(".partial-{}-{}", v.text, &r[..12]));
         std::fs::create_dir_all(&p).with_context(|| format!("creating {}", p.display()))?;
         Ok(p)
     }
@@ -693,6 +653,45 @@ pub fn describe(o: &Outcome) -> String {
     }
 }
 
+/// Downloads at most `release::MAX_TARBALL` bytes; `expected` is the length the release lists.
+async fn download(
+    client: &reqwest::Client,
+    url: &str,
+    expected: Option<u64>,
+) -> Result<Vec<u8>, UpdateError> {
+    let fail = |m: String| UpdateError::Download {
+        url: url.to_string(),
+        message: m,
+    };
+    let mut resp = client
+        .get(url)
+        .send()
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    if !resp.status().is_success() {
+        return Err(fail(format!("HTTP {}", resp.status())));
+    }
+    let mut out = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| fail(e.to_string()))? {
+        out.extend_from_slice(&chunk);
+        if out.len() as u64 > release::MAX_TARBALL {
+            return Err(fail(format!(
+                "larger than {} MiB",
+                release::MAX_TARBALL >> 20
+            )));
+        }
+    }
+    if let Some(n) = expected
+        && out.len() as u64 != n
+    {
+        return Err(fail(format!(
+            "got {} bytes, the release lists {n}",
+            out.len()
+        )));
+    }
+    Ok(out)
+}
+
 /// Downloads take minutes at most; GitHub's API wants a User-Agent.
 fn http_client() -> Result<reqwest::Client> {
     reqwest::Client::builder()
@@ -725,29 +724,8 @@ pub async fn fetch_pinned(lock: &Path, out: &Path) -> Result<String> {
     let pin: PinnedRelease = toml::from_str(&text)
         .with_context(|| format!("{} is not a valid lock file", lock.display()))?;
     let client = http_client()?;
-    let get = |url: String| {
-        let client = client.clone();
-        async move {
-            let r = client
-                .get(&url)
-                .send()
-                .await
-                .and_then(|r| r.error_for_status())
-                .with_context(|| format!("downloading {url}"))?;
-            let b = r
-                .bytes()
-                .await
-                .with_context(|| format!("downloading {url}"))?;
-            anyhow::ensure!(
-                (b.len() as u64) <= release::MAX_TARBALL,
-                "{url} is larger than {} MiB",
-                release::MAX_TARBALL >> 20
-            );
-            Ok::<_, anyhow::Error>(b)
-        }
-    };
-    let tarball = get(pin.url.clone()).await?;
-    let sum = tree::hex(ring::digest::digest(&ring::digest::SHA256, &tarball).as_ref());
+    let tarball = download(&client, &pin.url, None).await?;
+    let sum = sha256_hex(&tarball);
     anyhow::ensure!(
         sum.eq_ignore_ascii_case(pin.sha256.trim()),
         "{}: sha256 {sum}, but {} pins {}; refusing it",
@@ -755,9 +733,9 @@ pub async fn fetch_pinned(lock: &Path, out: &Path) -> Result<String> {
         lock.display(),
         pin.sha256
     );
-    let key_bytes = get(pin.key_url.clone()).await?;
+    let key_bytes = download(&client, &pin.key_url, None).await?;
     let key = TrustedKey::from_armor(&key_bytes, Some(&pin.key_fingerprint))?;
-    let sig = get(pin.signature_url.clone()).await?;
+    let sig = download(&client, &pin.signature_url, None).await?;
     let signer = key.verify(&tarball, &sig)?;
     let staging = tempfile::Builder::new()
         .prefix(".fetch-element-")
@@ -828,14 +806,7 @@ fn set_link(dir: &Path, name: &str, target: &Path) -> Result<()> {
 }
 
 fn jitter(base: Duration) -> Duration {
-    let mut b = [0u8; 2];
-    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
-    let f = 0.9 + 0.2 * (u16::from_le_bytes(b) as f64 / u16::MAX as f64);
-    base.mul_f64(f)
-}
-
-fn unix(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    base.mul_f64(0.9 + 0.2 * random_fraction())
 }
 
 /// The `config.json` Element gets: the homeserver it belongs to, plus choices a private
@@ -898,10 +869,7 @@ fn client_config_bytes(cfg: &Config, https_port: u16, overrides: &Path) -> Resul
         ));
     }
     let body = serde_json::to_vec_pretty(&client_config(cfg, https_port, over))?;
-    let etag = format!(
-        "\"{}\"",
-        &tree::hex(ring::digest::digest(&ring::digest::SHA256, &body).as_ref())[..32]
-    );
+    let etag = format!("\"{}\"", &sha256_hex(&body)[..32]);
     Ok((Bytes::from(body), etag))
 }
 

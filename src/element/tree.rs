@@ -295,7 +295,7 @@ pub fn finish_install(dir: &Path, version: &str) -> Result<Manifest> {
                 continue;
             }
             let data = std::fs::read(entry.path())?;
-            let sha256 = hex(ring::digest::digest(&ring::digest::SHA256, &data).as_ref());
+            let sha256 = crate::secrets::sha256_hex(&data);
             let mut e = Entry {
                 len: data.len() as u64,
                 sha256,
@@ -350,10 +350,6 @@ fn brotli(data: &[u8]) -> Result<Vec<u8>> {
     let mut r = brotli::CompressorReader::new(data, 64 << 10, 9, 22);
     r.read_to_end(&mut out)?;
     Ok(out)
-}
-
-pub fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 #[cfg(test)]

@@ -68,14 +68,6 @@ impl TestKey {
     }
 }
 
-pub fn sha256_hex(data: &[u8]) -> String {
-    ring::digest::digest(&ring::digest::SHA256, data)
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 /// The bundle hash webpack would give this version's build.
 pub fn bundle_hash(version: &str) -> String {
     format!("{:0>16}", version.replace('.', "a"))
