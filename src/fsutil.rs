@@ -1,13 +1,29 @@
 //! File-system helpers every module shares: atomic writes and directories with the owner and
 //! mode DESIGN.md §3 gives them.
+//!
+//! Root never writes, chowns or deletes through a path someone else can change (DESIGN.md §3):
+//! every operation goes through an open directory descriptor ([`Dir`]). A directory is opened
+//! with `O_DIRECTORY|O_NOFOLLOW`, so its last component is never a symlink (the components above
+//! it may be: those are the operator's); files are made under a random name with
+//! `O_CREAT|O_EXCL|O_NOFOLLOW`, owned and moded on the open descriptor, fsynced and renamed into
+//! place with `renameat`; an old file is read with `O_NOFOLLOW` and only when it is a regular
+//! file with one link; entries are deleted with `unlinkat`, never following or recursing into a
+//! symlink. A child that can write in a directory can still rename or replace what root wrote
+//! there, but it cannot make root write, chown or delete anything else.
 
-use std::fs::{self, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::ffi::{OsStr, OsString};
+use std::fs;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
-use nix::unistd::{Gid, Uid, chown};
+use anyhow::{Context, Result, bail};
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, OFlag, open, openat, renameat};
+use nix::sys::stat::{FileStat, Mode, SFlag, fchmod, fstat, fstatat, mkdirat};
+use nix::unistd::{Gid, Uid, UnlinkatFlags, fchown, fchownat, fsync, unlinkat};
+use ring::rand::{SecureRandom, SystemRandom};
 
 /// Who owns a file or directory we create.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,86 +39,547 @@ impl Owner {
             gid: Gid::from_raw(0),
         }
     }
+
+    /// Root as owner, `gid` as group: files a child reads through its group but cannot change.
+    pub fn root_with_group(gid: Gid) -> Owner {
+        Owner {
+            uid: Uid::from_raw(0),
+            gid,
+        }
+    }
 }
 
-/// Creates `dir` (and missing parents) and then sets its owner and mode, also when it already
-/// existed, so a wrong mode left by hand is corrected at every start.
-pub fn ensure_dir(dir: &Path, owner: Owner, mode: u32) -> Result<()> {
-    fs::create_dir_all(dir).with_context(|| format!("creating directory {}", dir.display()))?;
-    set_owner_mode(dir, owner, mode)
+fn dir_flags() -> OFlag {
+    OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC
 }
 
+fn file_type(st: &FileStat) -> SFlag {
+    SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits())
+}
+
+/// An open directory. Everything done through it is relative to its descriptor, so a path
+/// component renamed or replaced by a symlink after it was opened cannot redirect a write.
+#[derive(Debug)]
+pub struct Dir {
+    fd: OwnedFd,
+    path: PathBuf,
+}
+
+impl Dir {
+    /// Opens `path`, whose last component must be a directory, not a symlink to one.
+    pub fn open(path: &Path) -> Result<Dir> {
+        match open(path, dir_flags(), Mode::empty()) {
+            Ok(fd) => Ok(Dir {
+                fd,
+                path: path.to_owned(),
+            }),
+            Err(Errno::ELOOP | Errno::ENOTDIR)
+                if fs::symlink_metadata(path).is_ok_and(|m| !m.is_dir()) =>
+            {
+                bail!("{}", not_a_dir(path))
+            }
+            Err(e) => Err(e).with_context(|| format!("opening directory {}", path.display())),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    /// Sets this directory's owner and mode on its descriptor (only what differs, so an
+    /// unchanged directory keeps its ctime).
+    pub fn set_owner_mode(&self, owner: Owner, mode: u32) -> Result<()> {
+        set_fd_owner_mode(&self.fd, owner, mode).with_context(|| {
+            format!(
+                "setting owner and mode of directory {}",
+                self.path.display()
+            )
+        })
+    }
+
+    /// The subdirectory `name`, made when missing, then owned and moded through its own
+    /// descriptor, also when it already existed (a mode left wrong by hand is corrected, and a
+    /// directory a child owned in an older layout is taken back before anything is read in it).
+    ///
+    /// A symlink or file where the directory should be is an error, unless it belongs to
+    /// someone else and this directory only its owner can write: then it was left there while a
+    /// child could still write here (the layout before 0.2), and it is removed, not followed.
+    pub fn ensure_sub(&self, name: &str, owner: Owner, mode: u32) -> Result<Dir> {
+        let path = self.join(name);
+        for first in [true, false] {
+            match mkdirat(&self.fd, name, Mode::from_bits_truncate(0o700)) {
+                Ok(()) | Err(Errno::EEXIST) => {}
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("creating directory {}", path.display()));
+                }
+            }
+            match openat(&self.fd, name, dir_flags(), Mode::empty()) {
+                Ok(fd) => {
+                    let d = Dir { fd, path };
+                    d.set_owner_mode(owner, mode)?;
+                    return Ok(d);
+                }
+                Err(Errno::ELOOP | Errno::ENOTDIR) if first && self.remove_foreign(name)? => {}
+                Err(Errno::ELOOP | Errno::ENOTDIR) => bail!("{}", not_a_dir(&path)),
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("opening directory {}", path.display()));
+                }
+            }
+        }
+        unreachable!("the second attempt returns")
+    }
+
+    /// Removes the non-directory `name` when someone other than us owns it while only we can
+    /// write this directory (see `ensure_sub`). Returns whether it did.
+    fn remove_foreign(&self, name: &str) -> Result<bool> {
+        let me = Uid::effective().as_raw();
+        let here = fstat(&self.fd).with_context(|| format!("stat {}", self.path.display()))?;
+        let Ok(st) = fstatat(&self.fd, name, AtFlags::AT_SYMLINK_NOFOLLOW) else {
+            return Ok(false);
+        };
+        let only_we_write = here.st_uid == me && here.st_mode & 0o022 == 0;
+        if st.st_uid == me || !only_we_write || file_type(&st) == SFlag::S_IFDIR {
+            return Ok(false);
+        }
+        tracing::warn!(
+            path = %self.join(name).display(),
+            "removing an entry another user left where a directory belongs (not following it)"
+        );
+        self.remove(name)?;
+        Ok(true)
+    }
+
+    /// Writes `contents` to `name` so that readers see the old file or the new one, never half
+    /// of one: a new temp file under a random name (`O_EXCL|O_NOFOLLOW`, created 0600 so a
+    /// secret is never briefly readable), owner and mode set on its descriptor, fsync,
+    /// `renameat` over `name` (a symlink there is replaced, never followed), fsync of the
+    /// directory so the rename survives a power cut.
+    pub fn write_atomic(&self, name: &str, contents: &[u8], owner: Owner, mode: u32) -> Result<()> {
+        let path = self.join(name);
+        let tmp = temp_name(name)?;
+        let fd = openat(
+            &self.fd,
+            tmp.as_str(),
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o600),
+        )
+        .with_context(|| format!("creating a temp file for {}", path.display()))?;
+        let result = (|| -> Result<()> {
+            let mut f = fs::File::from(fd);
+            f.write_all(contents)
+                .with_context(|| format!("writing {}", path.display()))?;
+            set_fd_owner_mode(&f, owner, mode)
+                .with_context(|| format!("setting owner and mode of {}", path.display()))?;
+            f.sync_all()
+                .with_context(|| format!("syncing {}", path.display()))?;
+            renameat(&self.fd, tmp.as_str(), &self.fd, name)
+                .with_context(|| format!("renaming a temp file to {}", path.display()))?;
+            fsync(&self.fd).with_context(|| format!("syncing directory {}", self.path.display()))
+        })();
+        if result.is_err() {
+            let _ = unlinkat(&self.fd, tmp.as_str(), UnlinkatFlags::NoRemoveDir);
+        }
+        result
+    }
+
+    /// Writes only when the contents differ; returns whether it wrote. Keeps mtimes (and
+    /// Synapse's view of "changed") stable across restarts. An old entry that is not a regular
+    /// file with one link (a symlink, a FIFO, a hard link to something else) is never read,
+    /// chowned or written through: it is replaced.
+    pub fn write_if_changed(
+        &self,
+        name: &str,
+        contents: &[u8],
+        owner: Owner,
+        mode: u32,
+    ) -> Result<bool> {
+        if let Some((old, f)) = self.read_regular(name, contents.len() as u64 + 1)?
+            && old == contents
+        {
+            set_fd_owner_mode(&f, owner, mode).with_context(|| {
+                format!("setting owner and mode of {}", self.join(name).display())
+            })?;
+            return Ok(false);
+        }
+        self.write_atomic(name, contents, owner, mode)?;
+        Ok(true)
+    }
+
+    /// Reads at most `limit` bytes of `name` when it is a regular file with one link, without
+    /// following a symlink or blocking on a FIFO. `None` when it is missing or anything else.
+    pub fn read_regular(&self, name: &str, limit: u64) -> Result<Option<(Vec<u8>, fs::File)>> {
+        let flags = OFlag::O_RDONLY
+            | OFlag::O_NOFOLLOW
+            | OFlag::O_NONBLOCK
+            | OFlag::O_NOCTTY
+            | OFlag::O_CLOEXEC;
+        let fd = match openat(&self.fd, name, flags, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(Errno::ENOENT | Errno::ELOOP | Errno::ENXIO | Errno::EISDIR) => return Ok(None),
+            Err(e) => {
+                return Err(e).with_context(|| format!("opening {}", self.join(name).display()));
+            }
+        };
+        let st = fstat(&fd).with_context(|| format!("stat {}", self.join(name).display()))?;
+        if file_type(&st) != SFlag::S_IFREG || st.st_nlink != 1 {
+            return Ok(None);
+        }
+        let f = fs::File::from(fd);
+        let mut buf = vec![];
+        (&f).take(limit)
+            .read_to_end(&mut buf)
+            .with_context(|| format!("reading {}", self.join(name).display()))?;
+        Ok(Some((buf, f)))
+    }
+
+    /// The names in this directory (without `.` and `..`), read through a fresh descriptor of
+    /// it.
+    pub fn entries(&self) -> Result<Vec<OsString>> {
+        let mut d = nix::dir::Dir::openat(&self.fd, ".", dir_flags(), Mode::empty())
+            .with_context(|| format!("reading directory {}", self.path.display()))?;
+        let mut names = vec![];
+        for e in d.iter() {
+            let e = e.with_context(|| format!("reading directory {}", self.path.display()))?;
+            let n = OsStr::from_bytes(e.file_name().to_bytes());
+            if n != "." && n != ".." {
+                names.push(n.to_owned());
+            }
+        }
+        Ok(names)
+    }
+
+    /// Whether `name` exists (a dangling symlink counts: it is an entry).
+    pub fn contains(&self, name: &OsStr) -> bool {
+        fstatat(&self.fd, name, AtFlags::AT_SYMLINK_NOFOLLOW).is_ok()
+    }
+
+    /// The type of `name` itself (a symlink is `S_IFLNK`), or `None` when it is missing.
+    pub fn kind(&self, name: &OsStr) -> Option<SFlag> {
+        fstatat(&self.fd, name, AtFlags::AT_SYMLINK_NOFOLLOW)
+            .ok()
+            .map(|st| file_type(&st))
+    }
+
+    /// Removes `name` without following it: a symlink is unlinked itself; a real directory
+    /// is emptied through its own descriptor, recursing only into real directories.
+    pub fn remove<P: AsRef<OsStr> + ?Sized>(&self, name: &P) -> Result<()> {
+        let name = name.as_ref();
+        let path = self.path.join(name);
+        match unlinkat(&self.fd, name, UnlinkatFlags::NoRemoveDir) {
+            Ok(()) | Err(Errno::ENOENT) => return Ok(()),
+            Err(Errno::EISDIR | Errno::EPERM) => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+        }
+        let sub = match openat(&self.fd, name, dir_flags(), Mode::empty()) {
+            Ok(fd) => Dir {
+                fd,
+                path: path.clone(),
+            },
+            Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+        };
+        for n in sub.entries()? {
+            sub.remove(&n)?;
+        }
+        unlinkat(&self.fd, name, UnlinkatFlags::RemoveDir)
+            .with_context(|| format!("removing directory {}", path.display()))
+    }
+
+    /// Moves `name` (whatever it is, never following it) to `to/new_name`.
+    pub fn rename_to(&self, name: &str, to: &Dir, new_name: &str) -> Result<()> {
+        renameat(&self.fd, name, &to.fd, new_name).with_context(|| {
+            format!(
+                "moving {} to {}",
+                self.join(name).display(),
+                to.join(new_name).display()
+            )
+        })?;
+        fsync(&to.fd).with_context(|| format!("syncing directory {}", to.path.display()))?;
+        fsync(&self.fd).with_context(|| format!("syncing directory {}", self.path.display()))
+    }
+}
+
+fn not_a_dir(path: &Path) -> String {
+    format!(
+        "{} is a symbolic link or not a directory; homelab-matrix never writes through a link: move it aside (mv {0} {0}.old) and restart, and it makes a real directory (to put this data on another disk, mount it there instead)",
+        path.display()
+    )
+}
+
+/// `.<name>.<64 random bits>.tmp`: a name no other process can guess in advance (the OS
+/// CSPRNG, not the pid), and with `O_EXCL` never one that already exists.
+fn temp_name(name: &str) -> Result<String> {
+    let mut b = [0u8; 8];
+    SystemRandom::new()
+        .fill(&mut b)
+        .map_err(|_| anyhow::anyhow!("the OS random number generator failed"))?;
+    Ok(format!(".{name}.{:016x}.tmp", u64::from_le_bytes(b)))
+}
+
+fn set_fd_owner_mode<F: AsFd>(fd: F, owner: Owner, mode: u32) -> nix::Result<()> {
+    let st = fstat(&fd)?;
+    if st.st_uid != owner.uid.as_raw() || st.st_gid != owner.gid.as_raw() {
+        fchown(&fd, Some(owner.uid), Some(owner.gid))?;
+    }
+    // chown(2) may clear set-id bits, so the mode is looked at after it.
+    if fstat(&fd)?.st_mode & 0o7777 != mode {
+        fchmod(&fd, Mode::from_bits_truncate(mode))?;
+    }
+    Ok(())
+}
+
+/// The parent directory of `path`, opened, and its last component.
+fn split(path: &Path) -> Result<(Dir, &str)> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .with_context(|| format!("{} has no usable file name", path.display()))?;
+    Ok((Dir::open(parent)?, name))
+}
+
+/// Creates `dir` (and missing parents) and then sets its owner and mode on its descriptor, also
+/// when it already existed, so a wrong mode left by hand is corrected at every start. See
+/// [`Dir::ensure_sub`] for a symlink in its place.
+pub fn ensure_dir(dir: &Path, owner: Owner, mode: u32) -> Result<Dir> {
+    if let Some(p) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        fs::create_dir_all(p).with_context(|| format!("creating directory {}", p.display()))?;
+    }
+    let (parent, name) = split(dir)?;
+    parent.ensure_sub(name, owner, mode)
+}
+
+/// Sets the owner and mode of `path`, which must not be a symlink (a socket is fine).
 pub fn set_owner_mode(path: &Path, owner: Owner, mode: u32) -> Result<()> {
-    chown(path, Some(owner.uid), Some(owner.gid))
-        .with_context(|| format!("changing owner of {}", path.display()))?;
-    fs::set_permissions(path, fs::Permissions::from_mode(mode))
-        .with_context(|| format!("changing mode of {}", path.display()))
+    let (parent, name) = split(path)?;
+    // O_PATH opens any type (a socket too) without reading it; with O_NOFOLLOW a symlink
+    // yields the link itself, which is refused.
+    let fd = openat(
+        &parent.fd,
+        name,
+        OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .with_context(|| format!("opening {}", path.display()))?;
+    let st = fstat(&fd).with_context(|| format!("stat {}", path.display()))?;
+    if file_type(&st) == SFlag::S_IFLNK {
+        bail!(
+            "{} is a symbolic link; homelab-matrix does not change owners or modes through links: remove it and restart",
+            path.display()
+        );
+    }
+    // fchown/fchmod refuse O_PATH descriptors: chown through AT_EMPTY_PATH, chmod through the
+    // descriptor's /proc entry (what glibc's fchmodat does for AT_SYMLINK_NOFOLLOW).
+    fchownat(
+        &fd,
+        "",
+        Some(owner.uid),
+        Some(owner.gid),
+        AtFlags::AT_EMPTY_PATH,
+    )
+    .with_context(|| format!("changing owner of {}", path.display()))?;
+    let proc = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    nix::sys::stat::fchmodat(
+        nix::fcntl::AT_FDCWD,
+        proc.as_str(),
+        Mode::from_bits_truncate(mode),
+        nix::sys::stat::FchmodatFlags::FollowSymlink,
+    )
+    .with_context(|| format!("changing mode of {}", path.display()))
 }
 
-/// Writes `contents` to `path` so that readers see the old file or the new one, never half of
-/// one: a temp file beside it (created with `mode`, so a secret is never briefly readable),
-/// fsync, chown, rename, then fsync of the directory so the rename survives a power cut.
+/// [`Dir::write_atomic`] in `path`'s directory.
 pub fn write_atomic(path: &Path, contents: &[u8], owner: Owner, mode: u32) -> Result<()> {
-    let dir = path
-        .parent()
-        .with_context(|| format!("{} has no parent directory", path.display()))?;
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
-    let result = (|| -> Result<()> {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)
-            .with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(contents)
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        f.sync_all()
-            .with_context(|| format!("syncing {}", tmp.display()))?;
-        set_owner_mode(&tmp, owner, mode)?;
-        fs::rename(&tmp, path)
-            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-        fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .with_context(|| format!("syncing directory {}", dir.display()))
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    let (dir, name) = split(path)?;
+    dir.write_atomic(name, contents, owner, mode)
 }
 
-/// Writes only when the contents differ; returns whether it wrote. Keeps mtimes (and Synapse's
-/// view of "changed") stable across restarts.
+/// [`Dir::write_if_changed`] in `path`'s directory.
 pub fn write_if_changed(path: &Path, contents: &[u8], owner: Owner, mode: u32) -> Result<bool> {
-    if fs::read(path).is_ok_and(|old| old == contents) {
-        set_owner_mode(path, owner, mode)?;
-        return Ok(false);
-    }
-    write_atomic(path, contents, owner, mode)?;
-    Ok(true)
+    let (dir, name) = split(path)?;
+    dir.write_if_changed(name, contents, owner, mode)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
+
+    fn me() -> Owner {
+        Owner {
+            uid: Uid::current(),
+            gid: Gid::current(),
+        }
+    }
 
     #[test]
     fn atomic_write_sets_mode_and_replaces() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("secret");
-        let me = Owner {
-            uid: Uid::current(),
-            gid: Gid::current(),
-        };
-        write_atomic(&p, b"one", me, 0o600).unwrap();
+        write_atomic(&p, b"one", me(), 0o600).unwrap();
         assert_eq!(fs::metadata(&p).unwrap().mode() & 0o777, 0o600);
-        assert!(!write_if_changed(&p, b"one", me, 0o600).unwrap());
-        assert!(write_if_changed(&p, b"two", me, 0o600).unwrap());
+        assert!(!write_if_changed(&p, b"one", me(), 0o600).unwrap());
+        assert!(write_if_changed(&p, b"two", me(), 0o640).unwrap());
         assert_eq!(fs::read(&p).unwrap(), b"two");
+        assert_eq!(fs::metadata(&p).unwrap().mode() & 0o777, 0o640);
         // No temp files are left behind.
         assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+
+    /// A symlink at the final name is replaced by the new file; its target is not touched.
+    #[test]
+    fn a_symlink_at_the_name_is_replaced_not_followed() {
+        let d = tempfile::tempdir().unwrap();
+        let target = d.path().join("canary");
+        fs::write(&target, b"canary").unwrap();
+        fs::set_permissions(&target, fs::Permissions::from_mode(0o600)).unwrap();
+        let p = d.path().join("homeserver.yaml");
+        symlink(&target, &p).unwrap();
+        // Even with the target's own contents: an unchanged symlink is not "unchanged".
+        assert!(write_if_changed(&p, b"canary", me(), 0o644).unwrap());
+        assert!(!fs::symlink_metadata(&p).unwrap().file_type().is_symlink());
+        assert_eq!(fs::metadata(&target).unwrap().mode() & 0o777, 0o600);
+        symlink(&target, d.path().join("other")).unwrap();
+        write_atomic(&d.path().join("other"), b"new", me(), 0o644).unwrap();
+        assert_eq!(fs::read(&target).unwrap(), b"canary");
+        assert_eq!(fs::read(d.path().join("other")).unwrap(), b"new");
+    }
+
+    /// A hard link (possible without protected_hardlinks) is replaced, never chowned.
+    #[test]
+    fn a_hard_link_is_replaced_not_chmodded() {
+        let d = tempfile::tempdir().unwrap();
+        let target = d.path().join("canary");
+        fs::write(&target, b"same").unwrap();
+        fs::set_permissions(&target, fs::Permissions::from_mode(0o600)).unwrap();
+        let p = d.path().join("file");
+        fs::hard_link(&target, &p).unwrap();
+        assert!(write_if_changed(&p, b"same", me(), 0o644).unwrap());
+        assert_eq!(fs::metadata(&target).unwrap().mode() & 0o777, 0o600);
+        assert_eq!(fs::metadata(&p).unwrap().nlink(), 1);
+    }
+
+    /// Temp files are made with O_EXCL under random names: two writes never share one, and
+    /// an entry planted at a temp name is neither used nor followed.
+    #[test]
+    fn temp_names_are_random_and_exclusive() {
+        let a = temp_name("x").unwrap();
+        let b = temp_name("x").unwrap();
+        assert_ne!(a, b);
+        assert!(a.starts_with(".x.") && a.ends_with(".tmp"), "{a}");
+        let d = tempfile::tempdir().unwrap();
+        let dir = Dir::open(d.path()).unwrap();
+        let target = d.path().join("canary");
+        fs::write(&target, b"canary").unwrap();
+        symlink(&target, d.path().join(&a)).unwrap();
+        let e = openat(
+            &dir.fd,
+            a.as_str(),
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW,
+            Mode::from_bits_truncate(0o600),
+        )
+        .unwrap_err();
+        assert_eq!(e, Errno::EEXIST);
+        dir.write_atomic("f", b"x", me(), 0o600).unwrap();
+        assert_eq!(fs::read(&target).unwrap(), b"canary");
+    }
+
+    /// A symlinked directory is refused: neither opened, chowned nor written into.
+    #[test]
+    fn a_symlinked_directory_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let real = d.path().join("real");
+        fs::create_dir(&real).unwrap();
+        fs::set_permissions(&real, fs::Permissions::from_mode(0o700)).unwrap();
+        let link = d.path().join("conf.d");
+        symlink(&real, &link).unwrap();
+        let e = ensure_dir(&link, me(), 0o755).unwrap_err().to_string();
+        assert!(e.contains("conf.d is a symbolic link"), "{e}");
+        assert!(e.contains("move it aside"), "{e}");
+        assert!(Dir::open(&link).is_err());
+        assert!(write_atomic(&link.join("x"), b"x", me(), 0o600).is_err());
+        assert!(set_owner_mode(&link, me(), 0o755).is_err());
+        assert_eq!(fs::metadata(&real).unwrap().mode() & 0o777, 0o700);
+        assert_eq!(fs::read_dir(&real).unwrap().count(), 0);
+        // Directories above the last component may be links (the operator's).
+        let above = d.path().join("above");
+        symlink(&real, &above).unwrap();
+        ensure_dir(&above.join("sub/deeper"), me(), 0o750).unwrap();
+        assert!(real.join("sub/deeper").is_dir());
+    }
+
+    /// A symlink another user left where a directory belongs, in a directory only we write
+    /// (a child's plant from the old layout), is removed and a real directory made; its
+    /// target is untouched. Needs root to own a link as someone else.
+    #[test]
+    fn a_foreign_symlink_in_our_directory_is_replaced() {
+        if !Uid::effective().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        fs::set_permissions(d.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let real = d.path().join("real");
+        fs::create_dir(&real).unwrap();
+        fs::set_permissions(&real, fs::Permissions::from_mode(0o700)).unwrap();
+        let link = d.path().join("conf.d");
+        symlink(&real, &link).unwrap();
+        let nobody = Uid::from_raw(65534);
+        fchownat(
+            nix::fcntl::AT_FDCWD,
+            &link,
+            Some(nobody),
+            None,
+            AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .unwrap();
+        let dir = ensure_dir(&link, Owner::root(), 0o750).unwrap();
+        assert_eq!(dir.path(), link);
+        let m = fs::symlink_metadata(&link).unwrap();
+        assert!(m.is_dir());
+        assert_eq!(m.mode() & 0o777, 0o750);
+        assert_eq!(fs::metadata(&real).unwrap().mode() & 0o777, 0o700);
+        assert_eq!(fs::metadata(&real).unwrap().uid(), 0);
+    }
+
+    /// Removal unlinks a symlink itself and never recurses through one.
+    #[test]
+    fn remove_never_follows() {
+        let d = tempfile::tempdir().unwrap();
+        let keep = d.path().join("keep");
+        fs::create_dir(&keep).unwrap();
+        fs::write(keep.join("precious"), b"p").unwrap();
+        let work = d.path().join("work");
+        fs::create_dir_all(work.join("sub")).unwrap();
+        symlink(&keep, work.join("link")).unwrap();
+        symlink(&keep, work.join("sub/link")).unwrap();
+        fs::write(work.join("sub/file"), b"f").unwrap();
+        let w = Dir::open(&work).unwrap();
+        let mut names = w.entries().unwrap();
+        names.sort();
+        assert_eq!(names, vec![OsString::from("link"), OsString::from("sub")]);
+        w.remove("link").unwrap();
+        w.remove("sub").unwrap();
+        w.remove("missing").unwrap();
+        assert_eq!(w.entries().unwrap().len(), 0);
+        assert_eq!(fs::read(keep.join("precious")).unwrap(), b"p");
+    }
+
+    /// A FIFO at the name is replaced without blocking on it.
+    #[test]
+    fn a_fifo_is_replaced_without_blocking() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("f");
+        nix::unistd::mkfifo(&p, Mode::from_bits_truncate(0o600)).unwrap();
+        assert!(write_if_changed(&p, b"x", me(), 0o600).unwrap());
+        assert_eq!(fs::read(&p).unwrap(), b"x");
     }
 }
