@@ -127,8 +127,7 @@ impl Dir {
                 Err(Errno::ELOOP | Errno::ENOTDIR) if first && self.remove_foreign(name)? => {}
                 Err(Errno::ELOOP | Errno::ENOTDIR) => bail!("{}", not_a_dir(&path)),
                 Err(e) => {
-                    return Err(e)
-                        .with_context(|| format!("opening directory {}", path.display()));
+                    return Err(e).with_context(|| format!("opening directory {}", path.display()));
                 }
             }
         }

@@ -77,7 +77,7 @@ fn synapse_under_the_supervisor_end_to_end() {
         !homeserver_yaml.contains(&pw),
         "DB password inline in homeserver.yaml"
     );
-    let signing_key = fs::read(lab.state().join("synapse/signing.key")).unwrap();
+    let signing_key = fs::read(lab.state().join("synapse-data/signing.key")).unwrap();
 
     // `user add` makes an admin who can log in and use the admin API.
     let pwfile = lab.path("alice.pw");
@@ -257,7 +257,7 @@ fn synapse_under_the_supervisor_end_to_end() {
         "secrets changed across a restart"
     );
     assert_eq!(
-        fs::read(lab.state().join("synapse/signing.key")).unwrap(),
+        fs::read(lab.state().join("synapse-data/signing.key")).unwrap(),
         signing_key
     );
     assert!(

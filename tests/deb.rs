@@ -233,7 +233,7 @@ fn the_package_installs_runs_upgrades_and_purges_cleanly() {
     );
     drop(run);
     let secrets = files_under(&format!("{STATE}/secrets"));
-    let signing_key = fs::read(format!("{STATE}/synapse/signing.key")).unwrap();
+    let signing_key = fs::read(format!("{STATE}/synapse-data/signing.key")).unwrap();
 
     // Upgrade to a rebuilt, higher version: config, secrets and data stay.
     let (deb2, _) = build(&dist, Some("0.1.0+1"));
@@ -256,7 +256,7 @@ fn the_package_installs_runs_upgrades_and_purges_cleanly() {
         "the upgrade changed the secrets"
     );
     assert_eq!(
-        fs::read(format!("{STATE}/synapse/signing.key")).unwrap(),
+        fs::read(format!("{STATE}/synapse-data/signing.key")).unwrap(),
         signing_key
     );
     let mut run = start_unit(tmp.path());

@@ -1,15 +1,21 @@
 //! Synapse: its rendered config, its child spec, and the admin API the appliance drives.
 //!
-//! Layout under `state/synapse` (owned by the Synapse user, DESIGN.md §3):
-//! `homeserver.yaml` (ours), `conf.d/` (copies of the operator's `synapse.d/*.yaml`, applied
-//! after ours: Synapse reads `-c` files in order and a later file replaces whole top-level keys),
-//! `log.yaml`, `secrets/` (the secrets Synapse needs, copied from `state/secrets`, 0600),
-//! `signing.key` (made by Synapse on first start, never replaced), `media_store/`.
+//! Two directories (DESIGN.md §3), so that root never writes where the child can:
+//! - `state/synapse` (root, group matrix-synapse, 0750; files 0640): what Synapse only reads.
+//!   `homeserver.yaml` (ours), `log.yaml`, `conf.d/` (copies of the operator's
+//!   `synapse.d/*.yaml`, applied after ours: Synapse reads `-c` files in order and a later file
+//!   replaces whole top-level keys), `secrets/` (the secrets Synapse needs, copied from
+//!   `state/secrets`).
+//! - `state/synapse-data` (matrix-synapse, 0700): what Synapse writes. `signing.key` (made by
+//!   Synapse on first start, never replaced), `media_store/`, `homeserver.pid`; also its working
+//!   directory and HOME.
 
 pub mod admin;
 pub mod yaml;
 
+use std::ffi::OsString;
 use std::fs;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -18,20 +24,32 @@ use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 
 use crate::config::Config;
-use crate::fsutil::{Owner, ensure_dir, write_if_changed};
+use crate::fsutil::{Dir, Owner};
 use crate::secrets::{Kind, Secrets};
 use crate::supervisor::{BackoffPolicy, ChildSpec, Command, Readiness, RunAs};
+
+/// Directory names under the state dir.
+const CONFIG_DIR: &str = "synapse";
+const DATA_DIR: &str = "synapse-data";
+/// What Synapse writes, moved from `state/synapse` to `state/synapse-data` on upgrade.
+const WRITTEN_BY_SYNAPSE: [&str; 2] = ["signing.key", "media_store"];
+/// libpq's password file (PostgreSQL docs, 34.16 "The Password File").
+const PGPASS: &str = "pgpass";
 
 /// Paths of Synapse's files for a given state dir.
 #[derive(Debug, Clone)]
 pub struct Layout {
+    /// Root's, read by Synapse through its group.
     pub dir: PathBuf,
+    /// Synapse's own.
+    pub data: PathBuf,
 }
 
 impl Layout {
     pub fn new(state_dir: &Path) -> Layout {
         Layout {
-            dir: state_dir.join("synapse"),
+            dir: state_dir.join(CONFIG_DIR),
+            data: state_dir.join(DATA_DIR),
         }
     }
     pub fn homeserver_yaml(&self) -> PathBuf {
@@ -47,10 +65,13 @@ impl Layout {
         self.dir.join("secrets")
     }
     pub fn signing_key(&self) -> PathBuf {
-        self.dir.join("signing.key")
+        self.data.join("signing.key")
     }
     pub fn media_store(&self) -> PathBuf {
-        self.dir.join("media_store")
+        self.data.join("media_store")
+    }
+    pub fn pid_file(&self) -> PathBuf {
+        self.data.join("homeserver.pid")
     }
 }
 
@@ -73,7 +94,7 @@ pub fn homeserver_config(cfg: &Config, l: &Layout) -> Value {
         // We serve /.well-known/matrix ourselves (DESIGN.md §2).
         "serve_server_wellknown": false,
         "report_stats": false,
-        "pid_file": l.dir.join("homeserver.pid").display().to_string(),
+        "pid_file": l.pid_file().display().to_string(),
         "signing_key_path": l.signing_key().display().to_string(),
         "media_store_path": l.media_store().display().to_string(),
         "max_upload_size": cfg.synapse.max_upload_size,
@@ -97,7 +118,7 @@ pub fn homeserver_config(cfg: &Config, l: &Layout) -> Value {
                 "dbname": cfg.postgres.database,
                 "host": cfg.postgres.host,
                 "port": cfg.postgres.port,
-                "passfile": l.secrets().join("pgpass").display().to_string(),
+                "passfile": l.secrets().join(PGPASS).display().to_string(),
                 "cp_min": 5,
                 "cp_max": 10,
             },
@@ -144,23 +165,28 @@ fn log_config() -> Value {
 /// Writes Synapse's files. Returns true when anything Synapse reads changed (a restart is due).
 pub fn render(cfg: &Config, secrets: &Secrets, synapse_user: &RunAs) -> Result<bool> {
     let l = Layout::new(&cfg.state_dir());
-    let owner = synapse_user.owner();
-    ensure_dir(&l.dir, owner, 0o750)?;
-    ensure_dir(&l.secrets(), owner, 0o700)?;
-    ensure_dir(&l.conf_d(), owner, 0o750)?;
-    ensure_dir(&l.media_store(), owner, 0o750)?;
+    let child = synapse_user.owner();
+    let group = Owner::root_with_group(synapse_user.gid);
+    let state = Dir::open(&cfg.state_dir())?;
+    // Taken back through its descriptor first when an older version left it to the child.
+    let dir = state.ensure_sub(CONFIG_DIR, group, 0o750)?;
+    let data = state.ensure_sub(DATA_DIR, child, 0o700)?;
+    adopt_old_layout(&dir, &data)?;
+    let sec = dir.ensure_sub("secrets", group, 0o750)?;
+    let conf_d = dir.ensure_sub("conf.d", group, 0o750)?;
 
     let mut changed = false;
+    let mut names = vec![OsString::from(PGPASS)];
     for kind in SYNAPSE_SECRETS {
         let v = secrets.get(kind)?;
-        changed |= write_if_changed(
-            &l.secrets().join(kind.file_name()),
-            v.expose().as_bytes(),
-            owner,
-            0o600,
-        )?;
+        changed |= sec.write_if_changed(kind.file_name(), v.expose().as_bytes(), group, 0o640)?;
+        names.push(kind.file_name().into());
     }
     // libpq passfile format: hostname:port:database:username:password (libpq docs, 34.16).
+    // libpq ignores a passfile with any group or other permission bit ("password file has
+    // group or world access", checked with this host's libpq 15), so this one file is
+    // Synapse's own, 0600. It still lives in root's directory: Synapse can change what it
+    // holds (its own password) but cannot replace it with a link.
     let pw = secrets.get(Kind::PostgresPassword)?;
     let pgpass = format!(
         "{}:{}:{}:{}:{}\n",
@@ -170,20 +196,68 @@ pub fn render(cfg: &Config, secrets: &Secrets, synapse_user: &RunAs) -> Result<b
         cfg.postgres.user,
         pw.expose()
     );
-    changed |= write_if_changed(&l.secrets().join("pgpass"), pgpass.as_bytes(), owner, 0o600)?;
+    changed |= sec.write_if_changed(PGPASS, pgpass.as_bytes(), child, 0o600)?;
+    remove_others(&sec, &names)?;
 
     let header = "# Generated by homelab-matrix from /etc/homelab-matrix/homelab-matrix.toml.\n# Do not edit: it is rewritten at every start. Put your own settings in\n# /etc/homelab-matrix/synapse.d/*.yaml (applied after this file, whole top-level keys).\n";
     let hs = format!("{header}{}", yaml::to_yaml(&homeserver_config(cfg, &l)));
-    changed |= write_if_changed(&l.homeserver_yaml(), hs.as_bytes(), owner, 0o640)?;
+    changed |= dir.write_if_changed("homeserver.yaml", hs.as_bytes(), group, 0o640)?;
     let log = format!("{header}{}", yaml::to_yaml(&log_config()));
-    changed |= write_if_changed(&l.log_yaml(), log.as_bytes(), owner, 0o640)?;
-    changed |= sync_overrides(Path::new(&cfg.synapse.config_dir), &l.conf_d(), owner)?;
+    changed |= dir.write_if_changed("log.yaml", log.as_bytes(), group, 0o640)?;
+    changed |= sync_overrides(Path::new(&cfg.synapse.config_dir), &conf_d, group)?;
     Ok(changed)
 }
 
-/// Mirrors the operator's `*.yaml` overrides into conf.d (owned by Synapse's user, so a 0600
-/// file of root's still works), removing copies whose source is gone.
-fn sync_overrides(src: &Path, dst: &Path, owner: Owner) -> Result<bool> {
+/// Up to 0.1 `state/synapse` was the child's own (matrix-synapse 0750) and held what Synapse
+/// writes. By now `render` has taken the directory back through its descriptor, so the child
+/// can add nothing more; here the signing key and media store move to `synapse-data` with
+/// `renameat` (the entry itself, never what a link points to), and every other entry that is
+/// not ours (the pid file, anything the child planted) is removed without being followed.
+fn adopt_old_layout(dir: &Dir, data: &Dir) -> Result<()> {
+    for name in dir.entries()? {
+        match name.to_str() {
+            Some("homeserver.yaml" | "log.yaml" | "conf.d" | "secrets") => {}
+            Some(n) if WRITTEN_BY_SYNAPSE.contains(&n) => {
+                if data.contains(&name) {
+                    tracing::warn!(
+                        child = "synapse",
+                        "{} is left from an older layout, but {} exists and is the one Synapse uses; remove the old one once you have checked it",
+                        dir.join(n).display(),
+                        data.join(n).display()
+                    );
+                    continue;
+                }
+                dir.rename_to(n, data, n)?;
+                tracing::info!(
+                    child = "synapse",
+                    "moved {} to {}",
+                    dir.join(n).display(),
+                    data.join(n).display()
+                );
+            }
+            _ => dir.remove(&name)?,
+        }
+    }
+    Ok(())
+}
+
+/// Removes every entry of `dir` not in `keep`, without following any. Returns whether any was.
+fn remove_others(dir: &Dir, keep: &[OsString]) -> Result<bool> {
+    let mut removed = false;
+    for name in dir.entries()? {
+        if !keep.contains(&name) {
+            dir.remove(&name)?;
+            removed = true;
+        }
+    }
+    Ok(removed)
+}
+
+/// Mirrors the operator's `*.yaml` overrides into conf.d (root's, read by Synapse's group, so
+/// an operator's 0600 file still works), removing copies whose source is gone. `synapse.d` is
+/// root's: a link there is the operator's choice and is read through, but only to a regular
+/// file; conf.d itself is only written through its descriptor.
+fn sync_overrides(src: &Path, dst: &Dir, owner: Owner) -> Result<bool> {
     let mut wanted = vec![];
     if src.is_dir() {
         for e in fs::read_dir(src).with_context(|| format!("reading {}", src.display()))? {
@@ -197,18 +271,25 @@ fn sync_overrides(src: &Path, dst: &Path, owner: Owner) -> Result<bool> {
     let mut names = vec![];
     for p in &wanted {
         let name = p.file_name().expect("has a name").to_owned();
-        let body = fs::read(p).with_context(|| format!("reading {}", p.display()))?;
-        changed |= write_if_changed(&dst.join(&name), &body, owner, 0o600)?;
+        let Some(n) = name.to_str() else {
+            tracing::warn!(
+                child = "synapse",
+                "skipping {}: its name is not UTF-8",
+                p.display()
+            );
+            continue;
+        };
+        let mut f = fs::File::open(p).with_context(|| format!("reading {}", p.display()))?;
+        if !f.metadata().is_ok_and(|m| m.is_file()) {
+            continue;
+        }
+        let mut body = vec![];
+        f.read_to_end(&mut body)
+            .with_context(|| format!("reading {}", p.display()))?;
+        changed |= dst.write_if_changed(n, &body, owner, 0o640)?;
         names.push(name);
     }
-    for e in fs::read_dir(dst).with_context(|| format!("reading {}", dst.display()))? {
-        let e = e?;
-        if !names.contains(&e.file_name()) {
-            fs::remove_file(e.path())
-                .with_context(|| format!("removing stale {}", e.path().display()))?;
-            changed = true;
-        }
-    }
+    changed |= remove_others(dst, &names)?;
     Ok(changed)
 }
 
@@ -222,12 +303,13 @@ pub fn child_spec(cfg: &Config, run_as: RunAs) -> ChildSpec {
         .arg(l.homeserver_yaml())
         .arg("-c")
         .arg(l.conf_d())
-        .env("HOME", &l.dir)
+        // Synapse's own directory: whatever it or a module writes at run time lands there.
+        .env("HOME", &l.data)
         .env("USER", &run_as.user)
         .env("LOGNAME", &run_as.user)
         .env("LANG", "C.UTF-8")
         .env("PYTHONUNBUFFERED", "1");
-    command.cwd = l.dir.clone();
+    command.cwd = l.data.clone();
     command.run_as = Some(run_as);
     ChildSpec {
         name: "synapse".into(),

@@ -477,6 +477,18 @@ pub fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
 }
 
 /// The real uid of a process, from /proc.
+/// A command that runs `program` as the system user `user` with only its own group, the way a
+/// compromised child would run it (setpriv execs directly, so signals and exit codes pass).
+pub fn as_user(user: &str, program: &str) -> Command {
+    let mut c = Command::new("setpriv");
+    c.arg(format!("--reuid={user}"))
+        .arg(format!("--regid={user}"))
+        .arg("--clear-groups")
+        .arg("--")
+        .arg(program);
+    c
+}
+
 pub fn proc_uid(pid: i32) -> u32 {
     let s = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     s.lines()
