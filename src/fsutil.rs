@@ -107,7 +107,7 @@ impl Dir {
     ///
     /// A symlink or file where the directory should be is an error, unless it belongs to
     /// someone else and this directory only its owner can write: then it was left there while a
-    /// child could still write here (the layout before 0.2), and it is removed, not followed.
+    /// child could still write here (the older layout), and it is removed, not followed.
     pub fn ensure_sub(&self, name: &str, owner: Owner, mode: u32) -> Result<Dir> {
         let path = self.join(name);
         for first in [true, false] {
@@ -305,7 +305,7 @@ impl Dir {
 
 fn not_a_dir(path: &Path) -> String {
     format!(
-        "{} is a symbolic link or not a directory; homelab-matrix never writes through a link: move it aside (mv {0} {0}.old) and restart, and it makes a real directory (to put this data on another disk, mount it there instead)",
+        "{} is a symbolic link or not a directory; homelab-matrix never writes through a link: replace it with the real directory (to keep this data on another disk, mount that disk here, or point state.dir at the real path), then restart",
         path.display()
     )
 }
@@ -502,7 +502,7 @@ mod tests {
         symlink(&real, &link).unwrap();
         let e = ensure_dir(&link, me(), 0o755).unwrap_err().to_string();
         assert!(e.contains("conf.d is a symbolic link"), "{e}");
-        assert!(e.contains("move it aside"), "{e}");
+        assert!(e.contains("replace it with the real directory"), "{e}");
         assert!(Dir::open(&link).is_err());
         assert!(write_atomic(&link.join("x"), b"x", me(), 0o600).is_err());
         assert!(set_owner_mode(&link, me(), 0o755).is_err());

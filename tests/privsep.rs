@@ -44,6 +44,23 @@ struct Seen {
     ino: u64,
 }
 
+impl Seen {
+    fn summary(&self) -> String {
+        let what = match (&self.contents, &self.entries) {
+            (Some(c), _) => {
+                let t = String::from_utf8_lossy(c);
+                format!("{:?}", t.chars().take(40).collect::<String>())
+            }
+            (_, Some(e)) => format!("entries {e:?}"),
+            _ => "?".into(),
+        };
+        format!(
+            "{what} {}:{} {:o} mtime {}",
+            self.uid, self.gid, self.mode, self.mtime.0
+        )
+    }
+}
+
 /// A root-owned file or directory that nothing may touch.
 struct Canary {
     path: PathBuf,
@@ -101,10 +118,10 @@ impl Canary {
         let now = Canary::look(&self.path);
         (now != self.seen).then(|| {
             format!(
-                "{} changed: was {:?}, now {:?}",
+                "{} changed: was {}, now {}",
                 self.path.display(),
-                self.seen,
-                now
+                self.seen.summary(),
+                now.summary()
             )
         })
     }
@@ -404,7 +421,7 @@ fn links_planted_by_the_children_are_never_written_through() {
     );
 }
 
-/// `state/synapse` and `state/coturn` as up to 0.1 left them: the child's own, with links it
+/// `state/synapse` and `state/coturn` as the older layout left them: the child's own, with links it
 /// planted inside, a real signing key and a media file.
 #[test]
 fn an_old_layout_is_taken_back_and_synapse_keeps_its_key_and_media() {

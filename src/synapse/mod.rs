@@ -208,7 +208,7 @@ pub fn render(cfg: &Config, secrets: &Secrets, synapse_user: &RunAs) -> Result<b
     Ok(changed)
 }
 
-/// Up to 0.1 `state/synapse` was the child's own (matrix-synapse 0750) and held what Synapse
+/// In the older layout `state/synapse` was the child's own (matrix-synapse 0750) and held what Synapse
 /// writes. By now `render` has taken the directory back through its descriptor, so the child
 /// can add nothing more; here the signing key and media store move to `synapse-data` with
 /// `renameat` (the entry itself, never what a link points to), and every other entry that is
