@@ -213,8 +213,10 @@ fn assert_plants(results: &[(PathBuf, String)], root_dirs: &[PathBuf]) {
     }
     assert!(
         wrong.is_empty(),
-        "plants by the child did not go as the layout says:\n{}",
-        wrong.join("\n")
+        "{} of {} plants by the child did not go as the layout says, e.g.:\n{}",
+        wrong.len(),
+        results.len(),
+        wrong[..wrong.len().min(20)].join("\n")
     );
 }
 
@@ -401,6 +403,34 @@ fn links_planted_by_the_children_are_never_written_through() {
             .code(),
         Some(0)
     );
+    // The next supervisor's pid is not known yet: plant its old temp names for the next
+    // 3000 pids, as an attacker would (one canary each for Synapse's and coturn's).
+    let last: u32 = fs::read_to_string("/proc/sys/kernel/ns_last_pid")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let (hs_canary, turn_canary) = (canaries.file(), canaries.file());
+    let range = (last + 1)..(last + 3000);
+    let hs_pairs: Vec<_> = range
+        .clone()
+        .map(|p| {
+            (
+                hs_canary.clone(),
+                s.join(format!(".homeserver.yaml.tmp.{p}")),
+            )
+        })
+        .collect();
+    let turn_pairs: Vec<_> = range
+        .map(|p| {
+            (
+                turn_canary.clone(),
+                c.join(format!(".turnserver.conf.tmp.{p}")),
+            )
+        })
+        .collect();
+    results.extend(plant(SYNAPSE_USER, &hs_pairs));
+    results.extend(plant(TURN_USER, &turn_pairs));
     fs::write(
         lab.path("synapse.d/50-privsep.yaml"),
         "url_preview_enabled: false\n# changed\n",
@@ -441,7 +471,23 @@ fn an_old_layout_is_taken_back_and_synapse_keeps_its_key_and_media() {
         fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
     };
     mk(&s, su, sg, 0o750);
-    mk(&s.join("conf.d"), su, sg, 0o750);
+    // Synapse's copy of a secret, as the old layout kept it (the child's, 0600), with the
+    // value the appliance's own secrets dir holds: taken back in place, not rewritten.
+    let form_secret = "7f".repeat(32);
+    let root_secrets = st.join("secrets");
+    mk(&root_secrets, 0, 0, 0o700);
+    fs::write(root_secrets.join("form_secret"), &form_secret).unwrap();
+    fs::set_permissions(
+        root_secrets.join("form_secret"),
+        fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    mk(&s.join("secrets"), su, sg, 0o700);
+    let old_secret = s.join("secrets/form_secret");
+    fs::write(&old_secret, &form_secret).unwrap();
+    std::os::unix::fs::chown(&old_secret, Some(su), Some(sg)).unwrap();
+    fs::set_permissions(&old_secret, fs::Permissions::from_mode(0o600)).unwrap();
+    let old_secret_ino = fs::metadata(&old_secret).unwrap().ino();
     // A real signing key, made by Synapse's own tool, as Synapse left it.
     let key = s.join("signing.key");
     let out = as_user(SYNAPSE_USER, common::SYNAPSE_PYTHON)
@@ -476,14 +522,12 @@ fn an_old_layout_is_taken_back_and_synapse_keeps_its_key_and_media() {
         (canaries.file(), s.join("log.yaml")),
         (canaries.file(), s.join(".homeserver.yaml.tmp.4242")),
         (canaries.file(), s.join("homeserver.pid")),
-        (canaries.file(), s.join("conf.d/90-test-ratelimits.yaml")),
-        (
-            canaries.file(),
-            s.join("conf.d/.90-test-ratelimits.yaml.tmp.4242"),
-        ),
-        (canaries.file(), s.join("conf.d/stale.yaml")),
-        // The whole secrets dir is a link to a root directory.
-        (canaries.dir(), s.join("secrets")),
+        (canaries.file(), s.join("secrets/pgpass")),
+        (canaries.file(), s.join("secrets/macaroon_secret_key")),
+        (canaries.file(), s.join("secrets/.form_secret.tmp.4242")),
+        (canaries.file(), s.join("secrets/stale")),
+        // The whole conf.d is a link to a root directory.
+        (canaries.dir(), s.join("conf.d")),
     ];
     synapse_pairs.push((canaries.dir(), s.join("media_store/local_content/evil")));
     let turn_pairs = vec![
@@ -504,6 +548,12 @@ fn an_old_layout_is_taken_back_and_synapse_keeps_its_key_and_media() {
     canaries.assert_untouched();
     assert_layout(&lab);
     let data = st.join("synapse-data");
+    let m = fs::metadata(s.join("secrets/form_secret")).unwrap();
+    assert_eq!(
+        (m.ino(), fs::read_to_string(&old_secret).unwrap()),
+        (old_secret_ino, form_secret),
+        "an unchanged file is taken back in place"
+    );
     assert_eq!(
         fs::read(data.join("signing.key")).unwrap(),
         key_bytes,
