@@ -190,7 +190,9 @@ impl Dir {
     /// Writes only when the contents differ; returns whether it wrote. Keeps mtimes (and
     /// Synapse's view of "changed") stable across restarts. An old entry that is not a regular
     /// file with one link (a symlink, a FIFO, a hard link to something else) is never read,
-    /// chowned or written through: it is replaced.
+    /// chowned or written through: it is replaced. So is one owned by another user than
+    /// `owner` (a child's file from the older layout): a child may still hold it open for
+    /// writing, so it is not taken over in place but replaced by a new file.
     pub fn write_if_changed(
         &self,
         name: &str,
@@ -200,6 +202,7 @@ impl Dir {
     ) -> Result<bool> {
         if let Some((old, f)) = self.read_regular(name, contents.len() as u64 + 1)?
             && old == contents
+            && fstat(&f).is_ok_and(|st| st.st_uid == owner.uid.as_raw())
         {
             set_fd_owner_mode(&f, owner, mode).with_context(|| {
                 format!("setting owner and mode of {}", self.join(name).display())
@@ -450,6 +453,26 @@ mod tests {
         write_atomic(&d.path().join("other"), b"new", me(), 0o644).unwrap();
         assert_eq!(fs::read(&target).unwrap(), b"canary");
         assert_eq!(fs::read(d.path().join("other")).unwrap(), b"new");
+    }
+
+    /// Another user's file with the very contents is replaced by a new one, not chowned in
+    /// place: its owner may hold it open for writing. Needs root.
+    #[test]
+    fn a_foreign_file_is_replaced_not_taken_over() {
+        if !Uid::effective().is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("homeserver.yaml");
+        fs::write(&p, b"same").unwrap();
+        std::os::unix::fs::chown(&p, Some(65534), Some(65534)).unwrap();
+        let ino = fs::metadata(&p).unwrap().ino();
+        assert!(write_if_changed(&p, b"same", Owner::root(), 0o640).unwrap());
+        let m = fs::metadata(&p).unwrap();
+        assert_ne!(m.ino(), ino);
+        assert_eq!((m.uid(), m.mode() & 0o777), (0, 0o640));
+        assert!(!write_if_changed(&p, b"same", Owner::root(), 0o640).unwrap());
     }
 
     /// A hard link (possible without protected_hardlinks) is replaced, never chowned.

@@ -343,6 +343,20 @@ mod tests {
         assert_eq!(v["database"]["args"]["host"], "127.0.0.1");
         assert!(v["database"]["args"].get("password").is_none());
         assert_eq!(v["registration_requires_token"], true);
+        // What Synapse writes is in its own directory; what it reads is root's.
+        for k in ["signing_key_path", "media_store_path", "pid_file"] {
+            assert!(
+                v[k].as_str()
+                    .unwrap()
+                    .starts_with("/var/lib/homelab-matrix/synapse-data/"),
+                "{k}: {}",
+                v[k]
+            );
+        }
+        assert_eq!(
+            v["database"]["args"]["passfile"],
+            "/var/lib/homelab-matrix/synapse/secrets/pgpass"
+        );
         assert_eq!(v["presence"]["enabled"], false);
         assert_eq!(v["max_upload_size"], "50M");
         let y = yaml::to_yaml(&v);
