@@ -158,8 +158,9 @@ pub fn render(
     external: Option<&str>,
 ) -> Result<bool> {
     let state = Dir::open(&cfg.state_dir())?;
-    // In the older layout this directory was coturn's own (0700): taken back through its descriptor,
-    // and what is not ours (its old pid file, anything planted) removed without following.
+    // In the older layout this directory was coturn's own (0700): taken back through its
+    // descriptor, and what is not ours (its old pid file, anything planted) removed without
+    // following.
     let d = state.ensure_sub(CONFIG_DIR, reader(user), 0o750)?;
     for name in d.entries()? {
         if !name.to_str().is_some_and(|n| FILES.contains(&n)) {

@@ -451,8 +451,8 @@ fn links_planted_by_the_children_are_never_written_through() {
     );
 }
 
-/// `state/synapse` and `state/coturn` as the older layout left them: the child's own, with links it
-/// planted inside, a real signing key and a media file.
+/// `state/synapse` and `state/coturn` as the older layout left them: the child's own, with
+/// links it planted inside, a real signing key and a media file.
 #[test]
 fn an_old_layout_is_taken_back_and_synapse_keeps_its_key_and_media() {
     if !require_all() {

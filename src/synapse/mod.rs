@@ -208,9 +208,9 @@ pub fn render(cfg: &Config, secrets: &Secrets, synapse_user: &RunAs) -> Result<b
     Ok(changed)
 }
 
-/// In the older layout `state/synapse` was the child's own (matrix-synapse 0750) and held what Synapse
-/// writes. By now `render` has taken the directory back through its descriptor, so the child
-/// can add nothing more; here the signing key and media store move to `synapse-data` with
+/// In the older layout `state/synapse` was the child's own (matrix-synapse 0750) and held what
+/// Synapse writes. By now `render` has taken the directory back through its descriptor, so the
+/// child can add nothing more; here the signing key and media store move to `synapse-data` with
 /// `renameat` (the entry itself, never what a link points to), and every other entry that is
 /// not ours (the pid file, anything the child planted) is removed without being followed.
 fn adopt_old_layout(dir: &Dir, data: &Dir) -> Result<()> {
