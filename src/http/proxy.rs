@@ -146,7 +146,12 @@ impl Upstream {
         // The head timer starts once the request body is sent: a slow upload is not Synapse
         // being slow.
         let (body, sent) = if body.is_end_stream() {
-            (Limited::new(body, self.max_body as usize).map_err(BoxError::from).boxed(), None)
+            (
+                Limited::new(body, self.max_body as usize)
+                    .map_err(BoxError::from)
+                    .boxed(),
+                None,
+            )
         } else {
             let (tx, rx) = oneshot::channel();
             let limited = Limited::new(body, self.max_body as usize).map_err(BoxError::from);
