@@ -509,7 +509,11 @@ impl Config {
         ] {
             match parse_duration(v) {
                 Err(e) => bad(key, e, "write it like \"180s\" or \"3m\""),
-                Ok(d) if d.is_zero() => bad(key, "0 would close every connection".into(), "give a duration of at least a second, e.g. \"30s\""),
+                Ok(d) if d.is_zero() => bad(
+                    key,
+                    "0 would close every connection".into(),
+                    "give a duration of at least a second, e.g. \"30s\"",
+                ),
                 Ok(_) => {}
             }
         }
