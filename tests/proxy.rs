@@ -647,6 +647,17 @@ async fn slow_and_flooding_clients_are_cut_off() {
     let _ = d.stop.send(true);
 }
 
+/// `/_synapse/admin/v1/server_version` in disguises that decode or resolve to it.
+const DISGUISED_ADMIN: [&str; 7] = [
+    "/_synapse/%61dmin/v1/server_version",
+    "//_synapse/admin/v1/server_version",
+    "/_synapse//admin/v1/server_version",
+    "/_synapse/./admin/v1/server_version",
+    "/_synapse/foo/../admin/v1/server_version",
+    "/_synapse%2Fadmin/v1/server_version",
+    "/_matrix/../_synapse/admin/v1/server_version",
+];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_api_is_refused_from_another_host_and_allowed_from_loopback() {
     if !common::require("root", common::is_root(), "network namespaces need root") {
@@ -681,6 +692,24 @@ async fn admin_api_is_refused_from_another_host_and_allowed_from_loopback() {
         rec.seen.lock().unwrap().len(),
         before,
         "the admin request reached the upstream"
+    );
+    // Disguised: the guard decides on the normalized path (curl --path-as-is sends these
+    // bytes as they are).
+    for p in DISGUISED_ADMIN {
+        let mut c = ns.exec("curl");
+        c.args(["-sS", "--path-as-is", "--max-time", "10", "-o", "/dev/null"])
+            .args(["-w", "%{http_code}", "--cacert"])
+            .arg(&d.ca)
+            .arg("--resolve")
+            .arg(format!("{HOST}:{}:{}", d.https, ns.host_ip))
+            .arg(format!("https://{HOST}:{}{p}", d.https));
+        let (out, err) = tokio::task::spawn_blocking(move || run(c)).await.unwrap();
+        assert_eq!(out, "403", "{p} from another host: {err}");
+    }
+    assert_eq!(
+        rec.seen.lock().unwrap().len(),
+        before,
+        "a disguised admin request reached the upstream"
     );
     // The client API still works from there.
     let mut c = ns.exec("curl");
@@ -1187,4 +1216,70 @@ async fn a_rapid_reset_flood_keeps_upstream_connections_under_the_cap() {
     );
     drop(conns);
     let _ = d.stop.send(true);
+}
+
+#[test]
+fn from_another_host_synapse_admin_in_any_spelling_is_refused_and_only_synapse_client_is_public() {
+    if !common::require_appliance() {
+        return;
+    }
+    let lab = common::Lab::new("guard");
+    // All addresses, so that a second host (a network namespace) can reach the front door.
+    lab.write_config_on("0.0.0.0", "[tls]\nmode = \"internal\"\n");
+    let _run = lab.start();
+    let ns = common::NetNs::new();
+    let base = lab.https_base();
+    let from_ns = |p: &str| {
+        let mut c = ns.exec("curl");
+        c.args([
+            "-sS",
+            "--path-as-is",
+            "--max-time",
+            "30",
+            "-w",
+            "\n%{http_code}",
+        ])
+        .arg("--cacert")
+        .arg(lab.ca_root())
+        .arg("--resolve")
+        .arg(format!(
+            "{}:{}:{}",
+            lab.matrix_host(),
+            lab.https_port,
+            ns.host_ip
+        ))
+        .arg(format!("{base}{p}"));
+        let (out, err) = run(c);
+        let (body, code) = out.rsplit_once('\n').unwrap_or(("", ""));
+        (code.to_string(), format!("{body} {err}"))
+    };
+    for p in std::iter::once("/_synapse/admin/v1/server_version").chain(DISGUISED_ADMIN) {
+        let (code, body) = from_ns(p);
+        assert_eq!(code, "403", "{p} from another host: {body}");
+        assert!(body.contains("M_FORBIDDEN"), "{p}: {body}");
+    }
+    // Synapse's other private trees are not found from outside.
+    for p in ["/_synapse/mas/x", "/_synapse/%6Das/x", "/_synapse"] {
+        let (code, body) = from_ns(p);
+        assert_eq!(code, "404", "{p} from another host: {body}");
+    }
+    // The public parts are served: the client API, and /_synapse/client (Synapse answers,
+    // here 400 for a missing parameter, not our 404).
+    let (code, body) = from_ns("/_matrix/client/versions");
+    assert_eq!(code, "200", "{body}");
+    let (code, body) = from_ns("/_synapse/client/pick_idp");
+    assert!(code != "404" && code != "403", "{code} {body}");
+    // From this host the admin API is passed on, the raw bytes as sent.
+    let out = lab
+        .curl()
+        .args(["-w", "\n%{http_code}", "--cacert"])
+        .arg(lab.ca_root())
+        .arg(format!("{base}/_synapse/admin/v1/server_version"))
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.ends_with("\n200") && out.contains("server_version"),
+        "{out}"
+    );
 }
