@@ -1028,6 +1028,30 @@ x = 1
     }
 
     #[test]
+    fn http_limit_keys_are_checked() {
+        let c = Config::from_toml("server_name = \"a.b\"\n").unwrap();
+        assert_eq!(c.http.idle_timeout(), Duration::from_secs(180));
+        assert_eq!(c.http.header_timeout(), Duration::from_secs(30));
+        assert_eq!(c.http.upstream_timeout(), Duration::from_secs(180));
+        assert_eq!(c.http.upstream_max_connections, 512);
+        let text = "server_name = \"a.b\"\n[http]\nidle_timeout = \"0s\"\nheader_timeout = \"soon\"\nupstream_max_connections = 0\n";
+        let p = Config::from_toml(text).unwrap_err();
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "http.idle_timeout",
+                "http.header_timeout",
+                "http.upstream_max_connections"
+            ],
+            "{p:#?}"
+        );
+        let c =
+            Config::from_toml("server_name = \"a.b\"\n[http]\nidle_timeout = \"5m\"\n").unwrap();
+        assert_eq!(c.http.idle_timeout(), Duration::from_secs(300));
+    }
+
+    #[test]
     fn missing_server_name() {
         let p = Config::from_toml("").unwrap_err();
         assert_eq!(p[0].key, "server_name");

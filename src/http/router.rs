@@ -160,9 +160,7 @@ pub fn route(
     // password reset, consent) is public; the admin API and the rest (e.g. `/_synapse/mas`)
     // are for this host and the `admin_allow` networks.
     let synapse = || {
-        if under(path, "/_synapse/client") {
-            Route::Synapse
-        } else if admin_allowed(peer, admin_allow) {
+        if under(path, "/_synapse/client") || admin_allowed(peer, admin_allow) {
             Route::Synapse
         } else if under(path, "/_synapse/admin") {
             Route::AdminForbidden
