@@ -174,11 +174,37 @@ impl Drop for PeakConnections {
     }
 }
 
+impl Recorder {
+    /// Waits until the upstream has seen `n` requests.
+    async fn wait_seen(&self, n: usize) {
+        let t0 = Instant::now();
+        while self.seen.lock().unwrap().len() < n {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "the upstream never saw {n} requests"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// A recorder and, on loopback in front of it, a front door with `limits`.
+async fn door_with(limits: Limits) -> (Recorder, Door) {
+    let rec = recorder().await;
+    let d = door(rec.port, limits, "127.0.0.1").await;
+    (rec, d)
+}
+
+/// A request the :80 listener answers with a redirect.
+const GET_ROOT: &[u8] = b"GET / HTTP/1.1\r\nHost: matrix.example.test\r\n\r\n";
+
 struct Door {
     https: u16,
     http: u16,
     federation: u16,
     ca: std::path::PathBuf,
+    /// The CA's certificate, for in-process clients.
+    ca_pem: String,
     _dir: tempfile::TempDir,
     stop: watch::Sender<bool>,
     store: Arc<CertStore>,
@@ -215,6 +241,7 @@ async fn door(upstream_port: u16, limits: Limits, listen_ip: &str) -> Door {
         https: s,
         http: h,
         federation: f,
+        ca_pem: test_ca.pem.clone(),
         ca,
         _dir: dir,
         stop,
@@ -803,15 +830,14 @@ fn read_response(s: &mut TcpStream) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_h2_connection_answering_pings_is_closed_after_the_idle_timeout() {
-    let rec = recorder().await;
-    let limits = Limits {
+    let (_rec, d) = door_with(Limits {
         idle_timeout: Duration::from_secs(2),
         h2_keepalive_interval: Duration::from_millis(200),
         ..Limits::default()
-    };
-    let d = door(rec.port, limits, "127.0.0.1").await;
-    let ca = std::fs::read_to_string(&d.ca).unwrap();
-    let (mut h2, _, reads) = common::h2_connect_counted(d.https, HOST, &ca).await;
+    })
+    .await;
+    let ca = &d.ca_pem;
+    let (mut h2, _, reads) = common::h2_connect_counted(d.https, HOST, ca).await;
     let resp = h2
         .send_request(get(d.https, "/_matrix/client/versions"))
         .await
@@ -845,13 +871,12 @@ async fn an_idle_h2_connection_answering_pings_is_closed_after_the_idle_timeout(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_h1_keep_alive_connection_lives_for_the_idle_timeout_not_the_header_timeout() {
-    let rec = recorder().await;
-    let limits = Limits {
+    let (_rec, d) = door_with(Limits {
         header_read_timeout: Duration::from_secs(1),
         idle_timeout: Duration::from_secs(4),
         ..Limits::default()
-    };
-    let d = door(rec.port, limits, "127.0.0.1").await;
+    })
+    .await;
     let http = d.http;
     tokio::task::spawn_blocking(move || {
         let req = b"GET /x HTTP/1.1\r\nHost: matrix.example.test\r\n\r\n";
@@ -900,15 +925,14 @@ async fn an_h1_keep_alive_connection_lives_for_the_idle_timeout_not_the_header_t
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_the_connection_cap_idle_connections_make_room_and_busy_ones_stay() {
-    let rec = recorder().await;
-    let limits = Limits {
+    let (rec, d) = door_with(Limits {
         max_connections: 3,
         ..Limits::default()
-    };
-    let d = door(rec.port, limits, "127.0.0.1").await;
-    let ca = std::fs::read_to_string(&d.ca).unwrap();
+    })
+    .await;
+    let ca = &d.ca_pem;
     // Place 1: an h2 connection with a long request in flight.
-    let (mut h2, _) = common::h2_connect(d.https, HOST, &ca).await;
+    let (mut h2, _) = common::h2_connect(d.https, HOST, ca).await;
     let busy = tokio::spawn({
         let req = get(d.https, "/_matrix/client/v3/sync?delay=4000");
         async move {
@@ -917,14 +941,7 @@ async fn at_the_connection_cap_idle_connections_make_room_and_busy_ones_stay() {
             (r.map(|r| r.status().as_u16()), t0.elapsed())
         }
     });
-    let t0 = Instant::now();
-    while rec.seen.lock().unwrap().is_empty() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "the request never reached the upstream"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    rec.wait_seen(1).await;
     let http = d.http;
     tokio::task::spawn_blocking(move || {
         // Places 2 and 3: idle connections.
@@ -936,8 +953,7 @@ async fn at_the_connection_cap_idle_connections_make_room_and_busy_ones_stay() {
         for i in 0..3 {
             let mut s = TcpStream::connect(("127.0.0.1", http)).unwrap();
             s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            s.write_all(b"GET / HTTP/1.1\r\nHost: matrix.example.test\r\n\r\n")
-                .unwrap();
+            s.write_all(GET_ROOT).unwrap();
             let r = read_response(&mut s);
             assert!(
                 r.starts_with("HTTP/1.1 301"),
@@ -999,7 +1015,7 @@ async fn ipv6_clients_in_one_64_share_one_limit() {
         std::thread::sleep(Duration::from_millis(300));
         // Another address of the same /64: over the limit.
         let mut third = connect(b);
-        let _ = third.write_all(b"GET / HTTP/1.1\r\nHost: matrix.example.test\r\n\r\n");
+        let _ = third.write_all(GET_ROOT);
         let r = read_response(&mut third);
         assert_eq!(
             r, "",
@@ -1007,9 +1023,7 @@ async fn ipv6_clients_in_one_64_share_one_limit() {
         );
         // An address outside that /64 is not affected.
         let mut other = connect("::1".parse().unwrap());
-        other
-            .write_all(b"GET / HTTP/1.1\r\nHost: matrix.example.test\r\n\r\n")
-            .unwrap();
+        other.write_all(GET_ROOT).unwrap();
         assert!(read_response(&mut other).starts_with("HTTP/1.1 301"));
         drop(held);
     })
@@ -1020,14 +1034,13 @@ async fn ipv6_clients_in_one_64_share_one_limit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_the_upstream_cap_clients_get_503_with_retry_after() {
-    let rec = recorder().await;
-    let limits = Limits {
+    let (rec, d) = door_with(Limits {
         upstream_max_connections: 2,
         ..Limits::default()
-    };
-    let d = door(rec.port, limits, "127.0.0.1").await;
-    let ca = std::fs::read_to_string(&d.ca).unwrap();
-    let (h2, _) = common::h2_connect(d.https, HOST, &ca).await;
+    })
+    .await;
+    let ca = &d.ca_pem;
+    let (h2, _) = common::h2_connect(d.https, HOST, ca).await;
     let slow: Vec<_> = (0..2)
         .map(|_| {
             let mut h2 = h2.clone();
@@ -1035,14 +1048,7 @@ async fn over_the_upstream_cap_clients_get_503_with_retry_after() {
             tokio::spawn(async move { h2.send_request(req).await.unwrap().status() })
         })
         .collect();
-    let t0 = Instant::now();
-    while rec.seen.lock().unwrap().len() < 2 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "the slow requests never reached the upstream"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    rec.wait_seen(2).await;
     let mut h = h2.clone();
     let resp = h
         .send_request(get(d.https, "/_matrix/client/versions"))
@@ -1084,14 +1090,13 @@ async fn over_the_upstream_cap_clients_get_503_with_retry_after() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_upstream_answer_times_out_but_a_long_poll_gets_its_timeout() {
-    let rec = recorder().await;
-    let limits = Limits {
+    let (_rec, d) = door_with(Limits {
         upstream_timeout: Duration::from_secs(2),
         ..Limits::default()
-    };
-    let d = door(rec.port, limits, "127.0.0.1").await;
-    let ca = std::fs::read_to_string(&d.ca).unwrap();
-    let (mut h2, _) = common::h2_connect(d.https, HOST, &ca).await;
+    })
+    .await;
+    let ca = &d.ca_pem;
+    let (mut h2, _) = common::h2_connect(d.https, HOST, ca).await;
     let t0 = Instant::now();
     let resp = h2
         .send_request(get(d.https, "/_matrix/client/v3/rooms?delay=6000"))
@@ -1121,13 +1126,12 @@ async fn a_slow_upstream_answer_times_out_but_a_long_poll_gets_its_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rapid_reset_flood_keeps_upstream_connections_under_the_cap() {
     const CAP: usize = 8;
-    let rec = recorder().await;
-    let limits = Limits {
+    let (rec, d) = door_with(Limits {
         upstream_max_connections: CAP,
         ..Limits::default()
-    };
-    let d = door(rec.port, limits, "127.0.0.1").await;
-    let ca = std::fs::read_to_string(&d.ca).unwrap();
+    })
+    .await;
+    let ca = &d.ca_pem;
     let peak = PeakConnections::watch(rec.port);
     let request = |p: &str| {
         http::Request::get(format!("https://{HOST}:{}{p}", d.https))
@@ -1138,7 +1142,7 @@ async fn a_rapid_reset_flood_keeps_upstream_connections_under_the_cap() {
     let mut waiting = vec![];
     let mut conns = vec![];
     for _ in 0..4 {
-        let (tls, _, _) = common::h2_tls(d.https, HOST, &ca).await;
+        let (tls, _, _) = common::h2_tls(d.https, HOST, ca).await;
         let (client, conn) = h2::client::handshake(tls).await.unwrap();
         tokio::spawn(conn);
         let mut client = client.ready().await.unwrap();
@@ -1170,7 +1174,7 @@ async fn a_rapid_reset_flood_keeps_upstream_connections_under_the_cap() {
     let mut sent = 0;
     let t0 = Instant::now();
     while sent < 5000 && t0.elapsed() < Duration::from_secs(20) {
-        let (tls, _, _) = common::h2_tls(d.https, HOST, &ca).await;
+        let (tls, _, _) = common::h2_tls(d.https, HOST, ca).await;
         let Ok((client, conn)) = h2::client::handshake(tls).await else {
             continue;
         };
