@@ -869,6 +869,50 @@ async fn an_idle_h2_connection_answering_pings_is_closed_after_the_idle_timeout(
     let _ = d.stop.send(true);
 }
 
+/// On the :80 listener at `http` of a front door with a 1 s header timeout and a 4 s idle
+/// timeout: a keep-alive connection outlives the header timeout between requests, closes after
+/// the idle timeout, and a started head is cut after the header timeout.
+fn keep_alive_outlives_the_header_timeout(http: u16) {
+    let req = GET_ROOT;
+    let mut s = TcpStream::connect(("127.0.0.1", http)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(req).unwrap();
+    assert!(read_response(&mut s).starts_with("HTTP/1.1 301"));
+    // Twice the header timeout between requests, within the idle timeout: still open.
+    std::thread::sleep(Duration::from_millis(2500));
+    s.write_all(req).unwrap();
+    let r = read_response(&mut s);
+    assert!(
+        r.starts_with("HTTP/1.1 301"),
+        "a keep-alive connection idle for 2.5 s was closed (header timeout 1 s, idle timeout 4 s): {r:?}"
+    );
+    // Then idle: closed after the idle timeout.
+    let t0 = Instant::now();
+    let r = read_response(&mut s);
+    assert_eq!(r, "", "expected the close, got {r:?}");
+    assert!(
+        t0.elapsed() >= Duration::from_secs(3) && t0.elapsed() < Duration::from_secs(8),
+        "closed after {:?}, not the 4 s idle timeout",
+        t0.elapsed()
+    );
+
+    // A next request head begun but not finished is cut after the header timeout.
+    let mut s = TcpStream::connect(("127.0.0.1", http)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(req).unwrap();
+    assert!(read_response(&mut s).starts_with("HTTP/1.1 301"));
+    std::thread::sleep(Duration::from_millis(300));
+    s.write_all(b"GET / HTTP/1.1\r\nHost: ").unwrap();
+    let t0 = Instant::now();
+    let r = read_response(&mut s);
+    assert!(r.is_empty() || r.starts_with("HTTP/1.1 408"), "{r:?}");
+    assert!(
+        t0.elapsed() < Duration::from_millis(2500),
+        "a started head was allowed {:?} (header timeout 1 s)",
+        t0.elapsed()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_h1_keep_alive_connection_lives_for_the_idle_timeout_not_the_header_timeout() {
     let (_rec, d) = door_with(Limits {
@@ -878,48 +922,9 @@ async fn an_h1_keep_alive_connection_lives_for_the_idle_timeout_not_the_header_t
     })
     .await;
     let http = d.http;
-    tokio::task::spawn_blocking(move || {
-        let req = b"GET /x HTTP/1.1\r\nHost: matrix.example.test\r\n\r\n";
-        let mut s = TcpStream::connect(("127.0.0.1", http)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s.write_all(req).unwrap();
-        assert!(read_response(&mut s).starts_with("HTTP/1.1 301"));
-        // Twice the header timeout between requests, within the idle timeout: still open.
-        std::thread::sleep(Duration::from_millis(2500));
-        s.write_all(req).unwrap();
-        let r = read_response(&mut s);
-        assert!(
-            r.starts_with("HTTP/1.1 301"),
-            "a keep-alive connection idle for 2.5 s was closed (header timeout 1 s, idle timeout 4 s): {r:?}"
-        );
-        // Then idle: closed after the idle timeout.
-        let t0 = Instant::now();
-        let r = read_response(&mut s);
-        assert_eq!(r, "", "expected the close, got {r:?}");
-        assert!(
-            t0.elapsed() >= Duration::from_secs(3) && t0.elapsed() < Duration::from_secs(8),
-            "closed after {:?}, not the 4 s idle timeout",
-            t0.elapsed()
-        );
-
-        // A next request head begun but not finished is cut after the header timeout.
-        let mut s = TcpStream::connect(("127.0.0.1", http)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s.write_all(req).unwrap();
-        assert!(read_response(&mut s).starts_with("HTTP/1.1 301"));
-        std::thread::sleep(Duration::from_millis(300));
-        s.write_all(b"GET /x HTTP/1.1\r\nHost: ").unwrap();
-        let t0 = Instant::now();
-        let r = read_response(&mut s);
-        assert!(r.is_empty() || r.starts_with("HTTP/1.1 408"), "{r:?}");
-        assert!(
-            t0.elapsed() < Duration::from_millis(2500),
-            "a started head was allowed {:?} (header timeout 1 s)",
-            t0.elapsed()
-        );
-    })
-    .await
-    .unwrap();
+    tokio::task::spawn_blocking(move || keep_alive_outlives_the_header_timeout(http))
+        .await
+        .unwrap();
     let _ = d.stop.send(true);
 }
 
@@ -1223,14 +1228,19 @@ async fn a_rapid_reset_flood_keeps_upstream_connections_under_the_cap() {
 }
 
 #[test]
-fn from_another_host_synapse_admin_in_any_spelling_is_refused_and_only_synapse_client_is_public() {
+fn through_the_binary_admin_in_any_spelling_is_refused_from_another_host_and_http_timeouts_hold() {
     if !common::require_appliance() {
         return;
     }
     let lab = common::Lab::new("guard");
     // All addresses, so that a second host (a network namespace) can reach the front door.
-    lab.write_config_on("0.0.0.0", "[tls]\nmode = \"internal\"\n");
+    // Also the [http] timeouts, as the binary reads them.
+    lab.write_config_on(
+        "0.0.0.0",
+        "[tls]\nmode = \"internal\"\n[http]\nheader_timeout = \"1s\"\nidle_timeout = \"4s\"\n",
+    );
     let _run = lab.start();
+    keep_alive_outlives_the_header_timeout(lab.http_port);
     let ns = common::NetNs::new();
     let base = lab.https_base();
     let from_ns = |p: &str| {
