@@ -423,8 +423,8 @@ impl FrontDoor {
         };
         let conn = builder.serve_connection(TokioIo::new(io), svc);
         tokio::pin!(conn);
-        // Once closing for idleness or eviction, a peer that does not finish the graceful
-        // close (GOAWAY, PING) is cut after this.
+        // Once closing, a peer that does not finish the graceful close (GOAWAY, PING) is cut
+        // after this, if it has no request in flight.
         const CLOSE_GRACE: Duration = Duration::from_secs(5);
         let mut closing: Option<Instant> = None;
         let tick = (limits.idle_timeout.min(limits.header_read_timeout) / 4)
@@ -440,7 +440,8 @@ impl FrontDoor {
                 }
                 _ = tick.tick() => {
                     if let Some(t) = closing {
-                        if t.elapsed() >= CLOSE_GRACE {
+                        // Never a request in flight (one may have begun as we closed).
+                        if t.elapsed() >= CLOSE_GRACE && activity.idle() {
                             break;
                         }
                     } else if activity.head_overdue(limits.header_read_timeout) {
