@@ -404,6 +404,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn long_polls_get_their_timeout_on_top_up_to_the_cap() {
+        let base = Duration::from_secs(180);
+        let t = |u: &str| head_timeout(&u.parse().unwrap(), base);
+        assert_eq!(t("/_matrix/client/v3/rooms/x/messages?timeout=30000"), base);
+        assert_eq!(
+            t("/_matrix/client/v3/sync?since=s&timeout=30000"),
+            base + Duration::from_secs(30)
+        );
+        assert_eq!(
+            t("/_matrix/client/unstable/org.matrix.simplified_msc3575/sync?timeout=5000"),
+            base + Duration::from_secs(5)
+        );
+        assert_eq!(
+            t("/_matrix/client/r0/events?timeout=1000"),
+            base + Duration::from_secs(1)
+        );
+        assert_eq!(t("/_matrix/client/v3/sync"), base);
+        assert_eq!(t("/_matrix/client/v3/sync?timeout=x"), base);
+        assert_eq!(
+            t("/_matrix/client/v3/sync?timeout=86400000"),
+            base + MAX_LONG_POLL
+        );
+        assert_eq!(t("/_matrix/federation/v1/sync?timeout=9000"), base);
+    }
+
+    #[test]
     fn hop_by_hop_headers_and_those_named_by_connection_go() {
         let mut h = HeaderMap::new();
         h.insert("connection", "close, x-secret".parse().unwrap());
