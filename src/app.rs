@@ -115,7 +115,7 @@ pub async fn run(config_path: &Path) -> Result<(), RunError> {
         &cfg,
         certs.clone(),
         https_port,
-        Limits::default(),
+        Limits::from_config(&cfg),
         Some(element.clone()),
     );
     let front_task = tokio::spawn(front.serve(bound, stop_rx.clone(), DRAIN));

@@ -61,11 +61,43 @@ pub struct Tls {
     pub files_dir: String,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default)]
 pub struct Http {
     /// Networks (CIDR) besides loopback that may reach `/_synapse/admin`.
     pub admin_allow: Vec<String>,
+    /// A client connection with no request in flight for this long is closed.
+    pub idle_timeout: String,
+    /// An HTTP/1.x request head, once begun, must arrive within this (slowloris guard).
+    pub header_timeout: String,
+    /// Requests in flight to Synapse, and connections to it; past it clients get 503.
+    pub upstream_max_connections: usize,
+    /// How long Synapse may take to start answering (long-polls add their `timeout`).
+    pub upstream_timeout: String,
+}
+
+impl Default for Http {
+    fn default() -> Self {
+        Http {
+            admin_allow: vec![],
+            idle_timeout: "180s".into(),
+            header_timeout: "30s".into(),
+            upstream_max_connections: 512,
+            upstream_timeout: "180s".into(),
+        }
+    }
+}
+
+impl Http {
+    pub fn idle_timeout(&self) -> Duration {
+        parse_duration(&self.idle_timeout).expect("validated in Config::validate")
+    }
+    pub fn header_timeout(&self) -> Duration {
+        parse_duration(&self.header_timeout).expect("validated in Config::validate")
+    }
+    pub fn upstream_timeout(&self) -> Duration {
+        parse_duration(&self.upstream_timeout).expect("validated in Config::validate")
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -469,6 +501,28 @@ impl Config {
                     "write a network in CIDR form, e.g. \"192.168.1.0/24\" or \"fd00::/8\"",
                 );
             }
+        }
+        for (key, v) in [
+            ("http.idle_timeout", &self.http.idle_timeout),
+            ("http.header_timeout", &self.http.header_timeout),
+            ("http.upstream_timeout", &self.http.upstream_timeout),
+        ] {
+            match parse_duration(v) {
+                Err(e) => bad(key, e, "write it like \"180s\" or \"3m\""),
+                Ok(d) if d.is_zero() => bad(
+                    key,
+                    "0 would close every connection".into(),
+                    "give a duration of at least a second, e.g. \"30s\"",
+                ),
+                Ok(_) => {}
+            }
+        }
+        if self.http.upstream_max_connections == 0 {
+            bad(
+                "http.upstream_max_connections",
+                "0 would refuse every request to Synapse".into(),
+                "leave it out (default 512) or give a positive number",
+            );
         }
         if !Path::new(&self.synapse.python).is_absolute() {
             bad(
@@ -971,6 +1025,30 @@ x = 1
         );
         let c = Config::from_toml("server_name = \"a.b\"\n[bot]\nprefix = \"!\"\n").unwrap();
         assert_eq!(c.bot.prefix, "!");
+    }
+
+    #[test]
+    fn http_limit_keys_are_checked() {
+        let c = Config::from_toml("server_name = \"a.b\"\n").unwrap();
+        assert_eq!(c.http.idle_timeout(), Duration::from_secs(180));
+        assert_eq!(c.http.header_timeout(), Duration::from_secs(30));
+        assert_eq!(c.http.upstream_timeout(), Duration::from_secs(180));
+        assert_eq!(c.http.upstream_max_connections, 512);
+        let text = "server_name = \"a.b\"\n[http]\nidle_timeout = \"0s\"\nheader_timeout = \"soon\"\nupstream_max_connections = 0\n";
+        let p = Config::from_toml(text).unwrap_err();
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "http.idle_timeout",
+                "http.header_timeout",
+                "http.upstream_max_connections"
+            ],
+            "{p:#?}"
+        );
+        let c =
+            Config::from_toml("server_name = \"a.b\"\n[http]\nidle_timeout = \"5m\"\n").unwrap();
+        assert_eq!(c.http.idle_timeout(), Duration::from_secs(300));
     }
 
     #[test]

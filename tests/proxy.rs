@@ -102,9 +102,12 @@ async fn recorder() -> Recorder {
                         head: head.clone(),
                         body_len,
                     });
-                    // A long-poll stand-in: answer only after 3 s of silence.
+                    // A long-poll stand-in: answer only after 3 s of silence, or `delay` ms.
                     if head.contains("?slow") {
                         tokio::time::sleep(Duration::from_secs(3)).await;
+                    }
+                    if let Some(ms) = query_param(&head, "delay") {
+                        tokio::time::sleep(Duration::from_millis(ms)).await;
                     }
                     let _ = sock
                         .write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\r\nok")
@@ -121,11 +124,87 @@ async fn recorder() -> Recorder {
     }
 }
 
+/// A numeric query parameter of the request line in `head`.
+fn query_param(head: &str, name: &str) -> Option<u64> {
+    let target = head.split(' ').nth(1)?;
+    let (_, q) = target.split_once('?')?;
+    q.split('&')
+        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+        .and_then(|v| v.parse().ok())
+}
+
+/// TCP connections to `port` in state ESTABLISHED, as the kernel sees them on the listening
+/// side (`ss`): accurate even while a process has not yet noticed a close.
+fn established_to(port: u16) -> usize {
+    let out = Command::new("ss")
+        .args(["-Htn", "state", "established"])
+        .arg(format!("( sport = :{port} )"))
+        .output()
+        .expect("running ss (iproute2)");
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+/// Samples `established_to(port)` until dropped; `max()` is the most seen at once.
+struct PeakConnections {
+    max: Arc<std::sync::atomic::AtomicUsize>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl PeakConnections {
+    fn watch(port: u16) -> PeakConnections {
+        let max = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (m, st) = (max.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !st.load(std::sync::atomic::Ordering::SeqCst) {
+                m.fetch_max(established_to(port), std::sync::atomic::Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        PeakConnections { max, stop }
+    }
+    fn max(&self) -> usize {
+        self.max.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for PeakConnections {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Recorder {
+    /// Waits until the upstream has seen `n` requests.
+    async fn wait_seen(&self, n: usize) {
+        let t0 = Instant::now();
+        while self.seen.lock().unwrap().len() < n {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "the upstream never saw {n} requests"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// A recorder and, on loopback in front of it, a front door with `limits`.
+async fn door_with(limits: Limits) -> (Recorder, Door) {
+    let rec = recorder().await;
+    let d = door(rec.port, limits, "127.0.0.1").await;
+    (rec, d)
+}
+
+/// A request the :80 listener answers with a redirect.
+const GET_ROOT: &[u8] = b"GET / HTTP/1.1\r\nHost: matrix.example.test\r\n\r\n";
+
 struct Door {
     https: u16,
     http: u16,
     federation: u16,
     ca: std::path::PathBuf,
+    /// The CA's certificate, for in-process clients.
+    ca_pem: String,
     _dir: tempfile::TempDir,
     stop: watch::Sender<bool>,
     store: Arc<CertStore>,
@@ -162,6 +241,7 @@ async fn door(upstream_port: u16, limits: Limits, listen_ip: &str) -> Door {
         https: s,
         http: h,
         federation: f,
+        ca_pem: test_ca.pem.clone(),
         ca,
         _dir: dir,
         stop,
@@ -594,6 +674,17 @@ async fn slow_and_flooding_clients_are_cut_off() {
     let _ = d.stop.send(true);
 }
 
+/// `/_synapse/admin/v1/server_version` in disguises that decode or resolve to it.
+const DISGUISED_ADMIN: [&str; 7] = [
+    "/_synapse/%61dmin/v1/server_version",
+    "//_synapse/admin/v1/server_version",
+    "/_synapse//admin/v1/server_version",
+    "/_synapse/./admin/v1/server_version",
+    "/_synapse/foo/../admin/v1/server_version",
+    "/_synapse%2Fadmin/v1/server_version",
+    "/_matrix/../_synapse/admin/v1/server_version",
+];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_api_is_refused_from_another_host_and_allowed_from_loopback() {
     if !common::require("root", common::is_root(), "network namespaces need root") {
@@ -628,6 +719,24 @@ async fn admin_api_is_refused_from_another_host_and_allowed_from_loopback() {
         rec.seen.lock().unwrap().len(),
         before,
         "the admin request reached the upstream"
+    );
+    // Disguised: the guard decides on the normalized path (curl --path-as-is sends these
+    // bytes as they are).
+    for p in DISGUISED_ADMIN {
+        let mut c = ns.exec("curl");
+        c.args(["-sS", "--path-as-is", "--max-time", "10", "-o", "/dev/null"])
+            .args(["-w", "%{http_code}", "--cacert"])
+            .arg(&d.ca)
+            .arg("--resolve")
+            .arg(format!("{HOST}:{}:{}", d.https, ns.host_ip))
+            .arg(format!("https://{HOST}:{}{p}", d.https));
+        let (out, err) = tokio::task::spawn_blocking(move || run(c)).await.unwrap();
+        assert_eq!(out, "403", "{p} from another host: {err}");
+    }
+    assert_eq!(
+        rec.seen.lock().unwrap().len(),
+        before,
+        "a disguised admin request reached the upstream"
     );
     // The client API still works from there.
     let mut c = ns.exec("curl");
@@ -704,4 +813,487 @@ async fn idle_connections_close_but_a_request_in_flight_is_never_cut() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let _ = d.stop.send(true);
+}
+
+fn get(port: u16, p: &str) -> http::Request<http_body_util::Full<bytes::Bytes>> {
+    http::Request::get(format!("https://{HOST}:{port}{p}"))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap()
+}
+
+/// Reads one HTTP/1.1 response head (and a short body) from `s`; "" if the server closed.
+fn read_response(s: &mut TcpStream) -> String {
+    let mut buf = [0u8; 4096];
+    let n = s.read(&mut buf).unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_h2_connection_answering_pings_is_closed_after_the_idle_timeout() {
+    let (_rec, d) = door_with(Limits {
+        idle_timeout: Duration::from_secs(2),
+        h2_keepalive_interval: Duration::from_millis(200),
+        ..Limits::default()
+    })
+    .await;
+    let ca = &d.ca_pem;
+    let (mut h2, _, reads) = common::h2_connect_counted(d.https, HOST, ca).await;
+    let resp = h2
+        .send_request(get(d.https, "/_matrix/client/versions"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    drop(resp);
+    // From here the client sends nothing but its answers to the server's PINGs (hyper's h2
+    // client acknowledges them itself).
+    let after_response = reads.load(std::sync::atomic::Ordering::SeqCst);
+    let t0 = Instant::now();
+    while !h2.is_closed() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "an idle h2 connection answering PINGs was still open after {:?} (idle timeout 2 s)",
+            t0.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pings = reads.load(std::sync::atomic::Ordering::SeqCst) - after_response;
+    assert!(
+        pings >= 4,
+        "the server sent {pings} frames while idle: the test did not see keep-alive PINGs"
+    );
+    assert!(
+        t0.elapsed() >= Duration::from_millis(1500),
+        "closed after {:?}, before the idle timeout",
+        t0.elapsed()
+    );
+    let _ = d.stop.send(true);
+}
+
+/// On the :80 listener at `http` of a front door with a 1 s header timeout and a 4 s idle
+/// timeout: a keep-alive connection outlives the header timeout between requests, closes after
+/// the idle timeout, and a started head is cut after the header timeout.
+fn keep_alive_outlives_the_header_timeout(http: u16) {
+    let req = GET_ROOT;
+    let mut s = TcpStream::connect(("127.0.0.1", http)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(req).unwrap();
+    assert!(read_response(&mut s).starts_with("HTTP/1.1 301"));
+    // Twice the header timeout between requests, within the idle timeout: still open.
+    std::thread::sleep(Duration::from_millis(2500));
+    s.write_all(req).unwrap();
+    let r = read_response(&mut s);
+    assert!(
+        r.starts_with("HTTP/1.1 301"),
+        "a keep-alive connection idle for 2.5 s was closed (header timeout 1 s, idle timeout 4 s): {r:?}"
+    );
+    // Then idle: closed after the idle timeout.
+    let t0 = Instant::now();
+    let r = read_response(&mut s);
+    assert_eq!(r, "", "expected the close, got {r:?}");
+    assert!(
+        t0.elapsed() >= Duration::from_secs(3) && t0.elapsed() < Duration::from_secs(8),
+        "closed after {:?}, not the 4 s idle timeout",
+        t0.elapsed()
+    );
+
+    // A next request head begun but not finished is cut after the header timeout.
+    let mut s = TcpStream::connect(("127.0.0.1", http)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(req).unwrap();
+    assert!(read_response(&mut s).starts_with("HTTP/1.1 301"));
+    std::thread::sleep(Duration::from_millis(300));
+    s.write_all(b"GET / HTTP/1.1\r\nHost: ").unwrap();
+    let t0 = Instant::now();
+    let r = read_response(&mut s);
+    assert!(r.is_empty() || r.starts_with("HTTP/1.1 408"), "{r:?}");
+    assert!(
+        t0.elapsed() < Duration::from_millis(2500),
+        "a started head was allowed {:?} (header timeout 1 s)",
+        t0.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h1_keep_alive_connection_lives_for_the_idle_timeout_not_the_header_timeout() {
+    let (_rec, d) = door_with(Limits {
+        header_read_timeout: Duration::from_secs(1),
+        idle_timeout: Duration::from_secs(4),
+        ..Limits::default()
+    })
+    .await;
+    let http = d.http;
+    tokio::task::spawn_blocking(move || keep_alive_outlives_the_header_timeout(http))
+        .await
+        .unwrap();
+    let _ = d.stop.send(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_connection_cap_idle_connections_make_room_and_busy_ones_stay() {
+    let (rec, d) = door_with(Limits {
+        max_connections: 3,
+        ..Limits::default()
+    })
+    .await;
+    let ca = &d.ca_pem;
+    // Place 1: an h2 connection with a long request in flight.
+    let (mut h2, _) = common::h2_connect(d.https, HOST, ca).await;
+    let busy = tokio::spawn({
+        let req = get(d.https, "/_matrix/client/v3/sync?delay=4000");
+        async move {
+            let t0 = Instant::now();
+            let r = h2.send_request(req).await;
+            (r.map(|r| r.status().as_u16()), t0.elapsed())
+        }
+    });
+    rec.wait_seen(1).await;
+    let http = d.http;
+    tokio::task::spawn_blocking(move || {
+        // Places 2 and 3: idle connections.
+        let mut idle: Vec<TcpStream> = (0..2)
+            .map(|_| TcpStream::connect(("127.0.0.1", http)).unwrap())
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        // Three newcomers: each is served, an idle connection making room.
+        for i in 0..3 {
+            let mut s = TcpStream::connect(("127.0.0.1", http)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.write_all(GET_ROOT).unwrap();
+            let r = read_response(&mut s);
+            assert!(
+                r.starts_with("HTTP/1.1 301"),
+                "newcomer {i} at the cap was refused though idle connections were open: {r:?}"
+            );
+            idle.push(s);
+        }
+        // The first two idle connections were the ones closed.
+        for s in &mut idle[..2] {
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            assert_eq!(read_response(s), "", "an evicted connection is still open");
+        }
+    })
+    .await
+    .unwrap();
+    let (status, took) = busy.await.unwrap();
+    assert_eq!(
+        status.expect("the connection with a request in flight was cut"),
+        200
+    );
+    assert!(took >= Duration::from_secs(4));
+    let _ = d.stop.send(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ipv6_clients_in_one_64_share_one_limit() {
+    if !common::require(
+        "root",
+        common::is_root(),
+        "adding addresses to lo needs root",
+    ) {
+        return;
+    }
+    let lo = common::LoopbackV6::new(&[1, 2]);
+    let rec = recorder().await;
+    let limits = Limits {
+        max_connections_per_ip: 2,
+        ..Limits::default()
+    };
+    let d = door(rec.port, limits, "[::]").await;
+    let http = d.http;
+    let (a, b) = (lo.addr(1), lo.addr(2));
+    let connect = move |from: std::net::Ipv6Addr| {
+        let sock = tokio::net::TcpSocket::new_v6().unwrap();
+        sock.bind((from, 0).into()).unwrap();
+        let std = {
+            let rt = tokio::runtime::Handle::current();
+            rt.block_on(sock.connect((a, http).into()))
+                .unwrap()
+                .into_std()
+                .unwrap()
+        };
+        std.set_nonblocking(false).unwrap();
+        std.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        std
+    };
+    tokio::task::spawn_blocking(move || {
+        let held: Vec<TcpStream> = (0..2).map(|_| connect(a)).collect();
+        std::thread::sleep(Duration::from_millis(300));
+        // Another address of the same /64: over the limit.
+        let mut third = connect(b);
+        let _ = third.write_all(GET_ROOT);
+        let r = read_response(&mut third);
+        assert_eq!(
+            r, "",
+            "{b} was served while {a}, in the same /64, held the limit of 2"
+        );
+        // An address outside that /64 is not affected.
+        let mut other = connect("::1".parse().unwrap());
+        other.write_all(GET_ROOT).unwrap();
+        assert!(read_response(&mut other).starts_with("HTTP/1.1 301"));
+        drop(held);
+    })
+    .await
+    .unwrap();
+    let _ = d.stop.send(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_the_upstream_cap_clients_get_503_with_retry_after() {
+    let (rec, d) = door_with(Limits {
+        upstream_max_connections: 2,
+        ..Limits::default()
+    })
+    .await;
+    let ca = &d.ca_pem;
+    let (h2, _) = common::h2_connect(d.https, HOST, ca).await;
+    let slow: Vec<_> = (0..2)
+        .map(|_| {
+            let mut h2 = h2.clone();
+            let req = get(d.https, "/_matrix/client/v3/rooms?delay=3000");
+            tokio::spawn(async move { h2.send_request(req).await.unwrap().status() })
+        })
+        .collect();
+    rec.wait_seen(2).await;
+    let mut h = h2.clone();
+    let resp = h
+        .send_request(get(d.https, "/_matrix/client/versions"))
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        503,
+        "a third request over a cap of 2 was not refused"
+    );
+    assert_eq!(
+        resp.headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap()),
+        Some("1")
+    );
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["errcode"], "M_LIMIT_EXCEEDED", "{v}");
+    assert_eq!(
+        rec.seen.lock().unwrap().len(),
+        2,
+        "the upstream saw the refused request"
+    );
+    for s in slow {
+        assert_eq!(s.await.unwrap(), 200);
+    }
+    // Places are given back: the next request goes through.
+    let resp = h
+        .send_request(get(d.https, "/_matrix/client/versions"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let _ = d.stop.send(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upstream_answer_times_out_but_a_long_poll_gets_its_timeout() {
+    let (_rec, d) = door_with(Limits {
+        upstream_timeout: Duration::from_secs(2),
+        ..Limits::default()
+    })
+    .await;
+    let ca = &d.ca_pem;
+    let (mut h2, _) = common::h2_connect(d.https, HOST, ca).await;
+    let t0 = Instant::now();
+    let resp = h2
+        .send_request(get(d.https, "/_matrix/client/v3/rooms?delay=6000"))
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        504,
+        "an answer 6 s late got through a 2 s head timeout"
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "504 after {:?}",
+        t0.elapsed()
+    );
+    // /sync asked to wait 4 s may take 4 s + the 2 s head timeout.
+    for p in [
+        "/_matrix/client/v3/sync?since=s1&timeout=4000&delay=5000",
+        "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync?timeout=4000&delay=5000",
+    ] {
+        let resp = h2.send_request(get(d.https, p)).await.unwrap();
+        assert_eq!(resp.status(), 200, "{p}");
+    }
+    let _ = d.stop.send(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rapid_reset_flood_keeps_upstream_connections_under_the_cap() {
+    const CAP: usize = 8;
+    let (rec, d) = door_with(Limits {
+        upstream_max_connections: CAP,
+        ..Limits::default()
+    })
+    .await;
+    let ca = &d.ca_pem;
+    let peak = PeakConnections::watch(rec.port);
+    let request = |p: &str| {
+        http::Request::get(format!("https://{HOST}:{}{p}", d.https))
+            .body(())
+            .unwrap()
+    };
+    // 1. Many streams at once to a slow upstream, on four connections: only CAP reach it.
+    let mut waiting = vec![];
+    let mut conns = vec![];
+    for _ in 0..4 {
+        let (tls, _, _) = common::h2_tls(d.https, HOST, ca).await;
+        let (client, conn) = h2::client::handshake(tls).await.unwrap();
+        tokio::spawn(conn);
+        let mut client = client.ready().await.unwrap();
+        for _ in 0..50 {
+            let (resp, _) = client
+                .send_request(request("/_matrix/client/v3/rooms?delay=4000"), true)
+                .unwrap();
+            waiting.push(resp);
+            client = client.ready().await.unwrap();
+        }
+        conns.push(client);
+    }
+    let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+    for r in waiting {
+        *statuses
+            .entry(r.await.map_or(0, |r| r.status().as_u16()))
+            .or_default() += 1;
+    }
+    assert!(
+        peak.max() <= CAP,
+        "{} connections to the upstream at once, over the cap of {CAP}",
+        peak.max()
+    );
+    assert_eq!(statuses.get(&200), Some(&CAP), "{statuses:?}");
+    assert_eq!(statuses.get(&503), Some(&(200 - CAP)), "{statuses:?}");
+
+    // 2. CVE-2023-44487: HEADERS then RST_STREAM at once, over and over; the server may end
+    // a connection for it (GOAWAY), and the attacker reconnects.
+    let mut sent = 0;
+    let t0 = Instant::now();
+    while sent < 5000 && t0.elapsed() < Duration::from_secs(20) {
+        let (tls, _, _) = common::h2_tls(d.https, HOST, ca).await;
+        let Ok((client, conn)) = h2::client::handshake(tls).await else {
+            continue;
+        };
+        tokio::spawn(conn);
+        let Ok(mut client) = client.ready().await else {
+            continue;
+        };
+        loop {
+            let Ok((_, mut stream)) =
+                client.send_request(request("/_matrix/client/v3/rooms?delay=2000"), true)
+            else {
+                break;
+            };
+            stream.send_reset(h2::Reason::CANCEL);
+            sent += 1;
+            match client.ready().await {
+                Ok(c) if sent < 5000 => client = c,
+                _ => break,
+            }
+        }
+    }
+    assert!(sent >= 1000, "only {sent} streams sent");
+    assert!(
+        peak.max() <= CAP,
+        "{} connections to the upstream at once during the rapid-reset flood, over the cap of {CAP}",
+        peak.max()
+    );
+    // Still serving.
+    let mut c = d.curl();
+    c.args(["-o", "/dev/null", "-w", "%{http_code}"])
+        .arg(format!(
+            "https://{HOST}:{}/_matrix/client/versions",
+            d.https
+        ));
+    assert_eq!(
+        tokio::task::spawn_blocking(move || run(c)).await.unwrap().0,
+        "200"
+    );
+    eprintln!(
+        "rapid reset: {sent} streams sent, {} reached the upstream, peak {} upstream connections",
+        rec.seen.lock().unwrap().len(),
+        peak.max()
+    );
+    drop(conns);
+    let _ = d.stop.send(true);
+}
+
+#[test]
+fn through_the_binary_admin_in_any_spelling_is_refused_from_another_host_and_http_timeouts_hold() {
+    if !common::require_appliance() {
+        return;
+    }
+    let lab = common::Lab::new("guard");
+    // All addresses, so that a second host (a network namespace) can reach the front door.
+    // Also the [http] timeouts, as the binary reads them.
+    lab.write_config_on(
+        "0.0.0.0",
+        "[tls]\nmode = \"internal\"\n[http]\nheader_timeout = \"1s\"\nidle_timeout = \"4s\"\n",
+    );
+    let _run = lab.start();
+    keep_alive_outlives_the_header_timeout(lab.http_port);
+    let ns = common::NetNs::new();
+    let base = lab.https_base();
+    let from_ns = |p: &str| {
+        let mut c = ns.exec("curl");
+        c.args([
+            "-sS",
+            "--path-as-is",
+            "--max-time",
+            "30",
+            "-w",
+            "\n%{http_code}",
+        ])
+        .arg("--cacert")
+        .arg(lab.ca_root())
+        .arg("--resolve")
+        .arg(format!(
+            "{}:{}:{}",
+            lab.matrix_host(),
+            lab.https_port,
+            ns.host_ip
+        ))
+        .arg(format!("{base}{p}"));
+        let (out, err) = run(c);
+        let (body, code) = out.rsplit_once('\n').unwrap_or(("", ""));
+        (code.to_string(), format!("{body} {err}"))
+    };
+    for p in std::iter::once("/_synapse/admin/v1/server_version").chain(DISGUISED_ADMIN) {
+        let (code, body) = from_ns(p);
+        assert_eq!(code, "403", "{p} from another host: {body}");
+        assert!(body.contains("M_FORBIDDEN"), "{p}: {body}");
+    }
+    // Synapse's other private trees are not found from outside.
+    for p in ["/_synapse/mas/x", "/_synapse/%6Das/x", "/_synapse"] {
+        let (code, body) = from_ns(p);
+        assert_eq!(code, "404", "{p} from another host: {body}");
+    }
+    // The public parts are served: the client API, and /_synapse/client (Synapse answers,
+    // here 400 for a missing parameter, not our 404).
+    let (code, body) = from_ns("/_matrix/client/versions");
+    assert_eq!(code, "200", "{body}");
+    let (code, body) = from_ns("/_synapse/client/pick_idp");
+    assert!(code != "404" && code != "403", "{code} {body}");
+    // From this host the admin API is passed on, the raw bytes as sent.
+    let out = lab
+        .curl()
+        .args(["-w", "\n%{http_code}", "--cacert"])
+        .arg(lab.ca_root())
+        .arg(format!("{base}/_synapse/admin/v1/server_version"))
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.ends_with("\n200") && out.contains("server_version"),
+        "{out}"
+    );
 }

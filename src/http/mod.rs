@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -24,7 +24,7 @@ use hyper_util::server::conn::auto;
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Notify, watch};
 use tokio_rustls::TlsAcceptor;
 
 use crate::certs::CertStore;
@@ -38,15 +38,27 @@ pub type Body = http_body_util::combinators::BoxBody<Bytes, BoxError>;
 /// Limits that keep slow or flooding clients from exhausting the process.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
+    /// Connections in all. At the cap an idle connection is closed to admit a new one;
+    /// connections with a request in flight are never evicted.
     pub max_connections: usize,
+    /// Connections per client address; IPv6 addresses count per /64, the block one host gets
+    /// (RFC 6177), so one host cannot take 2^64 separate places.
     pub max_connections_per_ip: usize,
     pub tls_handshake_timeout: Duration,
-    /// Slowloris guard: the whole request head must arrive within this.
+    /// Slowloris guard (HTTP/1.x): a request head, once started (or, for the first request,
+    /// from the connection's start), must arrive within this.
     pub header_read_timeout: Duration,
-    /// A connection with no request in flight and no bytes either way for this long is closed.
-    /// Requests in flight (long-polling /sync) are never cut.
+    /// A connection with no request in flight for this long is closed, whatever bytes move
+    /// (HTTP/2 PINGs do not count). Requests in flight (long-polling /sync) are never cut.
     pub idle_timeout: Duration,
     pub h2_max_concurrent_streams: u32,
+    /// How often an HTTP/2 connection is PINGed to find dead peers.
+    pub h2_keepalive_interval: Duration,
+    /// Requests in flight to Synapse, and connections to it; over it: 503.
+    pub upstream_max_connections: usize,
+    /// How long Synapse may take to start its answer once the request is sent; long-polls
+    /// get their own `timeout` on top (see `proxy::head_timeout`).
+    pub upstream_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -58,8 +70,41 @@ impl Default for Limits {
             header_read_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(180),
             h2_max_concurrent_streams: 256,
+            h2_keepalive_interval: Duration::from_secs(60),
+            upstream_max_connections: 512,
+            upstream_timeout: Duration::from_secs(180),
         }
     }
+}
+
+impl Limits {
+    /// The defaults with the `[http]` keys of the config applied.
+    pub fn from_config(cfg: &Config) -> Limits {
+        let h = &cfg.http;
+        Limits {
+            idle_timeout: h.idle_timeout(),
+            header_read_timeout: h.header_timeout(),
+            upstream_max_connections: h.upstream_max_connections,
+            upstream_timeout: h.upstream_timeout(),
+            ..Limits::default()
+        }
+    }
+}
+
+/// HTTP/2 limits, set explicitly rather than left to library defaults.
+/// CVE-2023-44487 ("rapid reset": HEADERS then RST_STREAM at once, over and over) and
+/// CVE-2025-8671 ("MadeYouReset": streams the server must reset itself) make a server do work
+/// for streams the client never waits for; RFC 9113 §10.5 asks servers to limit that.
+mod h2_limits {
+    /// Streams reset by the client before we accepted them; past this the connection is
+    /// closed with GOAWAY(ENHANCE_YOUR_CALM) (CVE-2023-44487). h2's own default.
+    pub const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
+    /// Streams we had to reset for the client's protocol errors, per connection
+    /// (CVE-2025-8671). h2's own default.
+    pub const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
+    /// RFC 9113 §6.5.2 SETTINGS_MAX_HEADER_LIST_SIZE: 32 KiB, what nginx accepts by default
+    /// (4 × 8k large_client_header_buffers); Synapse's Twisted takes 16 KiB.
+    pub const MAX_HEADER_LIST_SIZE: u32 = 32 << 10;
 }
 
 /// `https://host`, with the port only when it is not 443.
@@ -94,9 +139,22 @@ pub struct FrontDoor {
     certs: Arc<CertStore>,
     upstream: proxy::Upstream,
     limits: Limits,
-    conns: Semaphore,
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    conns: Mutex<Conns>,
+    /// The clock that connection times are counted from.
+    epoch: Instant,
     element: Option<Arc<Element>>,
+}
+
+/// The open connections: counted in all and per address, and each one's activity, so that an
+/// idle one can be closed to make room. Locked once when a connection opens and once when it
+/// closes, never per request.
+#[derive(Default)]
+struct Conns {
+    total: usize,
+    per_addr: HashMap<IpAddr, usize>,
+    /// By id; `counted` is false once the connection was evicted (its place already given on).
+    live: HashMap<u64, (Arc<Activity>, bool)>,
+    next_id: u64,
 }
 
 /// The bound listeners, bound before anything else starts (ports 80/443 need root).
@@ -158,10 +216,10 @@ impl FrontDoor {
                 .filter_map(|n| config::parse_cidr(n))
                 .collect(),
             certs,
-            upstream: proxy::Upstream::new(cfg.synapse.port, cfg.max_upload_bytes()),
+            upstream: proxy::Upstream::new(cfg.synapse.port, cfg.max_upload_bytes(), &limits),
             limits,
-            conns: Semaphore::new(limits.max_connections),
-            per_ip: Mutex::new(HashMap::new()),
+            conns: Mutex::new(Conns::default()),
+            epoch: Instant::now(),
             element,
         })
     }
@@ -228,26 +286,50 @@ impl FrontDoor {
             let active = active.clone();
             tokio::spawn(async move {
                 active.fetch_add(1, Ordering::Relaxed);
-                this.connection(tcp, peer, kind, tls, shutdown).await;
+                let activity = guard.activity.clone();
+                this.connection(tcp, peer, kind, tls, activity, shutdown)
+                    .await;
                 active.fetch_sub(1, Ordering::Relaxed);
                 drop(guard);
             });
         }
     }
 
+    /// A place for a new connection from `ip`, or None when its address (block) is at its
+    /// limit, or all places are taken by connections with requests in flight.
     fn admit(self: Arc<Self>, ip: IpAddr) -> Option<ConnGuard> {
-        let permit = self.conns.try_acquire().ok()?;
-        permit.forget();
-        let mut m = self.per_ip.lock().unwrap();
-        let n = m.entry(ip).or_insert(0);
-        if *n >= self.limits.max_connections_per_ip {
-            drop(m);
-            self.conns.add_permits(1);
+        let addr = addr_key(ip);
+        let mut c = self.conns.lock().unwrap();
+        if c.per_addr.get(&addr).copied().unwrap_or(0) >= self.limits.max_connections_per_ip {
             return None;
         }
-        *n += 1;
-        drop(m);
-        Some(ConnGuard { fd: self, ip })
+        if c.total >= self.limits.max_connections {
+            // Full: the connection idle longest makes room (RFC 9112 §9.5 lets a server
+            // close an idle connection at any time). One scan, only at the cap.
+            let victim = c
+                .live
+                .iter()
+                .filter(|(_, (a, counted))| *counted && a.idle())
+                .min_by_key(|(_, (a, _))| a.idle_since.load(Ordering::Relaxed))
+                .map(|(id, _)| *id)?;
+            let (a, counted) = c.live.get_mut(&victim).expect("just found");
+            *counted = false;
+            a.evict.notify_one();
+            c.total -= 1;
+        }
+        c.total += 1;
+        *c.per_addr.entry(addr).or_insert(0) += 1;
+        let id = c.next_id;
+        c.next_id += 1;
+        let activity = Arc::new(Activity::new(self.epoch));
+        c.live.insert(id, (activity.clone(), true));
+        drop(c);
+        Some(ConnGuard {
+            fd: self,
+            addr,
+            id,
+            activity,
+        })
     }
 
     async fn connection(
@@ -256,19 +338,15 @@ impl FrontDoor {
         peer: SocketAddr,
         kind: Listener,
         tls: Option<TlsAcceptor>,
+        activity: Arc<Activity>,
         shutdown: watch::Receiver<bool>,
     ) {
-        let activity = Arc::new(Activity::new());
-        let io = Tracked {
-            inner: tcp,
-            activity: activity.clone(),
-        };
         match tls {
-            None => self.http(io, peer, kind, activity, shutdown).await,
+            None => self.http(tcp, peer, kind, true, activity, shutdown).await,
             Some(acceptor) => {
                 let stream = match tokio::time::timeout(
                     self.limits.tls_handshake_timeout,
-                    acceptor.accept(io),
+                    acceptor.accept(tcp),
                 )
                 .await
                 {
@@ -279,11 +357,13 @@ impl FrontDoor {
                     }
                     Err(_) => return,
                 };
+                let alpn = stream.get_ref().1.alpn_protocol();
                 // A TLS-ALPN-01 validation connection ends after the handshake (RFC 8737 §3).
-                if stream.get_ref().1.alpn_protocol() == Some(crate::tls::ACME_TLS_ALPN) {
+                if alpn == Some(crate::tls::ACME_TLS_ALPN) {
                     return;
                 }
-                self.http(stream, peer, kind, activity, shutdown).await
+                let h1 = alpn != Some(b"h2");
+                self.http(stream, peer, kind, h1, activity, shutdown).await
             }
         }
     }
@@ -293,41 +373,63 @@ impl FrontDoor {
         io: I,
         peer: SocketAddr,
         kind: Listener,
+        h1: bool,
         activity: Arc<Activity>,
         mut shutdown: watch::Receiver<bool>,
     ) where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let limits = self.limits;
         let mut builder = auto::Builder::new(TokioExecutor::new());
+        // hyper's header_read_timeout also runs while a keep-alive connection waits for its
+        // next request (hyper PR #3828), which would cut idle connections at 30 s: ours
+        // (`Activity::head_since`) runs only while a head is being read.
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(self.limits.header_read_timeout)
+            .header_read_timeout(None)
             .keep_alive(true);
         builder
             .http2()
             .timer(TokioTimer::new())
-            .max_concurrent_streams(self.limits.h2_max_concurrent_streams)
-            .keep_alive_interval(Some(Duration::from_secs(60)))
+            .max_concurrent_streams(limits.h2_max_concurrent_streams)
+            .max_pending_accept_reset_streams(h2_limits::MAX_PENDING_ACCEPT_RESET_STREAMS)
+            .max_local_error_reset_streams(h2_limits::MAX_LOCAL_ERROR_RESET_STREAMS)
+            .max_header_list_size(h2_limits::MAX_HEADER_LIST_SIZE)
+            .keep_alive_interval(Some(limits.h2_keepalive_interval))
             .keep_alive_timeout(Duration::from_secs(20));
+        activity.h1.store(h1, Ordering::Relaxed);
+        if h1 {
+            // The first request head is due from the start (as nginx's client_header_timeout).
+            activity.head_since.store(activity.now(), Ordering::Relaxed);
+        }
         let this = self.clone();
         let act = activity.clone();
         let svc = service_fn(move |req: Request<Incoming>| {
             let this = this.clone();
-            let act = act.clone();
+            // Counted from here until the response body is done or dropped.
+            let in_flight = InFlight::start(act.clone());
             async move {
-                act.in_flight.fetch_add(1, Ordering::Relaxed);
                 let resp = this.handle(req, peer.ip(), kind).await;
-                act.in_flight.fetch_sub(1, Ordering::Relaxed);
-                act.touch();
-                Ok::<_, Infallible>(resp)
+                Ok::<_, Infallible>(resp.map(|body| Holding {
+                    body,
+                    _keep: in_flight,
+                }))
             }
         });
+        let io = Tracked {
+            inner: io,
+            activity: activity.clone(),
+        };
         let conn = builder.serve_connection(TokioIo::new(io), svc);
         tokio::pin!(conn);
-        let mut closing = false;
-        let mut tick =
-            tokio::time::interval((self.limits.idle_timeout / 4).min(Duration::from_secs(5)));
+        // Once closing, a peer that does not finish the graceful close (GOAWAY, PING) is cut
+        // after this, if it has no request in flight.
+        const CLOSE_GRACE: Duration = Duration::from_secs(5);
+        let mut closing: Option<Instant> = None;
+        let tick = (limits.idle_timeout.min(limits.header_read_timeout) / 4)
+            .clamp(Duration::from_millis(50), Duration::from_secs(5));
+        let mut tick = tokio::time::interval(tick);
         loop {
             tokio::select! {
                 r = conn.as_mut() => {
@@ -336,14 +438,27 @@ impl FrontDoor {
                     }
                     break;
                 }
-                _ = tick.tick(), if !closing => {
-                    if activity.idle_for() >= self.limits.idle_timeout {
-                        closing = true;
+                _ = tick.tick() => {
+                    if let Some(t) = closing {
+                        // Never a request in flight (one may have begun as we closed).
+                        if t.elapsed() >= CLOSE_GRACE && activity.idle() {
+                            break;
+                        }
+                    } else if activity.head_overdue(limits.header_read_timeout) {
+                        tracing::debug!(%peer, "request head not received in time");
+                        break;
+                    } else if activity.idle_for() >= limits.idle_timeout {
+                        closing = Some(Instant::now());
                         conn.as_mut().graceful_shutdown();
                     }
                 }
-                _ = shutdown.wait_for(|s| *s), if !closing => {
-                    closing = true;
+                _ = activity.evict.notified(), if closing.is_none() => {
+                    tracing::debug!(%peer, "idle connection closed to admit a new one");
+                    closing = Some(Instant::now());
+                    conn.as_mut().graceful_shutdown();
+                }
+                _ = shutdown.wait_for(|s| *s), if closing.is_none() => {
+                    closing = Some(Instant::now());
                     conn.as_mut().graceful_shutdown();
                 }
             }
@@ -468,55 +583,135 @@ fn page(title: &str, body: &str) -> String {
     )
 }
 
+/// The key a connection counts under for the per-address limit: the IPv4 address, or the
+/// IPv6 /64 (RFC 6177: a host or site gets a /64 or more, so its addresses share one limit).
+fn addr_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+        v4 => v4,
+    }
+}
+
 /// Releases a connection's place in the limits when it ends.
 struct ConnGuard {
     fd: Arc<FrontDoor>,
-    ip: IpAddr,
+    addr: IpAddr,
+    id: u64,
+    activity: Arc<Activity>,
 }
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        let mut m = self.fd.per_ip.lock().unwrap();
-        if let Some(n) = m.get_mut(&self.ip) {
+        let mut c = self.fd.conns.lock().unwrap();
+        if let Some((_, counted)) = c.live.remove(&self.id)
+            && counted
+        {
+            c.total -= 1;
+        }
+        if let Some(n) = c.per_addr.get_mut(&self.addr) {
             *n -= 1;
             if *n == 0 {
-                m.remove(&self.ip);
+                c.per_addr.remove(&self.addr);
             }
         }
-        drop(m);
-        self.fd.conns.add_permits(1);
     }
 }
 
-/// When a connection last moved bytes, and how many requests it has in flight.
+/// Milliseconds on a connection's clock: none set.
+const NEVER: u64 = u64::MAX;
+
+/// A connection's requests in flight and the times its idle and head timers started.
 struct Activity {
-    start: Instant,
-    last_ms: AtomicU64,
+    epoch: Instant,
     in_flight: AtomicUsize,
+    /// When `in_flight` last fell to 0 (ms since `epoch`).
+    idle_since: AtomicU64,
+    /// HTTP/1.x: when the request head now being read began, or NEVER.
+    head_since: AtomicU64,
+    h1: AtomicBool,
+    /// Told when the connection is to close to make room for a new one.
+    evict: Notify,
 }
 
 impl Activity {
-    fn new() -> Activity {
-        Activity {
-            start: Instant::now(),
-            last_ms: AtomicU64::new(0),
+    fn new(epoch: Instant) -> Activity {
+        let a = Activity {
+            epoch,
             in_flight: AtomicUsize::new(0),
-        }
+            idle_since: AtomicU64::new(0),
+            head_since: AtomicU64::new(NEVER),
+            h1: AtomicBool::new(false),
+            evict: Notify::new(),
+        };
+        a.idle_since.store(a.now(), Ordering::Relaxed);
+        a
     }
-    fn touch(&self) {
-        self.last_ms
-            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
     }
+    fn idle(&self) -> bool {
+        self.in_flight.load(Ordering::Relaxed) == 0
+    }
+    /// How long the connection has had no request in flight.
     fn idle_for(&self) -> Duration {
-        if self.in_flight.load(Ordering::Relaxed) > 0 {
+        if !self.idle() {
             return Duration::ZERO;
         }
-        let now = self.start.elapsed().as_millis() as u64;
-        Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)))
+        let since = self.idle_since.load(Ordering::Relaxed);
+        Duration::from_millis(self.now().saturating_sub(since))
+    }
+    fn head_overdue(&self, limit: Duration) -> bool {
+        let since = self.head_since.load(Ordering::Relaxed);
+        since != NEVER && self.now().saturating_sub(since) >= limit.as_millis() as u64
     }
 }
 
-/// A socket that records activity for the idle timeout.
+/// One request in flight on a connection: from the moment hyper hands it to us until its
+/// response body is done or dropped (a reset HTTP/2 stream drops it).
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn start(a: Arc<Activity>) -> InFlight {
+        a.in_flight.fetch_add(1, Ordering::Relaxed);
+        a.head_since.store(NEVER, Ordering::Relaxed);
+        InFlight(a)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.0.idle_since.store(self.0.now(), Ordering::Relaxed);
+        }
+    }
+}
+
+/// A response body that keeps something alive (a request's place, the unread request body)
+/// until it is done.
+pub struct Holding<T> {
+    pub body: Body,
+    pub _keep: T,
+}
+
+impl<T: Unpin> hyper::body::Body for Holding<T> {
+    type Data = Bytes;
+    type Error = BoxError;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// The connection's stream as hyper reads it: on HTTP/1.x, the first bytes read while no
+/// request is in flight start the head timer.
 struct Tracked<S> {
     inner: S,
     activity: Arc<Activity>,
@@ -530,8 +725,13 @@ impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.activity.touch();
+        let a = &self.activity;
+        if buf.filled().len() > before
+            && a.h1.load(Ordering::Relaxed)
+            && a.idle()
+            && a.head_since.load(Ordering::Relaxed) == NEVER
+        {
+            a.head_since.store(a.now(), Ordering::Relaxed);
         }
         r
     }
@@ -543,11 +743,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        r
+        Pin::new(&mut self.inner).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_flush(cx)
@@ -560,13 +756,23 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        r
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_addresses_count_per_64_and_ipv4_per_address() {
+        let k = |s: &str| addr_key(s.parse().unwrap());
+        assert_eq!(k("2001:db8:1:2::1"), k("2001:db8:1:2:ffff::9"));
+        assert_ne!(k("2001:db8:1:2::1"), k("2001:db8:1:3::1"));
+        assert_ne!(k("192.0.2.1"), k("192.0.2.2"));
+        assert_eq!(k("::ffff:192.0.2.1"), k("192.0.2.1"));
     }
 }

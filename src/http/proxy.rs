@@ -2,30 +2,48 @@
 //! passed on byte for byte ("must not canonicalise or normalise the requested URI in any way":
 //! federation signatures cover it), X-Forwarded-For/-Proto are ours, bodies stream both ways.
 
+use std::future::Future;
 use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Frame, Incoming};
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use serde_json::json;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
-use super::{Body, BoxError, matrix_error};
+use super::{Body, BoxError, Holding, Limits, full, matrix_error};
+
+/// The longest long-poll `timeout` we wait out. Synapse itself sets no maximum (its
+/// `rest/client/sync.py` takes `timeout` as given); clients ask for 30 s (matrix-js-sdk,
+/// matrix-rust-sdk).
+const MAX_LONG_POLL: Duration = Duration::from_secs(600);
 
 pub struct Upstream {
-    client: Client<HttpConnector, Body>,
+    client: Client<CappedConnector, Body>,
     authority: http::uri::Authority,
     max_body: u64,
+    /// One permit per request in flight to Synapse.
+    requests: Arc<Semaphore>,
+    timeout: Duration,
 }
 
 impl Upstream {
-    pub fn new(port: u16, max_body: u64) -> Upstream {
+    pub fn new(port: u16, max_body: u64, limits: &Limits) -> Upstream {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        let connector = CappedConnector {
+            inner: connector,
+            slots: Arc::new(Semaphore::new(limits.upstream_max_connections)),
+        };
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(64)
@@ -39,6 +57,8 @@ impl Upstream {
                 .parse()
                 .expect("valid authority"),
             max_body,
+            requests: Arc::new(Semaphore::new(limits.upstream_max_connections)),
+            timeout: limits.upstream_timeout,
         }
     }
 
@@ -70,18 +90,24 @@ impl Upstream {
             let (parts, body) = too_large().into_parts();
             let held = Holding {
                 body,
-                _unread: req.into_body(),
+                _keep: req.into_body(),
             };
             return Response::from_parts(parts, held.boxed());
         }
+        // Over the cap Synapse is not asked at all (RFC 9110 §15.6.4: 503 with Retry-After).
+        let Ok(permit) = self.requests.clone().try_acquire_owned() else {
+            return busy();
+        };
         let (mut parts, body) = req.into_parts();
         let inbound_version = parts.version;
+        let head_timeout = head_timeout(&parts.uri, self.timeout);
         // The path and query exactly as received.
         let pq = parts
             .uri
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        let logged = pq.clone();
         parts.uri = Uri::builder()
             .scheme("http")
             .authority(self.authority.clone())
@@ -117,14 +143,64 @@ impl Upstream {
         // hyper answers "100 Continue" to our client itself when it reads the body.
         parts.headers.remove(header::EXPECT);
 
-        let limited = Limited::new(body, self.max_body as usize).map_err(BoxError::from);
-        let upstream_req = Request::from_parts(parts, limited.boxed());
-        match self.client.request(upstream_req).await {
+        // The head timer starts once the request body is sent: a slow upload is not Synapse
+        // being slow.
+        let (body, sent) = if body.is_end_stream() {
+            (
+                Limited::new(body, self.max_body as usize)
+                    .map_err(BoxError::from)
+                    .boxed(),
+                None,
+            )
+        } else {
+            let (tx, rx) = oneshot::channel();
+            let limited = Limited::new(body, self.max_body as usize).map_err(BoxError::from);
+            (
+                Notifying {
+                    body: limited.boxed(),
+                    done: Some(tx),
+                }
+                .boxed(),
+                Some(rx),
+            )
+        };
+        let upstream_req = Request::from_parts(parts, body);
+        let answer = self.client.request(upstream_req);
+        let deadline = async {
+            if let Some(sent) = sent {
+                let _ = sent.await;
+            }
+            tokio::time::sleep(head_timeout).await
+        };
+        let result = tokio::select! {
+            r = answer => r,
+            () = deadline => {
+                tracing::warn!(
+                    "Synapse did not answer {} within {head_timeout:?}",
+                    logged.path()
+                );
+                return matrix_error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "M_UNKNOWN",
+                    "Synapse did not answer in time; try again in a moment",
+                );
+            }
+        };
+        match result {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
                 parts.version = inbound_version;
-                Response::from_parts(parts, body.map_err(BoxError::from).boxed())
+                let body = body.map_err(BoxError::from).boxed();
+                // The request's place is held until its answer has gone through.
+                Response::from_parts(
+                    parts,
+                    Holding {
+                        body,
+                        _keep: permit,
+                    }
+                    .boxed(),
+                )
             }
             Err(e) if caused_by_length_limit(&e) => too_large(),
             Err(e) => {
@@ -139,26 +215,148 @@ impl Upstream {
     }
 }
 
-/// A response body that keeps something alive (the unread request body) until it is done.
-struct Holding<T> {
-    body: Body,
-    _unread: T,
+/// 503 when the cap on requests to Synapse is reached. The Matrix spec's M_LIMIT_EXCEEDED
+/// with `retry_after_ms`, and Retry-After (spec v1.10+ and RFC 9110 §10.2.3).
+fn busy() -> Response<Body> {
+    let mut r = full(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "application/json",
+        json!({
+            "errcode": "M_LIMIT_EXCEEDED",
+            "error": "this server has too many requests in flight to Synapse; retry in a moment",
+            "retry_after_ms": 1000,
+        })
+        .to_string(),
+    );
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r
 }
 
-impl<T: Unpin> hyper::body::Body for Holding<T> {
+/// How long Synapse may take to start answering: `base`, plus for a long-poll (`/sync`, its
+/// sliding-sync variants and the legacy `/events`) the `timeout` it was asked to wait, in ms
+/// (Matrix spec, client-server API "GET /sync"), up to MAX_LONG_POLL.
+pub fn head_timeout(uri: &Uri, base: Duration) -> Duration {
+    let path = uri.path();
+    let long_poll = path.starts_with("/_matrix/client/")
+        && matches!(path.rsplit('/').next(), Some("sync" | "events"));
+    if !long_poll {
+        return base;
+    }
+    let wait = uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("timeout="))
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(Duration::ZERO, Duration::from_millis);
+    base + wait.min(MAX_LONG_POLL)
+}
+
+/// A request body that says when it is done (sent in full, failed, or dropped).
+struct Notifying {
+    body: Body,
+    done: Option<oneshot::Sender<()>>,
+}
+
+impl hyper::body::Body for Notifying {
     type Data = bytes::Bytes;
     type Error = BoxError;
     fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
-        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let r = Pin::new(&mut self.body).poll_frame(cx);
+        if matches!(r, Poll::Ready(None | Some(Err(_)))) {
+            self.done.take();
+        }
+        r
     }
     fn is_end_stream(&self) -> bool {
         self.body.is_end_stream()
     }
     fn size_hint(&self) -> hyper::body::SizeHint {
         self.body.size_hint()
+    }
+}
+
+/// Connects to Synapse with at most `slots` connections open at once: the permit lives in
+/// the connection and is given back when the socket closes, so requests that clients cancel
+/// (an HTTP/2 rapid reset) cannot pile up connections behind our back.
+#[derive(Clone)]
+pub struct CappedConnector {
+    inner: HttpConnector,
+    slots: Arc<Semaphore>,
+}
+
+impl tower_service::Service<Uri> for CappedConnector {
+    type Response = CappedIo;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<CappedIo, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        tower_service::Service::<Uri>::poll_ready(&mut self.inner, cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let mut inner = self.inner.clone();
+        let slots = self.slots.clone();
+        Box::pin(async move {
+            let permit = slots.acquire_owned().await?;
+            let io = tower_service::Service::<Uri>::call(&mut inner, uri).await?;
+            Ok(CappedIo {
+                io,
+                _permit: permit,
+            })
+        })
+    }
+}
+
+/// A connection to Synapse holding its place under the cap.
+pub struct CappedIo {
+    io: TokioIo<tokio::net::TcpStream>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Connection for CappedIo {
+    fn connected(&self) -> Connected {
+        self.io.connected()
+    }
+}
+
+impl hyper::rt::Read for CappedIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for CappedIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
     }
 }
 
@@ -204,6 +402,32 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_polls_get_their_timeout_on_top_up_to_the_cap() {
+        let base = Duration::from_secs(180);
+        let t = |u: &str| head_timeout(&u.parse().unwrap(), base);
+        assert_eq!(t("/_matrix/client/v3/rooms/x/messages?timeout=30000"), base);
+        assert_eq!(
+            t("/_matrix/client/v3/sync?since=s&timeout=30000"),
+            base + Duration::from_secs(30)
+        );
+        assert_eq!(
+            t("/_matrix/client/unstable/org.matrix.simplified_msc3575/sync?timeout=5000"),
+            base + Duration::from_secs(5)
+        );
+        assert_eq!(
+            t("/_matrix/client/r0/events?timeout=1000"),
+            base + Duration::from_secs(1)
+        );
+        assert_eq!(t("/_matrix/client/v3/sync"), base);
+        assert_eq!(t("/_matrix/client/v3/sync?timeout=x"), base);
+        assert_eq!(
+            t("/_matrix/client/v3/sync?timeout=86400000"),
+            base + MAX_LONG_POLL
+        );
+        assert_eq!(t("/_matrix/federation/v1/sync?timeout=9000"), base);
+    }
 
     #[test]
     fn hop_by_hop_headers_and_those_named_by_connection_go() {

@@ -1,6 +1,7 @@
 //! Where a request goes (DESIGN.md §2), decided from the listener, the host, the path and the
 //! peer only, so it can be tested without sockets.
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 
 /// Which listener a request came in on.
@@ -83,27 +84,92 @@ fn in_network(ip: IpAddr, net: IpAddr, len: u8) -> bool {
     }
 }
 
+/// The path that routing decides on: percent-decoded (every `%XX`, `%2F` included), dot
+/// segments resolved (RFC 3986 §5.2.4) and empty segments dropped, so `/_synapse/%61dmin`,
+/// `//_synapse/admin` and `/_synapse/x/../admin` all read `/_synapse/admin`. Only the decision
+/// uses it: Synapse still gets the raw bytes (its reverse-proxy doc forbids normalising).
+pub fn normalize_path(raw: &str) -> Cow<'_, str> {
+    let b = raw.as_bytes();
+    let clean = b.first() == Some(&b'/')
+        && !b.contains(&b'%')
+        && !raw.contains("//")
+        && !raw.contains("/.");
+    if clean {
+        return Cow::Borrowed(raw);
+    }
+    let mut decoded = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (
+            b[i],
+            b.get(i + 1).and_then(|&c| hex(c)),
+            b.get(i + 2).and_then(|&c| hex(c)),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                decoded.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                decoded.push(c);
+                i += 1;
+            }
+        }
+    }
+    let decoded = String::from_utf8_lossy(&decoded);
+    let mut out: Vec<&str> = vec![];
+    let mut trailing = false;
+    for seg in decoded.split('/') {
+        trailing = matches!(seg, "" | "." | "..");
+        match seg {
+            "" | "." => {}
+            ".." => {
+                out.pop();
+            }
+            s => out.push(s),
+        }
+    }
+    let mut path = String::with_capacity(decoded.len() + 1);
+    for s in &out {
+        path.push('/');
+        path.push_str(s);
+    }
+    if trailing || out.is_empty() {
+        path.push('/');
+    }
+    Cow::Owned(path)
+}
+
+/// `path` is `prefix` or lies below it.
+fn under(path: &str, prefix: &str) -> bool {
+    path.strip_prefix(prefix)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
+/// `raw` is the request path as received; the decision is made on its normalized form.
 pub fn route(
     listener: Listener,
     hosts: &Hosts,
     host: &str,
-    path: &str,
+    raw: &str,
     peer: IpAddr,
     admin_allow: &[(IpAddr, u8)],
 ) -> Route {
-    let synapse_or_admin = || {
-        if path.starts_with("/_synapse/admin/") || path == "/_synapse/admin" {
-            if admin_allowed(peer, admin_allow) {
-                Route::Synapse
-            } else {
-                Route::AdminForbidden
-            }
-        } else {
+    let path = &*normalize_path(raw);
+    // DESIGN.md §2: of Synapse's own `/_synapse` tree, only `/_synapse/client` (SSO pages,
+    // password reset, consent) is public; the admin API and the rest (e.g. `/_synapse/mas`)
+    // are for this host and the `admin_allow` networks.
+    let synapse = || {
+        if under(path, "/_synapse/client") || admin_allowed(peer, admin_allow) {
             Route::Synapse
+        } else if under(path, "/_synapse/admin") {
+            Route::AdminForbidden
+        } else {
+            Route::NotFound
         }
     };
     match listener {
-        Listener::Http => match path.strip_prefix("/.well-known/acme-challenge/") {
+        Listener::Http => match raw.strip_prefix("/.well-known/acme-challenge/") {
             Some(token) if !token.is_empty() && !token.contains('/') => {
                 Route::AcmeChallenge(token.to_string())
             }
@@ -111,7 +177,7 @@ pub fn route(
         },
         // Federation: server-server API and key queries only (Matrix spec, server-server API).
         Listener::Federation => {
-            if path.starts_with("/_matrix/federation/") || path.starts_with("/_matrix/key/") {
+            if under(path, "/_matrix/federation") || under(path, "/_matrix/key") {
                 Route::Synapse
             } else {
                 Route::NotFound
@@ -126,17 +192,19 @@ pub fn route(
                 "/.well-known/matrix/client" => return Route::WellKnownClient,
                 _ => {}
             }
-            let api = path.starts_with("/_matrix/") || path.starts_with("/_synapse/");
-            if host == hosts.matrix && api {
-                return synapse_or_admin();
+            if host == hosts.matrix {
+                if under(path, "/_matrix") {
+                    return Route::Synapse;
+                }
+                if under(path, "/_synapse") {
+                    return synapse();
+                }
             }
             if host == hosts.element {
                 return Route::Element;
             }
-            if host == hosts.matrix {
-                return Route::Landing;
-            }
-            // server_name only (delegated): well-known above, a landing page otherwise.
+            // The matrix host, or server_name only (delegated): well-known above, a landing
+            // page otherwise.
             Route::Landing
         }
     }
@@ -347,6 +415,102 @@ mod tests {
                 Listener::Federation,
                 "matrix.example.com",
                 "/_synapse/admin/v1/x",
+                LO
+            ),
+            Route::NotFound
+        );
+    }
+
+    #[test]
+    fn paths_are_normalized_for_the_decision() {
+        for (raw, want) in [
+            ("/_matrix/client/versions", "/_matrix/client/versions"),
+            ("/_synapse/%61dmin/v1/x", "/_synapse/admin/v1/x"),
+            ("//_synapse/admin/v1/x", "/_synapse/admin/v1/x"),
+            ("/_synapse/./admin/v1/x", "/_synapse/admin/v1/x"),
+            ("/_synapse/foo/../admin", "/_synapse/admin"),
+            ("/_synapse%2Fadmin%2fv1", "/_synapse/admin/v1"),
+            ("/_synapse/%2e%2e/_synapse/admin/", "/_synapse/admin/"),
+            ("/../../_synapse//admin", "/_synapse/admin"),
+            ("/a/b/..", "/a/"),
+            ("/%zz%4", "/%zz%4"),
+            ("", "/"),
+        ] {
+            assert_eq!(normalize_path(raw), want, "{raw}");
+        }
+        assert!(matches!(
+            normalize_path("/_matrix/client/v3/sync"),
+            Cow::Borrowed(_)
+        ));
+    }
+
+    #[test]
+    fn disguised_admin_paths_are_refused_from_outside() {
+        for p in [
+            "/_synapse/%61dmin/v1/registration_tokens",
+            "//_synapse/admin/v1/x",
+            "/_synapse//admin/v1/x",
+            "/_synapse/./admin/v1/x",
+            "/_synapse/foo/../admin",
+            "/_synapse%2Fadmin/v1/x",
+            "/_synapse%2fadmin",
+            "/_matrix/../_synapse/admin/v1/x",
+            "/_matrix/%2e%2e/_synapse/admin/v1/x",
+            "/_synapse/admin",
+        ] {
+            assert_eq!(
+                r(Listener::Https, "matrix.example.com", p, OUT),
+                Route::AdminForbidden,
+                "{p}"
+            );
+            assert_eq!(
+                r(Listener::Https, "matrix.example.com", p, LO),
+                Route::Synapse,
+                "{p}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_synapse_client_is_public_under_synapse() {
+        for p in [
+            "/_synapse/client/pick_idp",
+            "/_synapse/client/oidc/callback",
+            "/_synapse//client/x",
+        ] {
+            assert_eq!(
+                r(Listener::Https, "matrix.example.com", p, OUT),
+                Route::Synapse,
+                "{p}"
+            );
+        }
+        for p in [
+            "/_synapse/mas/x",
+            "/_synapse/metrics",
+            "/_synapse",
+            "/_synapse/",
+            "/_synapse/clientx",
+            // Paths are case-sensitive (Twisted's resource tree is): not the admin API, but
+            // not public either.
+            "/_synapse/%41dmin/v1/x",
+        ] {
+            assert_eq!(
+                r(Listener::Https, "matrix.example.com", p, OUT),
+                Route::NotFound,
+                "{p}"
+            );
+            assert_eq!(
+                r(Listener::Https, "matrix.example.com", p, LO),
+                Route::Synapse,
+                "{p}"
+            );
+        }
+        // The federation port decides on the normalized path too.
+        assert_eq!(
+            r(
+                Listener::Federation,
+                "matrix.example.com",
+                "/_matrix/federation/../../_synapse/admin/v1/x",
                 LO
             ),
             Route::NotFound

@@ -701,6 +701,43 @@ pub async fn h2_connect(
     hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>,
     Vec<u8>,
 ) {
+    let (send, leaf, _) = h2_connect_counted(port, host, ca_pem).await;
+    (send, leaf)
+}
+
+/// `h2_connect`, also returning how many reads from the server have returned bytes (each
+/// frame the server sends, PINGs included, is at least one).
+pub async fn h2_connect_counted(
+    port: u16,
+    host: &str,
+    ca_pem: &str,
+) -> (
+    hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    Vec<u8>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let (tls, leaf, reads) = h2_tls(port, host, ca_pem).await;
+    let (send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    (send, leaf, reads)
+}
+
+/// A TLS connection negotiated for h2 (ALPN), for an HTTP/2 client of the test's choice;
+/// with the server's leaf certificate and a count of reads that returned bytes.
+pub async fn h2_tls(
+    port: u16,
+    host: &str,
+    ca_pem: &str,
+) -> (
+    tokio_rustls::client::TlsStream<CountingReads<tokio::net::TcpStream>>,
+    Vec<u8>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
     use rustls_pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
@@ -717,18 +754,106 @@ pub async fn h2_connect(
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .unwrap();
+    let reads = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let tcp = CountingReads {
+        inner: tcp,
+        reads: reads.clone(),
+    };
     let name = rustls_pki_types::ServerName::try_from(host.to_string()).unwrap();
     let tls = connector.connect(name, tcp).await.expect("TLS handshake");
     let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-    let (send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tls),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
-    (send, leaf)
+    (tls, leaf, reads)
+}
+
+/// A stream that counts the reads that returned bytes.
+pub struct CountingReads<S> {
+    inner: S,
+    reads: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for CountingReads<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        r
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for CountingReads<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Extra IPv6 addresses on `lo` (one /64 of fd00::/8, unique to this process), removed on
+/// drop: two client addresses in one /64 without a second host.
+pub struct LoopbackV6 {
+    pub prefix: String,
+    added: Vec<String>,
+}
+
+impl LoopbackV6 {
+    /// Adds `<prefix>::<host>` for each of `hosts`.
+    pub fn new(hosts: &[u16]) -> LoopbackV6 {
+        let pid = std::process::id();
+        let prefix = format!("fd00:686d:{:x}:{:x}", pid >> 16, pid & 0xffff);
+        let mut lo = LoopbackV6 {
+            prefix,
+            added: vec![],
+        };
+        for h in hosts {
+            let a = format!("{}::{h:x}/64", lo.prefix);
+            let out = Command::new("ip")
+                .args(["-6", "addr", "add", &a, "dev", "lo", "nodad"])
+                .output()
+                .expect("running ip (iproute2)");
+            assert!(
+                out.status.success(),
+                "ip -6 addr add {a}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            lo.added.push(a);
+        }
+        lo
+    }
+
+    pub fn addr(&self, host: u16) -> std::net::Ipv6Addr {
+        format!("{}::{host:x}", self.prefix).parse().unwrap()
+    }
+}
+
+impl Drop for LoopbackV6 {
+    fn drop(&mut self) {
+        for a in &self.added {
+            let _ = Command::new("ip")
+                .args(["-6", "addr", "del", a, "dev", "lo"])
+                .output();
+        }
+    }
 }
 
 /// A throwaway certificate authority for tests, and leaves it signs.
