@@ -42,8 +42,9 @@ pub enum Cmd {
         json: bool,
     },
     /// Re-apply synapse.d (restarting Synapse if its config changed), element.json and the
-    /// certificate files now, and print what was re-applied; exit 1 if something failed (the
-    /// unit's ExecReload, what `systemctl reload homelab-matrix` runs).
+    /// certificate files now, and print what was re-applied; exit 1 if something failed, 2 if
+    /// the config file is invalid (then nothing is reloaded). The unit's ExecReload: what
+    /// `systemctl reload homelab-matrix` runs.
     Reload,
     /// Create or check PostgreSQL's role and database for Synapse now (run does it at every start).
     ProvisionDb,
