@@ -180,7 +180,7 @@ pub async fn run(config_path: &Path) -> Result<(), RunError> {
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { tracing::info!("SIGINT: shutting down"); break; }
-            _ = hup.recv() => reload(&app).await,
+            _ = hup.recv() => { reload(&app).await; }
             Some(r) = req_rx.recv() => handle_request(&app, r).await,
         }
     }
@@ -348,7 +348,15 @@ async fn handle_request(app: &Arc<App>, r: control::Request) {
         Err(e) => serde_json::json!({"error": e.to_string()}),
     };
     match r {
-        control::Request::Reload => reload(app).await,
+        control::Request::Reload { reply } => {
+            let mut report = reload(app).await;
+            // The answer waits for a restarted Synapse to be ready again, beside the main loop
+            // (a SIGTERM meanwhile is still handled at once).
+            tokio::spawn(async move {
+                report.wait_for_synapse().await;
+                let _ = reply.send(serde_json::to_value(&report).expect("report serializes"));
+            });
+        }
         control::Request::ElementUpdate { check_only, reply } => {
             let el = app.element.clone();
             tokio::spawn(async move {
@@ -364,57 +372,167 @@ async fn handle_request(app: &Arc<App>, r: control::Request) {
     }
 }
 
-/// SIGHUP: re-applies the operator's Synapse overrides (synapse.d) and restarts Synapse if its
-/// config changed. The TOML file is re-read to report mistakes early, but its changes need a
-/// restart of the service: they touch the database, the ports and the identity of the server.
-async fn reload(app: &App) {
-    tracing::info!(config = %app.config_path.display(), "reloading");
-    match Config::load(&app.config_path) {
-        Err(e) => {
-            tracing::error!("the config file has problems; the running config stays in effect: {e}")
-        }
-        Ok(new) if new != app.cfg => tracing::warn!(
-            "{} changed; those changes take effect at the next `systemctl restart homelab-matrix`",
-            app.config_path.display()
-        ),
-        Ok(_) => {}
+/// What a reload re-applied, for `homelab-matrix reload` (the unit's ExecReload) to print.
+#[derive(Default, serde::Serialize)]
+pub struct ReloadReport {
+    /// Nothing failed: every file was applied, or was unchanged.
+    pub ok: bool,
+    /// One sentence per step, in order, for the operator.
+    pub lines: Vec<String>,
+    /// The steps that failed (also in `lines`).
+    pub errors: Vec<String>,
+    /// The TOML file: "unchanged", "changed" (takes effect at the next restart) or "invalid".
+    pub config_file: &'static str,
+    /// Synapse: "unchanged", "restarted" or "failed".
+    pub synapse: &'static str,
+    /// After a restart: whether Synapse answered /health again.
+    pub synapse_ready: Option<bool>,
+    #[serde(skip)]
+    restarted: Option<Arc<Child>>,
+}
+
+/// How long a reload's answer waits for a restarted Synapse (schema upgrades do not happen at a
+/// reload, so this is a normal start).
+const RELOAD_READY: Duration = Duration::from_secs(300);
+
+impl ReloadReport {
+    fn note(&mut self, line: String) {
+        self.lines.push(line);
     }
-    if let Err(e) = app.element.reload_config(&app.cfg, app.https_port) {
-        tracing::error!("Element's config.json stays as it was: {e:#}");
+
+    fn fail(&mut self, line: String) {
+        self.lines.push(format!("FAILED: {line}"));
+        self.errors.push(line);
+        self.ok = false;
+    }
+
+    /// After a restart, waits until Synapse is ready again (or not, within `RELOAD_READY`).
+    async fn wait_for_synapse(&mut self) {
+        let Some(child) = self.restarted.take() else {
+            return;
+        };
+        match child.wait_ready(RELOAD_READY).await {
+            Ok(()) => {
+                self.synapse_ready = Some(true);
+                let pid = child.status().pid.map_or("?".into(), |p| p.to_string());
+                self.note(format!("Synapse is ready again (pid {pid})"));
+            }
+            Err(e) => {
+                self.synapse_ready = Some(false);
+                self.fail(format!(
+                    "{e:#}; `homelab-matrix status` and the journal say more"
+                ));
+            }
+        }
+    }
+}
+
+/// SIGHUP or `reload`: re-applies the operator's Synapse overrides (synapse.d) and restarts
+/// Synapse if its config changed, Element's element.json, and in `files` mode the certificate
+/// files. The TOML file is re-read to report mistakes early, but its changes need a restart of
+/// the service: they touch the database, the ports and the identity of the server.
+async fn reload(app: &App) -> ReloadReport {
+    let mut report = ReloadReport {
+        ok: true,
+        ..Default::default()
+    };
+    let path = app.config_path.display();
+    tracing::info!(config = %path, "reloading");
+    report.config_file = match Config::load(&app.config_path) {
+        Err(e) => {
+            tracing::error!(
+                "the config file has problems; the running config stays in effect: {e}"
+            );
+            report.fail(format!(
+                "{path} has problems; the running config stays in effect: {e}"
+            ));
+            "invalid"
+        }
+        Ok(new) if new != app.cfg => {
+            let msg = format!(
+                "{path} changed; those changes take effect at the next `systemctl restart homelab-matrix`"
+            );
+            tracing::warn!("{msg}");
+            report.note(msg);
+            "changed"
+        }
+        Ok(_) => {
+            report.note(format!("{path}: unchanged"));
+            "unchanged"
+        }
+    };
+    match app.element.reload_config(&app.cfg, app.https_port) {
+        Ok(()) => report.note("Element: config.json re-applied (with element.json)".into()),
+        Err(e) => {
+            tracing::error!("Element's config.json stays as it was: {e:#}");
+            report.fail(format!("Element's config.json stays as it was: {e:#}"));
+        }
     }
     if app.cfg.tls.mode == "files" {
+        let now = std::time::SystemTime::now();
         for name in app.cfg.served_names() {
             match load_files(&app.cfg, &name) {
                 Some(Ok(c)) => {
                     tracing::info!(name = %name, expires = unix(c.not_after), "reloaded certificate files");
+                    report.note(format!(
+                        "certificate for {name}: reloaded from files (expires in {})",
+                        crate::units::human_duration(c.remaining(now))
+                    ));
                     app.certs.publish(&name, Arc::new(c));
                 }
                 Some(Err(e)) => {
-                    tracing::error!(name = %name, "keeping the current certificate: {e:#}")
+                    tracing::error!(name = %name, "keeping the current certificate: {e:#}");
+                    report.fail(format!(
+                        "certificate for {name}: keeping the current one: {e:#}"
+                    ));
                 }
-                None => {}
+                None => report.note(format!(
+                    "certificate for {name}: no files in {}/{name}/; keeping the current one",
+                    app.cfg.tls.files_dir
+                )),
             }
         }
+    } else {
+        report.note(format!(
+            "certificates: tls.mode is {:?}, no certificate files to reload",
+            app.cfg.tls.mode
+        ));
     }
-    let result: Result<()> = async {
+    let result: Result<bool> = async {
         let user = RunAs::lookup(&app.cfg.synapse.user)?;
-        if synapse::render(&app.cfg, &app.secrets, &user)? {
-            tracing::info!("Synapse's config changed; restarting it");
-            let old = app.synapse.lock().unwrap().clone();
-            let fresh = app
-                .supervisor
-                .replace(&old, synapse::child_spec(&app.cfg, user))
-                .await;
-            *app.synapse.lock().unwrap() = fresh;
-        } else {
-            tracing::info!("Synapse's config is unchanged");
+        if !synapse::render(&app.cfg, &app.secrets, &user)? {
+            return Ok(false);
         }
-        Ok(())
+        tracing::info!("Synapse's config changed; restarting it");
+        let old = app.synapse.lock().unwrap().clone();
+        let fresh = app
+            .supervisor
+            .replace(&old, synapse::child_spec(&app.cfg, user))
+            .await;
+        *app.synapse.lock().unwrap() = fresh.clone();
+        report.restarted = Some(fresh);
+        Ok(true)
     }
     .await;
-    if let Err(e) = result {
-        tracing::error!("reload failed: {e:#}");
-    }
+    report.synapse = match result {
+        Ok(true) => {
+            report.note("Synapse: its config changed (synapse.d); restarted it".into());
+            "restarted"
+        }
+        Ok(false) => {
+            tracing::info!("Synapse's config is unchanged");
+            report.note("Synapse: config unchanged; it keeps running".into());
+            "unchanged"
+        }
+        Err(e) => {
+            tracing::error!("reload failed: {e:#}");
+            report.fail(format!(
+                "Synapse: re-applying its config failed, it keeps running as it was: {e:#}"
+            ));
+            "failed"
+        }
+    };
+    report
 }
 
 impl App {

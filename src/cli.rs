@@ -41,6 +41,11 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Re-apply synapse.d (restarting Synapse if its config changed), element.json and the
+    /// certificate files now, and print what was re-applied; exit 1 if something failed, 2 if
+    /// the config file is invalid (then nothing is reloaded). The unit's ExecReload: what
+    /// `systemctl reload homelab-matrix` runs.
+    Reload,
     /// Create or check PostgreSQL's role and database for Synapse now (run does it at every start).
     ProvisionDb,
     /// Manage Matrix users.
@@ -240,6 +245,7 @@ fn check_config(path: &Path) -> i32 {
 async fn other(cmd: Cmd, cfg: &Config) -> Result<()> {
     match cmd {
         Cmd::Status { json } => status(cfg, json).await,
+        Cmd::Reload => reload(cfg).await,
         Cmd::ProvisionDb => {
             let secrets = Secrets::ensure(&cfg.state_dir())?;
             let report = postgres::provision(cfg, &secrets.get(Kind::PostgresPassword)?).await?;
@@ -275,6 +281,21 @@ async fn other(cmd: Cmd, cfg: &Config) -> Result<()> {
             unreachable!("handled in dispatch")
         }
     }
+}
+
+/// Asks the running service to reload and prints its report (app::ReloadReport).
+async fn reload(cfg: &Config) -> Result<()> {
+    let v = control::request(&cfg.control_socket(), "reload").await?;
+    for line in v["lines"].as_array().into_iter().flatten() {
+        println!("{}", line.as_str().unwrap_or("?"));
+    }
+    if v["ok"] != true {
+        let n = v["errors"].as_array().map_or(0, |e| e.len());
+        bail!(
+            "reload incomplete: {n} step(s) failed (above); what was running before stays in effect for those. Fix them and run `homelab-matrix reload` again"
+        );
+    }
+    Ok(())
 }
 
 async fn status(cfg: &Config, json: bool) -> Result<()> {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use homelab_matrix::supervisor::{
-    BackoffPolicy, Child, ChildSpec, Command, Exit, Readiness, RunAs, State, run_helper,
+    BackoffPolicy, Child, ChildSpec, Command, Exit, Readiness, RunAs, State, output, run_helper,
 };
 use nix::sys::signal::Signal;
 
@@ -307,4 +307,166 @@ async fn readiness_waits_for_http_200() {
     );
     assert_eq!(child.status().state, State::Running);
     child.stop().await;
+}
+
+/// What the supervisor logged, captured by a tracing layer installed once for this process.
+mod capture {
+    use std::sync::{Mutex, OnceLock};
+
+    use tracing::field::{Field, Visit};
+    use tracing_subscriber::layer::{Context, SubscriberExt};
+
+    #[derive(Debug, Clone)]
+    pub struct Event {
+        pub level: tracing::Level,
+        pub child: Option<String>,
+        pub message: String,
+    }
+
+    static EVENTS: Mutex<Vec<Event>> = Mutex::new(Vec::new());
+
+    struct Layer;
+
+    #[derive(Default)]
+    struct Fields {
+        child: Option<String>,
+        message: String,
+    }
+
+    impl Visit for Fields {
+        fn record_str(&mut self, f: &Field, v: &str) {
+            match f.name() {
+                "child" => self.child = Some(v.to_string()),
+                "message" => self.message = v.to_string(),
+                _ => {}
+            }
+        }
+        fn record_debug(&mut self, f: &Field, v: &dyn std::fmt::Debug) {
+            match f.name() {
+                "child" => self.child = Some(format!("{v:?}")),
+                "message" => self.message = format!("{v:?}"),
+                _ => {}
+            }
+        }
+    }
+
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Layer {
+        fn on_event(&self, e: &tracing::Event<'_>, _: Context<'_, S>) {
+            let mut f = Fields::default();
+            e.record(&mut f);
+            EVENTS.lock().unwrap().push(Event {
+                level: *e.metadata().level(),
+                child: f.child,
+                message: f.message,
+            });
+        }
+    }
+
+    pub fn install() {
+        static ONCE: OnceLock<()> = OnceLock::new();
+        ONCE.get_or_init(|| {
+            tracing::subscriber::set_global_default(tracing_subscriber::registry().with(Layer))
+                .expect("installing the capturing subscriber");
+        });
+    }
+
+    /// The events about child `name` so far.
+    pub fn of_child(name: &str) -> Vec<Event> {
+        EVENTS
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e.child.as_deref() == Some(name))
+            .cloned()
+            .collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_writing_invalid_utf8_and_an_endless_line_keeps_running_and_logging() {
+    capture::install();
+    let d = tempfile::tempdir().unwrap();
+    let written = d.path().join("written");
+    // Raw bytes, then a 1 MiB line, then ordinary lines on both pipes, then idling: what a
+    // C child (coturn) or a broken Python extension may do.
+    let body = format!(
+        "printf 'before \\377\\376 bad\\n'\n\
+         head -c 1048576 /dev/zero | tr '\\000' x\n\
+         printf '\\nafter one\\n'\n\
+         printf '2026-01-01 - synapse.x - 1 - WARNING - after two\\n' >&2\n\
+         printf 'last, without a newline'\n\
+         echo done > {w}\n\
+         exec sleep 60",
+        w = written.display()
+    );
+    let child = Child::start(spec("garbage", script(d.path(), "garbage.sh", &body)));
+    wait_for(
+        "the script to write everything",
+        Duration::from_secs(20),
+        || written.exists(),
+    )
+    .await;
+    wait_for(
+        "the later lines to be logged",
+        Duration::from_secs(10),
+        || {
+            let ev = capture::of_child("garbage");
+            ev.iter().any(|e| e.message == "after one")
+                && ev.iter().any(|e| e.message.ends_with("after two"))
+        },
+    )
+    .await;
+    let events = capture::of_child("garbage");
+    let lines: Vec<&str> = events
+        .iter()
+        .map(|e| e.message.as_str())
+        .filter(|m| !matches!(*m, "started" | "ready"))
+        .collect();
+    assert_eq!(lines[0], "before \u{fffd}\u{fffd} bad", "{lines:?}");
+    // The long line: logged once, cut at the cap, marked; its rest dropped, not buffered.
+    let long: Vec<&&str> = lines.iter().filter(|l| l.starts_with('x')).collect();
+    assert_eq!(long.len(), 1, "one cut line, not 1 MiB of pieces");
+    assert_eq!(
+        long[0].len(),
+        output::MAX_LINE + output::CUT_MARKER.len(),
+        "the long line is cut at the cap"
+    );
+    assert!(long[0].ends_with(output::CUT_MARKER));
+    // Python's level names still map (the stderr line is a warning).
+    let two = events
+        .iter()
+        .find(|e| e.message.ends_with("after two"))
+        .unwrap();
+    assert_eq!(two.level, tracing::Level::WARN);
+    // The child is alive and running: it never wrote into a closed pipe.
+    let st = child.status();
+    assert_eq!(st.state, State::Running, "{st:?}");
+    assert_eq!(st.restarts, 0, "{st:?}");
+    assert!(common::pid_alive(st.pid.unwrap()));
+    child.stop().await;
+    // The last line had no newline: it comes out at EOF.
+    wait_for("the unterminated last line", Duration::from_secs(5), || {
+        capture::of_child("garbage")
+            .iter()
+            .any(|e| e.message == "last, without a newline")
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn children_cannot_gain_privileges() {
+    // PR_SET_NO_NEW_PRIVS: a set-uid binary run by a compromised child does not make it root.
+    let out = run_helper(
+        Command::new("/bin/grep")
+            .arg("NoNewPrivs")
+            .arg("/proc/self/status"),
+        b"",
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "NoNewPrivs:\t1"
+    );
 }

@@ -5,6 +5,7 @@
 //! process group, then SIGKILL after the grace period.
 
 pub mod backoff;
+pub mod output;
 pub mod process;
 
 use std::sync::{Arc, Mutex};
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, bail};
 use nix::sys::signal::Signal;
 use serde::Serialize;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -370,7 +371,8 @@ pub async fn http_get_ok(port: u16, path: &str) -> bool {
 }
 
 /// Each line a child writes becomes a tracing event with `child=<name>`, so journald can
-/// filter by child. Python logging's level names map to tracing levels.
+/// filter by child. Python logging's level names map to tracing levels. The pipes are read as
+/// bytes to EOF (`output::forward`): invalid UTF-8 or an endless line never ends the reading.
 fn forward_output(name: &str, child: &mut process::Spawned) {
     let (out, err) = (
         std::mem::replace(&mut child.stdout, dummy_pipe()),
@@ -379,10 +381,14 @@ fn forward_output(name: &str, child: &mut process::Spawned) {
     for pipe in [out, err] {
         let name = name.to_string();
         tokio::spawn(async move {
-            let mut lines = BufReader::new(pipe).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                log_child_line(&name, &line);
-            }
+            output::forward(pipe, |line, cut| {
+                if cut {
+                    log_child_line(&name, &format!("{line}{}", output::CUT_MARKER));
+                } else {
+                    log_child_line(&name, line);
+                }
+            })
+            .await;
         });
     }
 }
@@ -393,19 +399,53 @@ fn dummy_pipe() -> tokio::net::unix::pipe::Receiver {
 }
 
 fn log_child_line(name: &str, line: &str) {
-    let level = [
-        " - CRITICAL - ",
-        " - ERROR - ",
-        " - WARNING - ",
-        " - DEBUG - ",
-    ]
-    .iter()
-    .position(|m| line.contains(m));
+    match child_line_level(line) {
+        tracing::Level::ERROR => tracing::error!(target: "child", child = %name, "{line}"),
+        tracing::Level::WARN => tracing::warn!(target: "child", child = %name, "{line}"),
+        tracing::Level::DEBUG | tracing::Level::TRACE => {
+            tracing::debug!(target: "child", child = %name, "{line}")
+        }
+        tracing::Level::INFO => tracing::info!(target: "child", child = %name, "{line}"),
+    }
+}
+
+/// Synapse logs its start banner at WARNING so that it shows at any log level
+/// (synapse/config/logger.py, `setup_logging`); it is news, not a problem.
+const SYNAPSE_BANNER: [&str; 4] = [
+    "***** STARTING SERVER *****",
+    "Server ",
+    "Copyright (c)",
+    "Licensed under the AGPL",
+];
+
+/// The level of one line of a child's output. A Python logging line (Synapse's format,
+/// `%(name)s - %(lineno)d - %(levelname)s - %(request)s - %(message)s`, maybe after a
+/// timestamp) carries its level after the line number; anything else is info.
+fn child_line_level(line: &str) -> tracing::Level {
+    use tracing::Level;
+    let fields: Vec<&str> = line.splitn(6, " - ").collect();
+    let Some(i) = (1..fields.len().saturating_sub(1)).find(|&i| {
+        fields[i].parse::<u32>().is_ok()
+            && matches!(
+                fields[i + 1],
+                "CRITICAL" | "ERROR" | "WARNING" | "INFO" | "DEBUG"
+            )
+    }) else {
+        return Level::INFO;
+    };
+    let (logger, level) = (fields[i - 1], fields[i + 1]);
+    let message = fields.last().copied().unwrap_or("");
     match level {
-        Some(0 | 1) => tracing::error!(target: "child", child = %name, "{line}"),
-        Some(2) => tracing::warn!(target: "child", child = %name, "{line}"),
-        Some(_) => tracing::debug!(target: "child", child = %name, "{line}"),
-        None => tracing::info!(target: "child", child = %name, "{line}"),
+        "CRITICAL" | "ERROR" => Level::ERROR,
+        "WARNING"
+            if logger == "synapse.config.logger"
+                && SYNAPSE_BANNER.iter().any(|b| message.starts_with(b)) =>
+        {
+            Level::INFO
+        }
+        "WARNING" => Level::WARN,
+        "DEBUG" => Level::DEBUG,
+        _ => Level::INFO,
     }
 }
 
@@ -507,5 +547,49 @@ impl Supervisor {
         for c in children {
             c.stop().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::child_line_level;
+    use tracing::Level;
+
+    #[test]
+    fn python_levels_map_and_the_synapse_banner_is_news() {
+        let l = |s: &str| child_line_level(s);
+        assert_eq!(
+            l("synapse.storage - 12 - WARNING - main - slow query"),
+            Level::WARN
+        );
+        assert_eq!(
+            l("2026-01-01 - synapse.x - 1 - ERROR - GET-1 - boom"),
+            Level::ERROR
+        );
+        assert_eq!(l("twisted - 3 - CRITICAL - - down"), Level::ERROR);
+        assert_eq!(l("synapse.http - 7 - DEBUG - - details"), Level::DEBUG);
+        assert_eq!(
+            l("synapse.http - 7 - INFO - - said - WARNING - here"),
+            Level::INFO
+        );
+        // Not Python's format, or a level word in the message only: info.
+        assert_eq!(l("0: : WARNING: coturn says"), Level::INFO);
+        assert_eq!(
+            l("Traceback (most recent call last): - ERROR - x"),
+            Level::INFO
+        );
+        for banner in [
+            "***** STARTING SERVER *****",
+            "Server /opt/venvs/matrix-synapse/lib/python3.11/site-packages/synapse/app/homeserver.py version 1.163.2",
+            "Copyright (c) 2023 New Vector, Inc",
+            "Licensed under the AGPL 3.0 license. Website: https://github.com/element-hq/synapse",
+        ] {
+            let line = format!("synapse.config.logger - 377 - WARNING - main - {banner}");
+            assert_eq!(l(&line), Level::INFO, "{line}");
+        }
+        assert_eq!(
+            l("synapse.config.logger - 318 - WARNING - main - Loaded a blank logging config?"),
+            Level::WARN
+        );
     }
 }

@@ -259,6 +259,10 @@ fn spawn_locked(cmd: Command) -> io::Result<RawSpawned> {
                 nix::unistd::setgid(r.gid).map_err(io::Error::from)?;
                 nix::unistd::setuid(r.uid).map_err(io::Error::from)?;
             }
+            // No set-uid/set-gid binary or file capability can raise what the child holds:
+            // a compromised child stays what it was started as (prctl(2), PR_SET_NO_NEW_PRIVS;
+            // inherited across fork and execve, never unset).
+            nix::sys::prctl::set_no_new_privs().map_err(io::Error::from)?;
             // After setuid: a credential change clears the parent-death signal (prctl(2)).
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(io::Error::from)?;
             // The supervisor may have died between fork and prctl; then no signal will come.
