@@ -56,6 +56,16 @@ fn login(m: &Matrix, user: &str, pw: &str) -> (u16, Option<String>) {
     (st, v["access_token"].as_str().map(str::to_string))
 }
 
+fn join(m: &Matrix, room: &str, token: &str) {
+    let (st, v) = m.req(
+        "POST",
+        &format!("/_matrix/client/v3/join/{room}"),
+        Some(token),
+        None,
+    );
+    assert_eq!(st, 200, "{v}");
+}
+
 fn whoami(m: &Matrix, token: &str) -> u16 {
     m.req(
         "GET",
@@ -100,6 +110,7 @@ fn user_admin_commands_against_synapse() {
     let bob_pw = add_user(&lab, "bob");
     let mallory_pw = add_user(&lab, "mallory");
     let carol_pw = add_user(&lab, "carol");
+    let dave_pw = add_user(&lab, "dave");
 
     // `list` pages past the API's page size: BULK accounts made through the admin API
     // (no password, so no bcrypt), four at a time.
@@ -227,18 +238,21 @@ fn user_admin_commands_against_synapse() {
     assert_eq!(login(&m, "bob", "bob-new-password-2").0, 200);
     let err = fails(&lab, &["user", "reset-password", "bob"], 1);
     assert!(err.contains("--password-file"), "{err}");
+    // On a terminal it asks twice, without echo.
+    let (code, shown) = lab.on_terminal(
+        &["user", "reset-password", "bob"],
+        &["bob-new-password-3", "bob-new-password-3"],
+    );
+    assert_eq!(code, Some(0), "{shown}");
+    assert!(shown.contains("Password for @bob:matrix.test:"), "{shown}");
+    assert!(!shown.contains("bob-new-password-3"), "echoed: {shown}");
+    assert_eq!(login(&m, "bob", "bob-new-password-3").0, 200);
 
     // `deactivate --erase`: mallory's messages are served redacted to carol, who joins later;
     // alice, who was there, still has them. Mallory can no longer log in.
     let (_, mt) = login(&m, "mallory", &mallory_pw);
     let mt = mt.unwrap();
-    let (st, v) = m.req(
-        "POST",
-        &format!("/_matrix/client/v3/join/{room}"),
-        Some(&mt),
-        None,
-    );
-    assert_eq!(st, 200, "{v}");
+    join(&m, &room, &mt);
     for i in 0..2 {
         let (st, v) = m.req(
             "PUT",
@@ -255,6 +269,14 @@ fn user_admin_commands_against_synapse() {
         200,
         "deactivated unasked"
     );
+    // On a terminal it asks, and only "yes" goes on.
+    let (code, shown) = lab.on_terminal(&["user", "deactivate", "mallory"], &["no"]);
+    assert_eq!(code, Some(1), "{shown}");
+    assert!(
+        shown.contains("This cannot be undone") && shown.contains("nothing was changed"),
+        "{shown}"
+    );
+    assert_eq!(login(&m, "mallory", &mallory_pw).0, 200);
     let out = lab.ok(&["user", "deactivate", "mallory", "--erase", "--yes"]);
     assert!(out.contains("deactivated @mallory:matrix.test"), "{out}");
     assert_eq!(
@@ -276,13 +298,7 @@ fn user_admin_commands_against_synapse() {
     assert_eq!(st, 200, "{v}");
     let (_, ct) = login(&m, "carol", &carol_pw);
     let ct = ct.unwrap();
-    let (st, v) = m.req(
-        "POST",
-        &format!("/_matrix/client/v3/join/{room}"),
-        Some(&ct),
-        None,
-    );
-    assert_eq!(st, 200, "{v}");
+    join(&m, &room, &ct);
     let mallorys = |token: &str| -> Vec<Value> {
         let (st, v) = m.req(
             "GET",
@@ -328,6 +344,11 @@ fn user_admin_commands_against_synapse() {
     assert_eq!(mallory["erased"], true, "{mallory}");
 
     // Refusals: the appliance's own accounts, and names that are not local users.
+    let (code, shown) = lab.on_terminal(&["user", "deactivate", "dave"], &["yes"]);
+    assert_eq!(code, Some(0), "{shown}");
+    assert!(shown.contains("deactivated @dave:matrix.test"), "{shown}");
+    assert_eq!(login(&m, "dave", &dave_pw).0, 403);
+
     for args in [
         &["user", "deactivate", "homelab-matrix", "--yes"][..],
         &["user", "admin", "@homelab-matrix:matrix.test", "off"],

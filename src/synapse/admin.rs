@@ -223,7 +223,6 @@ pub fn protected_account(user_id: &str, server_name: &str, bot_localpart: &str) 
 pub struct UserInfo {
     /// The user ID.
     pub name: String,
-    #[serde(default)]
     pub displayname: Option<String>,
     #[serde(default)]
     pub admin: bool,
@@ -236,13 +235,10 @@ pub struct UserInfo {
     pub is_guest: bool,
     #[serde(default)]
     pub locked: bool,
-    #[serde(default)]
     pub user_type: Option<String>,
     /// Milliseconds since the epoch.
-    #[serde(default)]
     pub creation_ts: Option<i64>,
     /// Milliseconds since the epoch; `None` when Synapse has not seen the user (yet).
-    #[serde(default)]
     pub last_seen_ts: Option<i64>,
 }
 
@@ -250,14 +246,10 @@ pub struct UserInfo {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Device {
     pub device_id: String,
-    #[serde(default)]
     pub display_name: Option<String>,
-    #[serde(default)]
     pub last_seen_ip: Option<String>,
     /// Milliseconds since the epoch.
-    #[serde(default)]
     pub last_seen_ts: Option<i64>,
-    #[serde(default)]
     pub last_seen_user_agent: Option<String>,
 }
 
