@@ -285,6 +285,18 @@ fn user_admin_commands_against_synapse() {
         "a deactivated user logs in"
     );
     assert_eq!(whoami(&m, &mt), 401);
+    let err = fails(
+        &lab,
+        &[
+            "user",
+            "reset-password",
+            "mallory",
+            "--password-file",
+            &new1,
+        ],
+        1,
+    );
+    assert!(err.contains("is deactivated"), "{err}");
     assert!(
         lab.ok(&["user", "deactivate", "mallory", "--yes"])
             .contains("already deactivated")

@@ -581,6 +581,52 @@ mod tests {
     }
 
     #[test]
+    fn user_lines_say_what_is_known() {
+        let u = UserInfo {
+            name: "@alice:example.com".into(),
+            displayname: None,
+            admin: true,
+            deactivated: false,
+            erased: false,
+            is_guest: false,
+            locked: false,
+            user_type: None,
+            creation_ts: Some(1_767_225_600_000),
+            last_seen_ts: None,
+        };
+        assert_eq!(
+            user_line(&u),
+            "`@alice:example.com`: server admin, created 2026-01-01 00:00 UTC, not seen yet"
+        );
+        let d = UserDetails {
+            user: UserInfo {
+                admin: false,
+                deactivated: true,
+                erased: true,
+                ..u
+            },
+            devices: vec![crate::synapse::admin::Device {
+                device_id: "ABC".into(),
+                display_name: Some("Element".into()),
+                last_seen_ip: Some("192.0.2.1".into()),
+                last_seen_ts: Some(1_767_225_600_000),
+                last_seen_user_agent: None,
+            }],
+            joined_rooms: 1,
+        };
+        let md = user_details(&d).markdown;
+        assert!(
+            md.starts_with("`@alice:example.com`: erased, created"),
+            "{md}"
+        );
+        assert!(md.contains("In 1 room; 1 device:"), "{md}");
+        assert!(
+            md.contains("- `ABC` Element: last seen 2026-01-01 00:00 UTC from 192.0.2.1"),
+            "{md}"
+        );
+    }
+
+    #[test]
     fn delete_all_needs_confirm() {
         assert_eq!(cmd("delete-all"), Command::DeleteAll { confirm: false });
         assert_eq!(

@@ -140,8 +140,10 @@ pub async fn run(cfg: &Config, cmd: UserCmd) -> Result<()> {
             keep_devices,
         } => {
             let id = resolve_changeable(cfg, &name)?;
-            // Unknown users are named before a password is asked for.
-            session.get_user(&id).await?;
+            // Unknown and deactivated users are named before a password is asked for.
+            if session.get_user(&id).await?.deactivated {
+                bail!("{id} is deactivated: a password would not let them in; nothing was changed");
+            }
             let password = new_password(&id, password_file.as_deref(), "nothing was changed")?;
             session
                 .reset_password(&id, &password, !keep_devices)
