@@ -1,6 +1,5 @@
 //! The command line (DESIGN.md §5). Exit codes: 0 ok, 1 failure, 2 usage or invalid config.
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -12,8 +11,11 @@ use crate::config::{self, Config, ConfigError};
 use crate::control;
 use crate::postgres;
 use crate::secrets::{Kind, Secrets};
-use crate::synapse::admin::{self, AdminError, RegistrationToken};
+use crate::synapse::admin::{self, RegistrationToken};
 use crate::units::human_duration;
+
+mod users;
+pub use users::UserCmd;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -84,21 +86,6 @@ pub enum ElementCmd {
         lock: PathBuf,
         #[arg(long)]
         out: PathBuf,
-    },
-}
-
-#[derive(Debug, Subcommand)]
-pub enum UserCmd {
-    /// Register a user with Synapse's shared secret.
-    Add {
-        /// The user name (the part before the colon).
-        name: String,
-        /// Make the user a server admin.
-        #[arg(long)]
-        admin: bool,
-        /// Read the password from this file's first line instead of asking.
-        #[arg(long)]
-        password_file: Option<PathBuf>,
     },
 }
 
@@ -187,7 +174,7 @@ async fn dispatch(cli: Cli) -> i32 {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("error: {e:#}");
-            1
+            if e.is::<users::UsageError>() { 2 } else { 1 }
         }
     }
 }
@@ -255,11 +242,7 @@ async fn other(cmd: Cmd, cfg: &Config) -> Result<()> {
             );
             Ok(())
         }
-        Cmd::User(UserCmd::Add {
-            name,
-            admin,
-            password_file,
-        }) => user_add(cfg, &name, admin, password_file.as_deref()).await,
+        Cmd::User(u) => users::run(cfg, u).await,
         Cmd::Token(t) => token(cfg, t).await,
         Cmd::Element(e) => {
             let what = match e {
@@ -406,62 +389,6 @@ async fn status(cfg: &Config, json: bool) -> Result<()> {
         );
     }
     Ok(())
-}
-
-async fn user_add(
-    cfg: &Config,
-    name: &str,
-    admin: bool,
-    password_file: Option<&Path>,
-) -> Result<()> {
-    let name = name.trim_start_matches('@');
-    let name = name
-        .strip_suffix(&format!(":{}", cfg.server_name))
-        .unwrap_or(name)
-        .to_ascii_lowercase();
-    if !config::is_localpart(&name) {
-        bail!("{name:?} is not a valid user name: use lowercase letters, digits and . _ = - /");
-    }
-    let password = match password_file {
-        Some(f) => {
-            let text = std::fs::read_to_string(f)
-                .with_context(|| format!("reading the password from {}", f.display()))?;
-            text.lines().next().unwrap_or("").to_string()
-        }
-        None if std::io::stdin().is_terminal() => {
-            let a = rpassword::prompt_password(format!("Password for {name}: "))?;
-            let b = rpassword::prompt_password("Again: ")?;
-            if a != b {
-                bail!("the passwords differ; nothing was created");
-            }
-            a
-        }
-        None => bail!("no terminal to ask for a password: pass --password-file FILE"),
-    };
-    if password.chars().count() < 8 {
-        bail!("the password is too short: use at least 8 characters");
-    }
-    let secrets = Secrets::open(&cfg.state_dir());
-    let shared = secrets.get(Kind::RegistrationShared)?;
-    let client = admin::Synapse::new(&cfg.synapse_local_url());
-    match client
-        .register_with_secret(&shared, &name, &password, admin)
-        .await
-    {
-        Ok(r) => {
-            println!(
-                "created {}{}",
-                r.user_id,
-                if admin { " (server admin)" } else { "" }
-            );
-            Ok(())
-        }
-        Err(AdminError::UserInUse(_)) => bail!(
-            "@{name}:{} already exists; nothing was changed",
-            cfg.server_name
-        ),
-        Err(e) => Err(e.into()),
-    }
 }
 
 async fn token(cfg: &Config, cmd: TokenCmd) -> Result<()> {

@@ -276,6 +276,20 @@ async fn register(hs: &str, user: &str, token: &str) -> (u16, Value) {
     .unwrap()
 }
 
+/// The status of a password login (blocking HTTP, so off the runtime's worker).
+fn login_status(hs: &str, user: &str, password: &str) -> u16 {
+    tokio::task::block_in_place(|| {
+        Matrix::new(hs)
+            .req(
+                "POST",
+                "/_matrix/client/v3/login",
+                None,
+                Some(serde_json::json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": user}, "password": password})),
+            )
+            .0
+    })
+}
+
 fn restart(lab: &Lab, run: &mut Running) -> Running {
     let st = run.signal_and_wait(Signal::SIGTERM, Duration::from_secs(20));
     assert_eq!(st.code(), Some(0), "{}", run.log_tail());
@@ -422,6 +436,47 @@ fn registration_bot_end_to_end() {
                 .contains("help")
         );
 
+        // Accounts, for admins: `users`, `user`, `reset-password` (in the encrypted DM only)
+        // and `deactivate ... confirm`.
+        let m = alice.ask(&dm, &bot, "users").await;
+        assert!(
+            m.body.contains("`@newbie1:matrix.test`") && m.body.contains("`@eve:matrix.test`"),
+            "{m:?}"
+        );
+        let m = alice.ask(&dm, &bot, "user newbie1").await;
+        assert!(
+            m.body.contains("`@newbie1:matrix.test`") && m.body.contains("In 0 rooms; 1 device"),
+            "{m:?}"
+        );
+        let m = alice.ask(&dm, &bot, "user @someone:matrix.org").await;
+        assert!(m.body.contains("not of this server"), "{m:?}");
+        let m = alice
+            .ask(&room, &bot, "reset-password @newbie1:matrix.test")
+            .await;
+        assert!(m.body.contains("not encrypted"), "{m:?}");
+        assert_eq!(login_status(&hs, "newbie1", "newbie1-password-1"), 200);
+        let m = alice
+            .ask(&dm, &bot, "reset-password @newbie1:matrix.test")
+            .await;
+        assert!(m.encrypted, "{m:?}");
+        let password = m.body.split('`').nth(3).unwrap_or_else(|| panic!("{m:?}"));
+        assert_eq!(login_status(&hs, "newbie1", password), 200, "{m:?}");
+        assert_eq!(login_status(&hs, "newbie1", "newbie1-password-1"), 403);
+        let m = alice
+            .ask(&dm, &bot, "deactivate @newbie2:matrix.test")
+            .await;
+        assert!(m.body.contains("Nothing was done"), "{m:?}");
+        assert_eq!(login_status(&hs, "newbie2", "newbie2-password-1"), 200);
+        let m = alice
+            .ask(&dm, &bot, "deactivate @newbie2:matrix.test confirm")
+            .await;
+        assert!(m.body.starts_with("Deactivated"), "{m:?}");
+        assert_eq!(login_status(&hs, "newbie2", "newbie2-password-1"), 403);
+        let m = alice
+            .ask(&dm, &bot, &format!("deactivate {bot} confirm"))
+            .await;
+        assert!(m.body.contains("I won't"), "{m:?}");
+
         // A non-admin: their invitation is rejected, and in a room they share with the bot
         // they are told, politely, that they may not.
         let eve = Person::login(&hs, "eve", &eve_pw, &bot).await;
@@ -518,6 +573,9 @@ fn registration_bot_end_to_end() {
         // Access to the bot is for owners to hand out.
         let m = friend.ask(&froom, &bot, "allow @eve:matrix.test").await;
         assert!(m.body.contains("Only server admins"), "{m:?}");
+        // ...and so are accounts.
+        let m = friend.ask(&froom, &bot, "users").await;
+        assert!(m.body.contains("can manage accounts"), "{m:?}");
 
         // A restart: the same device, and new messages in the encrypted DM still decrypt
         // (alice's client keeps its room key, so the bot needs the one it stored).

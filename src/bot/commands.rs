@@ -3,11 +3,14 @@
 //!
 //! A superset of the old Python bot's commands (moan0s/matrix-registration-bot, bot.py): `help`,
 //! `list`, `show`, `create`, `delete`, `delete-all`, `allow`, `disallow`, plus `allowed`,
-//! `list all`, and `create [USES] [EXPIRY]` where the old bot hard-coded 1 use and 7 days.
+//! `list all`, and `create [USES] [EXPIRY]` where the old bot hard-coded 1 use and 7 days; and
+//! the account commands `users`, `user`, `deactivate` and `reset-password`, for admins only.
 
 use std::time::Duration;
 
-use crate::synapse::admin::{RegistrationToken, parse_expiry, parse_uses, valid_token};
+use crate::synapse::admin::{
+    RegistrationToken, UserDetails, UserInfo, parse_expiry, parse_uses, valid_token,
+};
 
 /// What `create` makes when it is not told: one registration, for a week (the old bot's only
 /// choice, kept as the default).
@@ -35,6 +38,18 @@ pub enum Command {
     Allow(Vec<String>),
     Disallow(Vec<String>),
     Allowed,
+    /// The server's active users.
+    Users,
+    /// One user, as given (`alice` or `@alice:server`; resolved against the server name).
+    User(String),
+    /// Deactivates only when confirmed (`deactivate @x:server confirm`).
+    Deactivate {
+        user: String,
+        erase: bool,
+        confirm: bool,
+    },
+    /// Answers with a new password: only in an encrypted DM.
+    ResetPassword(String),
 }
 
 impl Command {
@@ -42,6 +57,18 @@ impl Command {
     /// added with `allow` may make tokens but not hand the bot to others.
     pub fn manages_access(&self) -> bool {
         matches!(self, Command::Allow(_) | Command::Disallow(_))
+    }
+
+    /// Accounts are for server admins and `bot.admins` too: `allow` hands out registration
+    /// tokens, not the power to lock people out or take over their accounts.
+    pub fn manages_users(&self) -> bool {
+        matches!(
+            self,
+            Command::Users
+                | Command::User(_)
+                | Command::Deactivate { .. }
+                | Command::ResetPassword(_)
+        )
     }
 }
 
@@ -71,6 +98,10 @@ pub const NAMES: &[&str] = &[
     "allow",
     "disallow",
     "allowed",
+    "users",
+    "user",
+    "deactivate",
+    "reset-password",
 ];
 
 /// Parses a message body. `prefix` (config `bot.prefix`) must start it when it is not empty.
@@ -151,6 +182,31 @@ pub fn parse(body: &str, prefix: &str) -> Parsed {
             }
         }
         "allowed" => Command::Allowed,
+        "users" => match args.as_slice() {
+            [] => Command::Users,
+            _ => {
+                return usage(
+                    "users",
+                    "it takes nothing; `user @alice:server` shows one".into(),
+                );
+            }
+        },
+        "user" | "reset-password" => {
+            let command = if name == "user" {
+                "user"
+            } else {
+                "reset-password"
+            };
+            match args.as_slice() {
+                [u] if name == "user" => Command::User(u.clone()),
+                [u] => Command::ResetPassword(u.clone()),
+                _ => return usage(command, "name one user, like `@alice:example.com`".into()),
+            }
+        }
+        "deactivate" => match parse_deactivate(&args) {
+            Ok(c) => c,
+            Err(e) => return usage("deactivate", e),
+        },
         _ => return Parsed::Unknown(first.to_string()),
     };
     Parsed::Command(cmd)
@@ -182,6 +238,31 @@ fn parse_create(args: &[String]) -> Result<Command, String> {
     Ok(Command::Create {
         uses: uses.unwrap_or(Some(DEFAULT_USES)),
         expires_in: expires.unwrap_or(Some(DEFAULT_EXPIRY)),
+    })
+}
+
+/// `deactivate USER [erase] [confirm]`.
+fn parse_deactivate(args: &[String]) -> Result<Command, String> {
+    let Some((user, rest)) = args.split_first() else {
+        return Err("name one user, like `deactivate @alice:example.com`".into());
+    };
+    let (mut erase, mut confirm) = (false, false);
+    for w in rest {
+        if w.eq_ignore_ascii_case("erase") {
+            erase = true;
+        } else if w.eq_ignore_ascii_case("confirm") {
+            confirm = true;
+        } else {
+            return Err(format!(
+                "after the user it takes `erase` and `confirm`, not `{}`",
+                w.replace('`', "'")
+            ));
+        }
+    }
+    Ok(Command::Deactivate {
+        user: user.clone(),
+        erase,
+        confirm,
     })
 }
 
@@ -238,6 +319,49 @@ pub fn token_line(t: &RegistrationToken, now_ms: i64) -> String {
     format!("`{}`: {}{expiry}{state}", t.token, t.describe(now_ms))
 }
 
+/// One account as a Markdown line: the ID in a code span, then what is known about it.
+pub fn user_line(u: &UserInfo) -> String {
+    let mut parts = vec![];
+    if u.admin {
+        parts.push("server admin".to_string());
+    }
+    if u.deactivated {
+        parts.push(if u.erased { "erased" } else { "deactivated" }.to_string());
+    }
+    if let Some(t) = u.creation_ts.filter(|t| *t > 0) {
+        parts.push(format!("created {}", utc(t)));
+    }
+    parts.push(match u.last_seen_ts.filter(|t| *t > 0) {
+        Some(t) => format!("last seen {}", utc(t)),
+        None => "not seen yet".into(),
+    });
+    format!("`{}`: {}", u.name, parts.join(", "))
+}
+
+/// `user`: the account, its rooms and devices.
+pub fn user_details(d: &UserDetails) -> Reply {
+    let mut md = format!(
+        "{}\n\nIn {} room{}; {} device{}:",
+        user_line(&d.user),
+        d.joined_rooms,
+        if d.joined_rooms == 1 { "" } else { "s" },
+        d.devices.len(),
+        if d.devices.len() == 1 { "" } else { "s" },
+    );
+    for dev in &d.devices {
+        md.push_str(&format!(
+            "\n- `{}` {}: last seen {} from {}",
+            dev.device_id,
+            dev.display_name.as_deref().unwrap_or("(no name)"),
+            dev.last_seen_ts
+                .filter(|t| *t > 0)
+                .map_or("never".into(), utc),
+            dev.last_seen_ip.as_deref().unwrap_or("-"),
+        ));
+    }
+    Reply::new(md)
+}
+
 /// Milliseconds since the epoch as "2026-07-01 12:00 UTC".
 pub fn utc(ms: i64) -> String {
     match time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000)) {
@@ -266,7 +390,12 @@ pub fn help(prefix: &str, server_name: &str) -> Reply {
          - `{p}allow @user:server...`: let others use me too (server admins always may)\n\
          - `{p}disallow @user:server...`: take that back\n\
          - `{p}allowed`: who may use me\n\
-         - `{p}help`: this text"
+         - `{p}help`: this text\n\n\
+         **Accounts** (server admins and `bot.admins` only):\n\n\
+         - `{p}users`: this server's users\n\
+         - `{p}user @user:server`: one user, their devices and rooms\n\
+         - `{p}deactivate @user:server [erase] confirm`: deactivate for good; `erase` also hides their messages from people who join later\n\
+         - `{p}reset-password @user:server`: a new password for them, sent only in an encrypted DM; it logs their devices out"
     ))
 }
 
@@ -407,6 +536,94 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn account_commands() {
+        assert_eq!(cmd("users"), Command::Users);
+        assert!(cmd("users").manages_users());
+        assert!(!cmd("create").manages_users());
+        assert_eq!(cmd("user @a:x"), Command::User("@a:x".into()));
+        assert_eq!(
+            cmd("reset-password alice"),
+            Command::ResetPassword("alice".into())
+        );
+        assert_eq!(
+            cmd("deactivate @a:x"),
+            Command::Deactivate {
+                user: "@a:x".into(),
+                erase: false,
+                confirm: false
+            }
+        );
+        assert_eq!(
+            cmd("Deactivate @a:x ERASE confirm"),
+            Command::Deactivate {
+                user: "@a:x".into(),
+                erase: true,
+                confirm: true
+            }
+        );
+        for bad in [
+            "user",
+            "user a b",
+            "deactivate",
+            "deactivate @a:x yes",
+            "users x",
+        ] {
+            assert!(matches!(parse(bad, ""), Parsed::Usage { .. }), "{bad}");
+        }
+        assert!(
+            help("", "x")
+                .markdown
+                .contains("`reset-password @user:server`")
+        );
+    }
+
+    #[test]
+    fn user_lines_say_what_is_known() {
+        let u = UserInfo {
+            name: "@alice:example.com".into(),
+            displayname: None,
+            admin: true,
+            deactivated: false,
+            erased: false,
+            is_guest: false,
+            locked: false,
+            user_type: None,
+            creation_ts: Some(1_767_225_600_000),
+            last_seen_ts: None,
+        };
+        assert_eq!(
+            user_line(&u),
+            "`@alice:example.com`: server admin, created 2026-01-01 00:00 UTC, not seen yet"
+        );
+        let d = UserDetails {
+            user: UserInfo {
+                admin: false,
+                deactivated: true,
+                erased: true,
+                ..u
+            },
+            devices: vec![crate::synapse::admin::Device {
+                device_id: "ABC".into(),
+                display_name: Some("Element".into()),
+                last_seen_ip: Some("192.0.2.1".into()),
+                last_seen_ts: Some(1_767_225_600_000),
+                last_seen_user_agent: None,
+            }],
+            joined_rooms: 1,
+        };
+        let md = user_details(&d).markdown;
+        assert!(
+            md.starts_with("`@alice:example.com`: erased, created"),
+            "{md}"
+        );
+        assert!(md.contains("In 1 room; 1 device:"), "{md}");
+        assert!(
+            md.contains("- `ABC` Element: last seen 2026-01-01 00:00 UTC from 192.0.2.1"),
+            "{md}"
+        );
     }
 
     #[test]

@@ -229,15 +229,29 @@ impl Bot {
             Parsed::Command(c) if c.manages_access() && role != Role::Owner => Reply::new(
                 "Only server admins (and the people in `bot.admins` of the config file) can change who may use me.",
             ),
+            Parsed::Command(c) if c.manages_users() && role != Role::Owner => Reply::new(
+                "Only server admins (and the people in `bot.admins` of the config file) can manage accounts; I can make you registration tokens.",
+            ),
             Parsed::Command(c) => {
                 tracing::info!(user = %sender, command = ?c, "bot command");
-                self.execute(c, sender).await
+                self.execute(c, sender, room, direct).await
             }
         };
         send(room, reply).await;
     }
 
-    async fn execute(&self, cmd: Command, sender: &UserId) -> Reply {
+    async fn execute(&self, cmd: Command, sender: &UserId, room: &Room, direct: bool) -> Reply {
+        if cmd.manages_users() {
+            return match self.accounts(cmd, sender, room, direct).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!("bot account command failed: {e:#}");
+                    Reply::new(format!(
+                        "That failed: {e:#}. An admin can look at `homelab-matrix status` on the server."
+                    ))
+                }
+            };
+        }
         match self.try_execute(cmd, sender).await {
             Ok(r) => r,
             Err(e) => {
@@ -376,6 +390,10 @@ impl Bot {
                 }
                 Reply::new(list(&lines))
             }
+            Command::Users
+            | Command::User(_)
+            | Command::Deactivate { .. }
+            | Command::ResetPassword(_) => unreachable!("handled by accounts"),
             Command::Allowed => {
                 let added = self.allow.lock().unwrap().users();
                 let none = "nobody".to_string();
@@ -395,6 +413,139 @@ impl Bot {
                     },
                 ))
             }
+        })
+    }
+
+    /// `users`, `user`, `deactivate`, `reset-password` (for owners only; `handle` checked).
+    async fn accounts(
+        &self,
+        cmd: Command,
+        sender: &UserId,
+        room: &Room,
+        direct: bool,
+    ) -> Result<Reply> {
+        let cfg = &self.deps.cfg;
+        let p = self.prefix();
+        // The resolved ID, or the answer that says what to type instead.
+        let resolve = |given: &str, changes: bool| -> Result<String, Reply> {
+            let id = admin::local_user_id(given, &cfg.server_name)
+                .map_err(|e| Reply::new(format!("{e}.")))?;
+            match admin::protected_account(&id, &cfg.server_name, &cfg.bot.localpart) {
+                Some(why) if changes => Err(Reply::new(format!("I won't: {why}."))),
+                _ => Ok(id),
+            }
+        };
+        let unknown = |id: &str| {
+            Reply::new(format!(
+                "There is no user `{id}` on this server. `{p}users` lists them."
+            ))
+        };
+        Ok(match cmd {
+            Command::Users => {
+                let users = self.admin.list_users(admin::UserFilter::default()).await?;
+                let mut md = format!(
+                    "**{} user{} on {}** (not counting deactivated ones and guests):\n",
+                    users.len(),
+                    if users.len() == 1 { "" } else { "s" },
+                    cfg.server_name
+                );
+                for u in users.iter().take(USERS_SHOWN) {
+                    md.push_str(&format!("\n- {}", commands::user_line(u)));
+                }
+                if users.len() > USERS_SHOWN {
+                    md.push_str(&format!(
+                        "\n\n…and {} more: `homelab-matrix user list` on the server shows everyone.",
+                        users.len() - USERS_SHOWN
+                    ));
+                }
+                Reply::new(md)
+            }
+            Command::User(given) => {
+                let id = match resolve(&given, false) {
+                    Ok(id) => id,
+                    Err(r) => return Ok(r),
+                };
+                match self.admin.user_details(&id).await {
+                    Ok(d) => commands::user_details(&d),
+                    Err(AdminError::NoSuchUser(_)) => unknown(&id),
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Command::Deactivate {
+                user,
+                erase,
+                confirm,
+            } => {
+                let id = match resolve(&user, true) {
+                    Ok(id) => id,
+                    Err(r) => return Ok(r),
+                };
+                let u = match self.admin.get_user(&id).await {
+                    Ok(u) => u,
+                    Err(AdminError::NoSuchUser(_)) => return Ok(unknown(&id)),
+                    Err(e) => return Err(e.into()),
+                };
+                let erase_word = if erase { " erase" } else { "" };
+                if u.deactivated && (u.erased || !erase) {
+                    Reply::new(format!("`{id}` is already deactivated."))
+                } else if !confirm {
+                    Reply::new(format!(
+                        "That would deactivate `{id}` for good: logged out everywhere, out of every room, unable to log in again{}. Nothing was done; send `{p}deactivate {id}{erase_word} confirm` to do it.",
+                        if erase {
+                            ", and their messages hidden from people who join later"
+                        } else {
+                            ""
+                        }
+                    ))
+                } else {
+                    self.admin.deactivate(&id, erase).await?;
+                    tracing::info!(user = %sender, target = %id, erase, "deactivated a user");
+                    Reply::new(format!(
+                        "Deactivated `{id}`{}.",
+                        if erase {
+                            " and erased their messages for people who join later"
+                        } else {
+                            ""
+                        }
+                    ))
+                }
+            }
+            Command::ResetPassword(given) => {
+                let id = match resolve(&given, true) {
+                    Ok(id) => id,
+                    Err(r) => return Ok(r),
+                };
+                // The password is only as secret as the room it is sent in (an unencrypted
+                // room's messages are plaintext on the server).
+                let encrypted = room
+                    .latest_encryption_state()
+                    .await
+                    .map(|s| s.is_encrypted())
+                    .unwrap_or(false);
+                if !direct || !encrypted {
+                    return Ok(Reply::new(format!(
+                        "I only send passwords in an encrypted direct message, and this room is {}: anyone who can read it (or the server's database) would see it. Open a DM with me (Element encrypts those) and send `{p}reset-password {id}` there.",
+                        if direct { "not encrypted" } else { "not a DM" }
+                    )));
+                }
+                match self.admin.get_user(&id).await {
+                    Ok(u) if u.deactivated => {
+                        return Ok(Reply::new(format!(
+                            "`{id}` is deactivated; a password would not let them in."
+                        )));
+                    }
+                    Ok(_) => {}
+                    Err(AdminError::NoSuchUser(_)) => return Ok(unknown(&id)),
+                    Err(e) => return Err(e.into()),
+                }
+                let password = one_time_password()?;
+                self.admin.reset_password(&id, &password, true).await?;
+                tracing::info!(user = %sender, target = %id, "reset a user's password");
+                Reply::new(format!(
+                    "**New password for `{id}`:** `{password}`\n\nAll their devices were logged out. Pass it on privately; they should log in with it once and choose their own in Settings → Security & Privacy."
+                ))
+            }
+            _ => unreachable!("only account commands come here"),
         })
     }
 
@@ -423,6 +574,17 @@ impl Bot {
         }
         out
     }
+}
+
+/// How many users `users` names in one message; `homelab-matrix user list` has them all.
+const USERS_SHOWN: usize = 50;
+
+/// 20 hex digits (80 bits) from the OS CSPRNG: short enough to type once, too long to guess
+/// at Synapse's login rate.
+fn one_time_password() -> Result<String> {
+    let mut t = crate::secrets::random_token(&ring::rand::SystemRandom::new())?;
+    t.truncate(20);
+    Ok(t)
 }
 
 fn list(lines: &[String]) -> String {

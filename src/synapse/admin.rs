@@ -1,5 +1,6 @@
-//! Synapse's admin API, spoken over its loopback listener: shared-secret registration and
-//! registration tokens. Also the appliance's own admin account, made once and kept.
+//! Synapse's admin API, spoken over its loopback listener: shared-secret registration,
+//! registration tokens and user accounts (list, show, deactivate, reset password, promote).
+//! Also the appliance's own admin account, made once and kept.
 
 use std::time::Duration;
 
@@ -28,6 +29,10 @@ pub enum AdminError {
         "no registration token {0:?}\n    fix: `homelab-matrix token list` shows the tokens there are"
     )]
     NoSuchToken(String),
+    #[error(
+        "there is no user {0} on this server\n    fix: `homelab-matrix user list` shows the users there are"
+    )]
+    NoSuchUser(String),
     #[error("Synapse answered {status} to {what}: {errcode} {error}")]
     Api {
         what: String,
@@ -144,6 +149,131 @@ pub fn registration_mac(
     ctx.update(if admin { b"admin" } else { b"notadmin" });
     crate::secrets::hex(ctx.sign().as_ref())
 }
+
+/// Why a name given for a user cannot be used, known before asking Synapse.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum UserIdError {
+    #[error(
+        "{given:?} is not a user name: type the name, like `alice`, or the full user ID, like `@alice:{server}` (names have lowercase letters, digits and . _ = - /)"
+    )]
+    Malformed { given: String, server: String },
+    #[error(
+        "{given} is a user of {theirs}, not of this server: only users of {server} can be managed here; type one of them, like `@alice:{server}`"
+    )]
+    Remote {
+        given: String,
+        theirs: String,
+        server: String,
+    },
+}
+
+/// The local user ID for `alice`, `@alice` or `@alice:server_name`. Localparts are compared
+/// lowercased, as Synapse's login does (Matrix spec, "User Identifiers": new localparts are
+/// lowercase).
+pub fn local_user_id(given: &str, server_name: &str) -> Result<String, UserIdError> {
+    let malformed = || UserIdError::Malformed {
+        given: given.to_string(),
+        server: server_name.to_string(),
+    };
+    let trimmed = given.trim();
+    let local = match trimmed.strip_prefix('@') {
+        Some(rest) => match rest.split_once(':') {
+            Some((local, server)) if !server.eq_ignore_ascii_case(server_name) => {
+                if local.is_empty() || server.is_empty() {
+                    return Err(malformed());
+                }
+                return Err(UserIdError::Remote {
+                    given: trimmed.to_string(),
+                    theirs: server.to_string(),
+                    server: server_name.to_string(),
+                });
+            }
+            Some((local, _)) => local,
+            None => rest,
+        },
+        // `alice:server` is neither a name nor a user ID.
+        None if trimmed.contains(':') => return Err(malformed()),
+        None => trimmed,
+    };
+    let local = local.to_ascii_lowercase();
+    if !crate::config::is_localpart(&local) {
+        return Err(malformed());
+    }
+    Ok(format!("@{local}:{server_name}"))
+}
+
+/// Why an account must not be deactivated, demoted or given a new password: the appliance
+/// itself logs in with it. `None` for everyone else.
+pub fn protected_account(user_id: &str, server_name: &str, bot_localpart: &str) -> Option<String> {
+    if user_id == format!("@{SERVICE_LOCALPART}:{server_name}") {
+        Some(format!(
+            "{user_id} is the appliance's own service account: homelab-matrix makes every admin call (tokens, users) with it, and its password is kept in the secrets dir; leave it as it is"
+        ))
+    } else if user_id == format!("@{bot_localpart}:{server_name}") {
+        Some(format!(
+            "{user_id} is the registration bot's account, which needs its admin rights and its stored password; to turn the bot off, set bot.enabled = false in the config instead"
+        ))
+    } else {
+        None
+    }
+}
+
+/// One account as Synapse's admin API describes it ("List Accounts" and "Query User Account").
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct UserInfo {
+    /// The user ID.
+    pub name: String,
+    pub displayname: Option<String>,
+    #[serde(default)]
+    pub admin: bool,
+    #[serde(default)]
+    pub deactivated: bool,
+    /// Deactivated with erasure: their messages are served redacted to later joiners.
+    #[serde(default)]
+    pub erased: bool,
+    #[serde(default)]
+    pub is_guest: bool,
+    #[serde(default)]
+    pub locked: bool,
+    pub user_type: Option<String>,
+    /// Milliseconds since the epoch.
+    pub creation_ts: Option<i64>,
+    /// Milliseconds since the epoch; `None` when Synapse has not seen the user (yet).
+    pub last_seen_ts: Option<i64>,
+}
+
+/// One device of a user (admin API "List all devices").
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Device {
+    pub device_id: String,
+    pub display_name: Option<String>,
+    pub last_seen_ip: Option<String>,
+    /// Milliseconds since the epoch.
+    pub last_seen_ts: Option<i64>,
+    pub last_seen_user_agent: Option<String>,
+}
+
+/// `user show`: the account, its devices, and how many rooms it is in.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct UserDetails {
+    #[serde(flatten)]
+    pub user: UserInfo,
+    pub devices: Vec<Device>,
+    pub joined_rooms: u64,
+}
+
+/// Which accounts `list_users` returns. Synapse's defaults differ: it lists guests unless
+/// told not to.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct UserFilter {
+    pub deactivated: bool,
+    pub guests: bool,
+    /// Only server admins.
+    pub admins_only: bool,
+}
+
+/// How many accounts one "List Accounts" request asks for (Synapse's default page).
+pub const USER_PAGE: usize = 100;
 
 impl Synapse {
     pub fn new(base: &str) -> Synapse {
@@ -319,7 +449,7 @@ impl Synapse {
     }
 }
 
-/// An admin session: the registration-token API.
+/// An admin session: the registration-token and user-account APIs.
 #[derive(Debug, Clone)]
 pub struct Admin {
     synapse: Synapse,
@@ -328,6 +458,7 @@ pub struct Admin {
 
 const TOKENS: &str = "/_synapse/admin/v1/registration_tokens";
 const USERS: &str = "/_synapse/admin/v2/users";
+const USERS_V1: &str = "/_synapse/admin/v1/users";
 
 /// Percent-encodes what may not stand in one path segment ('/' is legal in a localpart).
 fn path_escape(s: &str) -> String {
@@ -412,47 +543,178 @@ impl Admin {
     /// Whether `user_id` is a server admin of this homeserver (admin API "Query User Account",
     /// GET /_synapse/admin/v2/users/<user_id>). Unknown and remote users are not.
     pub async fn is_server_admin(&self, user_id: &str) -> Result<bool, AdminError> {
-        let s = &self.synapse;
-        match s
-            .call(
-                "looking up a user",
-                self.authed(
-                    s.http
-                        .get(s.url(&format!("{USERS}/{}", path_escape(user_id)))),
-                ),
-            )
-            .await
-        {
-            Ok((_, v)) => Ok(v["admin"].as_bool() == Some(true) && v["deactivated"] != true),
-            // 404: no such user; 400: "Can only look up local users".
-            Err(AdminError::Api { status, .. })
-                if status == StatusCode::NOT_FOUND || status == StatusCode::BAD_REQUEST =>
-            {
-                Ok(false)
-            }
+        match self.get_user(user_id).await {
+            Ok(u) => Ok(u.admin && !u.deactivated),
+            Err(AdminError::NoSuchUser(_)) => Ok(false),
             Err(e) => Err(e),
         }
     }
 
-    /// The server admins (active accounts), by user ID (admin API "List Accounts", v2, with
-    /// `admins=true`).
+    /// The server admins (active accounts), by user ID.
     pub async fn server_admins(&self) -> Result<Vec<String>, AdminError> {
+        let filter = UserFilter {
+            admins_only: true,
+            ..UserFilter::default()
+        };
+        Ok(self
+            .list_users(filter)
+            .await?
+            .into_iter()
+            .map(|u| u.name)
+            .collect())
+    }
+
+    /// Every local account the filter admits, sorted by user ID: "List Accounts" (v2) page by
+    /// page, each `next_token` passed back as `from` until there is none (Synapse
+    /// docs/admin_api/user_admin_api.md), so any number of users is listed.
+    pub async fn list_users(&self, filter: UserFilter) -> Result<Vec<UserInfo>, AdminError> {
         let s = &self.synapse;
-        let (_, v) = s
-            .call(
-                "listing server admins",
-                self.authed(
-                    s.http
-                        .get(s.url(&format!("{USERS}?admins=true&deactivated=false&limit=1000"))),
-                ),
+        let mut out: Vec<UserInfo> = vec![];
+        let mut from = "0".to_string();
+        loop {
+            // v2's `deactivated=true` means "include deactivated ones too".
+            let mut url = format!(
+                "{USERS}?from={from}&limit={USER_PAGE}&order_by=name&guests={}&deactivated={}",
+                filter.guests, filter.deactivated
+            );
+            if filter.admins_only {
+                url.push_str("&admins=true");
+            }
+            let (_, v) = s
+                .call("listing users", self.authed(s.http.get(s.url(&url))))
+                .await?;
+            let page: Vec<UserInfo> = parse(v["users"].clone())?;
+            let got = page.len();
+            out.extend(page);
+            match v["next_token"].as_str() {
+                // An empty page with a token would loop for ever.
+                // Synapse's token is the offset of the next page, a number.
+                Some(next) if got > 0 => from = next.to_string(),
+                _ => return Ok(out),
+            }
+        }
+    }
+
+    /// One account; `NoSuchUser` when there is none (or it is not local).
+    pub async fn get_user(&self, user_id: &str) -> Result<UserInfo, AdminError> {
+        let s = &self.synapse;
+        let url = s.url(&format!("{USERS}/{}", path_escape(user_id)));
+        let v = match self
+            .user_call(user_id, "looking up a user", s.http.get(url))
+            .await
+        {
+            // 400: "Can only look up local users".
+            Err(AdminError::Api { status, .. }) if status == StatusCode::BAD_REQUEST => {
+                Err(AdminError::NoSuchUser(user_id.to_string()))
+            }
+            r => r,
+        }?;
+        let mut u: UserInfo = parse(v)?;
+        // This one answer gives creation_ts in seconds; the list gives milliseconds.
+        u.creation_ts = u.creation_ts.map(|t| t * 1000);
+        Ok(u)
+    }
+
+    /// The account with its devices and joined-room count (admin API "List all devices",
+    /// "List joined rooms of a user").
+    pub async fn user_details(&self, user_id: &str) -> Result<UserDetails, AdminError> {
+        let s = &self.synapse;
+        let user = self.get_user(user_id).await?;
+        let id = path_escape(user_id);
+        let v = self
+            .user_call(
+                user_id,
+                "listing a user's devices",
+                s.http.get(s.url(&format!("{USERS}/{id}/devices"))),
             )
             .await?;
-        Ok(v["users"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|u| u["name"].as_str().map(str::to_string))
-            .collect())
+        let mut devices: Vec<Device> = parse(v["devices"].clone())?;
+        devices.sort_by_key(|d| std::cmp::Reverse(d.last_seen_ts));
+        let v = self
+            .user_call(
+                user_id,
+                "listing a user's rooms",
+                s.http.get(s.url(&format!("{USERS_V1}/{id}/joined_rooms"))),
+            )
+            .await?;
+        Ok(UserDetails {
+            user,
+            devices,
+            joined_rooms: v["total"].as_u64().unwrap_or(0),
+        })
+    }
+
+    /// Deactivates the account (admin API "Deactivate Account"): logged out everywhere,
+    /// removed from its rooms, cannot log in again. With `erase`, Synapse marks it erased, and
+    /// serves its messages redacted to anyone who was not in the room when they were sent.
+    pub async fn deactivate(&self, user_id: &str, erase: bool) -> Result<(), AdminError> {
+        let s = &self.synapse;
+        self.user_call(
+            user_id,
+            "deactivating a user",
+            s.http
+                .post(s.url(&format!(
+                    "/_synapse/admin/v1/deactivate/{}",
+                    path_escape(user_id)
+                )))
+                .json(&json!({ "erase": erase })),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Sets a new password (admin API "Reset password"); with `logout_devices`, every access
+    /// token of the user is revoked.
+    pub async fn reset_password(
+        &self,
+        user_id: &str,
+        password: &str,
+        logout_devices: bool,
+    ) -> Result<(), AdminError> {
+        let s = &self.synapse;
+        self.user_call(
+            user_id,
+            "resetting a password",
+            s.http
+                .post(s.url(&format!(
+                    "/_synapse/admin/v1/reset_password/{}",
+                    path_escape(user_id)
+                )))
+                .json(&json!({ "new_password": password, "logout_devices": logout_devices })),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Makes the user a server admin, or not (admin API "Change whether a user is a server
+    /// administrator or not").
+    pub async fn set_admin(&self, user_id: &str, admin: bool) -> Result<(), AdminError> {
+        let s = &self.synapse;
+        self.user_call(
+            user_id,
+            "changing a user's admin flag",
+            s.http
+                .put(s.url(&format!("{USERS_V1}/{}/admin", path_escape(user_id))))
+                .json(&json!({ "admin": admin })),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// A call about one user: 404 is `NoSuchUser`.
+    async fn user_call(
+        &self,
+        user_id: &str,
+        what: &str,
+        rb: reqwest::RequestBuilder,
+    ) -> Result<Value, AdminError> {
+        match self.synapse.call(what, self.authed(rb)).await {
+            Ok((_, v)) => Ok(v),
+            Err(AdminError::Api { status, .. }) if status == StatusCode::NOT_FOUND => {
+                Err(AdminError::NoSuchUser(user_id.to_string()))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     pub async fn get_token(&self, token: &str) -> Result<RegistrationToken, AdminError> {
@@ -537,6 +799,41 @@ mod tests {
         };
         assert_eq!(t.describe(3_600_000), "used 1 of 2, expires in 23h0m");
         assert_eq!(t.describe(86_400_000), "used 1 of 2, expired");
+    }
+
+    #[test]
+    fn user_names_resolve_to_local_ids() {
+        let sn = "example.com";
+        assert_eq!(local_user_id("alice", sn).unwrap(), "@alice:example.com");
+        assert_eq!(local_user_id("@Alice", sn).unwrap(), "@alice:example.com");
+        assert_eq!(
+            local_user_id(" @alice:Example.com ", sn).unwrap(),
+            "@alice:example.com"
+        );
+        let remote = local_user_id("@bob:matrix.org", sn).unwrap_err();
+        assert!(matches!(remote, UserIdError::Remote { .. }), "{remote}");
+        assert!(
+            remote.to_string().contains("`@alice:example.com`"),
+            "{remote}"
+        );
+        for bad in ["", "@", "@:example.com", "al ice", "alice:example.com", "ä"] {
+            let e = local_user_id(bad, sn).unwrap_err();
+            assert!(matches!(e, UserIdError::Malformed { .. }), "{bad:?}: {e}");
+            assert!(e.to_string().contains("like `alice`"), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_appliances_own_accounts_are_protected() {
+        let sn = "example.com";
+        let service = protected_account("@homelab-matrix:example.com", sn, "registration-bot");
+        assert!(service.unwrap().contains("service account"));
+        let bot = protected_account("@registration-bot:example.com", sn, "registration-bot");
+        assert!(bot.unwrap().contains("bot.enabled = false"));
+        assert_eq!(
+            protected_account("@alice:example.com", sn, "registration-bot"),
+            None
+        );
     }
 
     #[test]

@@ -268,6 +268,38 @@ impl Lab {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Runs a CLI command on a real pty (through script(1)), typing each of `typed` as a line
+    /// after a pause, as a person answers prompts; returns the exit code and what the terminal
+    /// showed.
+    pub fn on_terminal(&self, args: &[&str], typed: &[&str]) -> (Option<i32>, String) {
+        use std::io::Write;
+        let cmdline = std::iter::once(bin().to_string())
+            .chain(["--config".into(), self.config.display().to_string()])
+            .chain(args.iter().map(|a| a.to_string()))
+            .map(|a| format!("'{}'", a.replace('\'', "'\\''")))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let mut child = Command::new("script")
+            .args(["-qec", &cmdline, "/dev/null"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("running script(1)");
+        {
+            let mut stdin = child.stdin.take().unwrap();
+            for line in typed {
+                std::thread::sleep(Duration::from_millis(700));
+                stdin.write_all(format!("{line}\n").as_bytes()).unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    }
+
     /// Starts `run` and waits for its sd_notify READY=1 (Synapse healthy, admin account made).
     pub fn start(&self) -> Running {
         let c = self.cmd(&["run"]);
