@@ -450,7 +450,12 @@ fn a_signed_older_release_under_a_newer_tag_and_an_oversize_answer_are_refused()
     // Release 0.9.0, signed by the trusted key, published as v1.1.0.
     let old = good_tarball("0.9.0");
     server.publish("1.1.0", &old, &key.sign(&old));
-    refused(&lab, "older tarball, newer tag", "is not Element 1.1.0", "v1.0.0");
+    refused(
+        &lab,
+        "older tarball, newer tag",
+        "is not Element 1.1.0",
+        "v1.0.0",
+    );
     // The directory says 1.1.0, the version file 0.9.0.
     let files: Vec<Entry> = common::element::element_files("0.9.0")
         .into_iter()
@@ -458,7 +463,12 @@ fn a_signed_older_release_under_a_newer_tag_and_an_oversize_answer_are_refused()
         .collect();
     let mixed = tarball("1.1.0", &files);
     server.publish("1.1.0", &mixed, &key.sign(&mixed));
-    refused(&lab, "version file disagrees", "version file says 0.9.0", "v1.0.0");
+    refused(
+        &lab,
+        "version file disagrees",
+        "version file says 0.9.0",
+        "v1.0.0",
+    );
     assert!(
         !lab.state().join("element/0.9.0").exists() && !lab.state().join("element/1.1.0").exists(),
         "a refused release stayed on disk"
@@ -699,7 +709,10 @@ fn fetch_pinned_checks_hash_key_and_signature_before_unpacking() {
     std::fs::write(&wrong_lock, wrong).unwrap();
     let o = fetch(&wrong_lock);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && err.contains("is not Element 3.1.0"), "{err}");
+    assert!(
+        !o.status.success() && err.contains("is not Element 3.1.0"),
+        "{err}"
+    );
     assert!(!out.join("element").exists());
 
     let o = fetch(&lock(&sha, &fingerprint));
