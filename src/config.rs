@@ -57,6 +57,11 @@ pub struct Tls {
     pub acme_directory: String,
     pub acme_ca_roots: Vec<String>,
     pub challenges: Vec<String>,
+    /// The deadline of one request to the ACME server, its answer included.
+    pub acme_timeout: String,
+    /// How often a waiting certificate task looks at its schedule again; the renewal time
+    /// itself is drawn once per certificate and stored.
+    pub acme_check_interval: String,
     /// `mode = "files"`: `<files_dir>/<host>/fullchain.pem` and `privkey.pem` per host.
     pub files_dir: String,
 }
@@ -174,6 +179,8 @@ impl Default for Tls {
             acme_directory: "https://acme-v02.api.letsencrypt.org/directory".into(),
             acme_ca_roots: vec![],
             challenges: vec!["http-01".into(), "tls-alpn-01".into()],
+            acme_timeout: "30s".into(),
+            acme_check_interval: "1h".into(),
             files_dir: "/etc/homelab-matrix/tls".into(),
         }
     }
@@ -466,6 +473,22 @@ impl Config {
                 );
             }
         }
+        for (key, v, example) in [
+            ("tls.acme_timeout", &self.tls.acme_timeout, "30s"),
+            (
+                "tls.acme_check_interval",
+                &self.tls.acme_check_interval,
+                "1h",
+            ),
+        ] {
+            match parse_duration(v) {
+                Ok(d) if d.is_zero() => {
+                    bad(key, "is 0".into(), &format!("write it like \"{example}\""))
+                }
+                Ok(_) => {}
+                Err(e) => bad(key, e, &format!("write it like \"{example}\"")),
+            }
+        }
         for (i, net) in self.http.admin_allow.iter().enumerate() {
             if parse_cidr(net).is_none() {
                 bad(
@@ -622,7 +645,9 @@ impl Config {
                 Some(_) => bad(
                     key,
                     format!("{url:?} is not https://"),
-                    &format!("{fix}; it must be https:// (plain http only for a loopback test server, with element.test_mode = true)"),
+                    &format!(
+                        "{fix}; it must be https:// (plain http only for a loopback test server, with element.test_mode = true)"
+                    ),
                 ),
                 None => bad(key, format!("{url:?} is not a URL"), fix),
             }
@@ -702,6 +727,14 @@ impl Config {
 
     pub fn max_upload_bytes(&self) -> u64 {
         parse_size(&self.synapse.max_upload_size).expect("validated in Config::validate")
+    }
+
+    pub fn acme_timeout(&self) -> Duration {
+        parse_duration(&self.tls.acme_timeout).expect("validated in Config::validate")
+    }
+
+    pub fn acme_check_interval(&self) -> Duration {
+        parse_duration(&self.tls.acme_check_interval).expect("validated in Config::validate")
     }
 
     pub fn grace_period(&self) -> Duration {
