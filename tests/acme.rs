@@ -211,11 +211,16 @@ async fn renewal_swaps_the_certificate_under_an_open_h2_connection_and_a_dead_ca
     let (mut conn2, leaf3) = common::h2_connect(lab.https_port, &host, &root).await;
     assert_eq!(leaf3, leaf2);
     assert_eq!(conn2.send_request(get()).await.unwrap().status(), 200);
-    // Retry delays grow: read them back from the log ("retrying in N.Ns").
-    let log = run.log_text();
-    let delays: Vec<f64> = log
-        .lines()
-        .filter(|l| l.contains(&format!("name={host}")) && l.contains("retrying in"))
+    // Retry delays grow: read them back from the log.
+    let delays = retry_delays(&run.log_text(), &host);
+    assert!(delays.len() >= 2, "{delays:?}");
+    assert!(delays[1] > delays[0], "retries do not back off: {delays:?}");
+}
+
+/// The retry delays logged for `host` ("retrying in N.Ns"), in order.
+fn retry_delays(log: &str, host: &str) -> Vec<f64> {
+    log.lines()
+        .filter(|l| l.contains(&format!("name={host} ")) && l.contains("retrying in"))
         .filter_map(|l| {
             l.split("retrying in ")
                 .nth(1)?
@@ -224,9 +229,26 @@ async fn renewal_swaps_the_certificate_under_an_open_h2_connection_and_a_dead_ca
                 .parse()
                 .ok()
         })
-        .collect();
-    assert!(delays.len() >= 2, "{delays:?}");
-    assert!(delays[1] > delays[0], "retries do not back off: {delays:?}");
+        .collect()
+}
+
+fn unix(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
+
+/// No certificate's renewalInfo was fetched again sooner than `retry_after` seconds.
+fn polls_honour_retry_after(proxy: &AriProxy, retry_after: u64) {
+    let polls = proxy.polls();
+    let mut last: BTreeMap<&str, std::time::SystemTime> = BTreeMap::new();
+    for (id, t) in &polls {
+        if let Some(prev) = last.insert(id, *t) {
+            let gap = t.duration_since(prev).unwrap();
+            assert!(
+                gap + Duration::from_secs(2) >= Duration::from_secs(retry_after),
+                "{id} polled again after {gap:?}, before its Retry-After of {retry_after}s: {polls:?}"
+            );
+        }
+    }
 }
 
 const NAMES: [&str; 4] = [
@@ -298,20 +320,8 @@ fn a_ca_that_never_answers_times_out_and_does_not_hold_up_start_or_stop() {
             .values()
             .all(|c| c["failures"].as_u64() >= Some(2))
     });
-    let log = run.log_text();
     let host = lab.matrix_host();
-    let delays: Vec<f64> = log
-        .lines()
-        .filter(|l| l.contains(&format!("name={host} ")) && l.contains("retrying in"))
-        .filter_map(|l| {
-            l.split("retrying in ")
-                .nth(1)?
-                .split('s')
-                .next()?
-                .parse()
-                .ok()
-        })
-        .collect();
+    let delays = retry_delays(&run.log_text(), &host);
     assert!(delays.len() >= 2, "{delays:?}");
     assert!(delays[0] >= 30.0, "no backoff: {delays:?}");
     assert!(delays[1] > delays[0], "retries do not back off: {delays:?}");
@@ -391,7 +401,7 @@ fn the_renewal_time_is_stored_and_kept_across_checks_and_restarts() {
     std::thread::sleep(Duration::from_secs(4));
     assert_eq!(next_attempts(&lab), first, "re-drawn by a check");
     assert_eq!(
-        run.signal_and_wait(Signal::SIGTERM, Duration::from_secs(20))
+        run.signal_and_wait(Signal::SIGTERM, Duration::from_secs(60))
             .code(),
         Some(0)
     );
@@ -453,7 +463,6 @@ fn ari_windows_and_retry_after_are_honoured_and_renewals_carry_replaces() {
         },
     );
     let ids: BTreeSet<String> = proxy.polls().into_iter().map(|p| p.0).collect();
-    let polled = Instant::now();
     assert!(
         proxy.replaces().is_empty(),
         "a first order carried replaces"
@@ -475,18 +484,14 @@ fn ari_windows_and_retry_after_are_honoured_and_renewals_carry_replaces() {
     // Checks every second, a restart: no new poll before Retry-After, the same times.
     std::thread::sleep(Duration::from_secs(4));
     assert_eq!(
-        run.signal_and_wait(Signal::SIGTERM, Duration::from_secs(20))
+        run.signal_and_wait(Signal::SIGTERM, Duration::from_secs(60))
             .code(),
         Some(0)
     );
     drop(run);
     let run = lab.start();
     std::thread::sleep(Duration::from_secs(2));
-    assert!(
-        polled.elapsed() < Duration::from_secs(RETRY_AFTER),
-        "the test was too slow"
-    );
-    assert_eq!(proxy.polls().len(), 4, "polled before its Retry-After");
+    polls_honour_retry_after(&proxy, RETRY_AFTER);
     assert_eq!(next_attempts(&lab), first, "re-drawn by a restart");
     // What keeps them: the stored metadata, with the window and the CA's Retry-After.
     let stored = renewals(&lab);
@@ -495,8 +500,12 @@ fn ari_windows_and_retry_after_are_honoured_and_renewals_carry_replaces() {
         assert_eq!(r["renew_at"].as_u64(), Some(first[name]), "{name}");
         let next = r["ari_next_poll"].as_u64().unwrap();
         assert!(
-            next + 10 >= now + RETRY_AFTER && next <= now + RETRY_AFTER,
-            "{name}: the next poll is not the CA's Retry-After: {r}"
+            proxy.polls().iter().any(|(_, t)| {
+                let due = unix(*t) + RETRY_AFTER;
+                next + 2 >= due && next <= due + 2
+            }),
+            "{name}: the next poll is not a poll plus the CA's Retry-After: {r} {:?}",
+            proxy.polls()
         );
     }
 
@@ -513,16 +522,7 @@ fn ari_windows_and_retry_after_are_honoured_and_renewals_carry_replaces() {
         replaced, ids,
         "replaces does not name the replaced certificates"
     );
-    let polls = proxy.polls();
-    for id in &ids {
-        let times: Vec<Instant> = polls.iter().filter(|p| &p.0 == id).map(|p| p.1).collect();
-        assert!(times.len() >= 2, "{id} polled once");
-        let gap = times[1] - times[0];
-        assert!(
-            gap + Duration::from_secs(2) >= Duration::from_secs(RETRY_AFTER),
-            "{id} polled again after {gap:?}, before its Retry-After of {RETRY_AFTER}s"
-        );
-    }
+    polls_honour_retry_after(&proxy, RETRY_AFTER);
     wait_until(
         "the new certificates' schedules",
         Duration::from_secs(60),

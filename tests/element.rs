@@ -92,6 +92,20 @@ fn lab_with_releases(name: &str, server: &ReleaseServer, key: &TestKey) -> Lab {
     lab
 }
 
+/// A release server with a signed 1.0.0, and a running lab that has installed it.
+fn serving_1_0_0(name: &str) -> (ReleaseServer, TestKey, Lab, common::Running) {
+    let server = ReleaseServer::start();
+    let key = TestKey::new("Test Releases <releases@test>");
+    let t1 = good_tarball("1.0.0");
+    server.publish("1.0.0", &t1, &key.sign(&t1));
+    let lab = lab_with_releases(name, &server, &key);
+    let run = lab.start();
+    wait_until("Element 1.0.0 installed", Duration::from_secs(60), || {
+        element_status(&lab)["version"] == "1.0.0"
+    });
+    (server, key, lab, run)
+}
+
 /// `element update` must fail with `expect` in its message, and change nothing served.
 fn refused(lab: &Lab, what: &str, expect: &str, serving: &str) {
     let out = lab.run_cmd(&["element", "update"]);
@@ -133,17 +147,8 @@ fn element_is_installed_served_updated_and_rolled_back() {
     if !require_appliance() {
         return;
     }
-    let server = ReleaseServer::start();
-    let key = TestKey::new("Test Releases <releases@test>");
-    let t1 = good_tarball("1.0.0");
-    server.publish("1.0.0", &t1, &key.sign(&t1));
-    let lab = lab_with_releases("element", &server, &key);
-    let run = lab.start();
-
     // Installed on first start from the release server (this build bundles none).
-    wait_until("Element 1.0.0 installed", Duration::from_secs(60), || {
-        element_status(&lab)["version"] == "1.0.0"
-    });
+    let (server, key, lab, run) = serving_1_0_0("element");
     assert_eq!(served_version(&lab), "v1.0.0");
 
     // index.html: no-cache, security headers, Element's hosting advice.
@@ -433,15 +438,7 @@ fn a_signed_older_release_under_a_newer_tag_and_an_oversize_answer_are_refused()
     if !require_appliance() {
         return;
     }
-    let server = ReleaseServer::start();
-    let key = TestKey::new("Test Releases <releases@test>");
-    let t1 = good_tarball("1.0.0");
-    server.publish("1.0.0", &t1, &key.sign(&t1));
-    let lab = lab_with_releases("element-downgrade", &server, &key);
-    let run = lab.start();
-    wait_until("Element 1.0.0 installed", Duration::from_secs(60), || {
-        element_status(&lab)["version"] == "1.0.0"
-    });
+    let (server, key, lab, run) = serving_1_0_0("element-downgrade");
     assert!(
         run.log_text().contains("element.test_mode is on"),
         "the test switch is not logged as a warning"

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use rustls_pki_types::pem::PemObject;
 
@@ -226,7 +226,7 @@ impl StalledCa {
 #[derive(Default)]
 struct AriState {
     /// renewalInfo requests: certificate identifier and when.
-    polls: Vec<(String, Instant)>,
+    polls: Vec<(String, SystemTime)>,
     /// `replaces` of each newOrder request.
     replaces: Vec<String>,
     /// Certificates told to renew now (a window in the past).
@@ -326,7 +326,7 @@ impl AriProxy {
     }
 
     /// Certificate identifiers polled, in order, with the time of each poll.
-    pub fn polls(&self) -> Vec<(String, Instant)> {
+    pub fn polls(&self) -> Vec<(String, SystemTime)> {
         self.state.lock().unwrap().polls.clone()
     }
 
@@ -383,7 +383,7 @@ fn ari_answer(
 ) -> (u16, Head, Vec<u8>) {
     if let Some(id) = path.strip_prefix("/ari/") {
         let mut st = state.lock().unwrap();
-        st.polls.push((id.to_string(), Instant::now()));
+        st.polls.push((id.to_string(), SystemTime::now()));
         let now = unix_now();
         let (start, end) = if st.renew_now.contains(id) {
             (now - 7200, now - 3600)
