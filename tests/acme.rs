@@ -334,14 +334,8 @@ fn a_ca_that_never_answers_times_out_and_does_not_hold_up_start_or_stop() {
         "{c}"
     );
     assert_eq!(c["source"], "internal", "{c}");
-    let t = Instant::now();
-    assert_eq!(
-        run.signal_and_wait(Signal::SIGTERM, Duration::from_secs(60))
-            .code(),
-        Some(0)
-    );
-    let stop = t.elapsed();
-    assert!(stop < Duration::from_secs(15), "stopping took {stop:?}");
+    let stop = stops_promptly(&mut run);
+    eprintln!("stop while the CA does not answer: {stop:?}");
     drop(run);
 
     // A long timeout: SIGTERM while requests to the CA hang.
@@ -354,6 +348,12 @@ fn a_ca_that_never_answers_times_out_and_does_not_hold_up_start_or_stop() {
         || ca.accepted() > before,
     );
     std::thread::sleep(Duration::from_secs(1));
+    let stop = stops_promptly(&mut run);
+    eprintln!("stop with a hanging CA request: {stop:?}");
+}
+
+/// SIGTERM stops the appliance cleanly well within 15 s (Synapse's own stop included).
+fn stops_promptly(run: &mut common::Running) -> Duration {
     let t = Instant::now();
     assert_eq!(
         run.signal_and_wait(Signal::SIGTERM, Duration::from_secs(60))
@@ -361,8 +361,8 @@ fn a_ca_that_never_answers_times_out_and_does_not_hold_up_start_or_stop() {
         Some(0)
     );
     let stop = t.elapsed();
-    eprintln!("stop with a hanging CA request: {stop:?}");
     assert!(stop < Duration::from_secs(15), "stopping took {stop:?}");
+    stop
 }
 
 /// Without ARI (Debian's pebble has none), the renewal time is drawn once per certificate,
