@@ -600,6 +600,8 @@ fn acme_settings(cfg: &Config) -> acme::Settings {
                 _ => instant_acme::ChallengeType::Http01,
             })
             .collect(),
+        timeout: cfg.acme_timeout(),
+        check_interval: cfg.acme_check_interval(),
     }
 }
 

@@ -57,6 +57,11 @@ pub struct Tls {
     pub acme_directory: String,
     pub acme_ca_roots: Vec<String>,
     pub challenges: Vec<String>,
+    /// The deadline of one request to the ACME server, its answer included.
+    pub acme_timeout: String,
+    /// How often a waiting certificate task looks at its schedule again; the renewal time
+    /// itself is drawn once per certificate and stored.
+    pub acme_check_interval: String,
     /// `mode = "files"`: `<files_dir>/<host>/fullchain.pem` and `privkey.pem` per host.
     pub files_dir: String,
 }
@@ -156,7 +161,11 @@ pub struct Element {
     /// fingerprint is pinned in the binary whatever the source.
     pub release_key_url: String,
     /// Tests only: an armored public key trusted instead of Element's (logged as a warning).
+    /// Refused unless `test_mode` is on.
     pub test_release_key: String,
+    /// Tests only: allows an `http://` release server on loopback and `test_release_key`
+    /// (logged as a warning). Off, release and key URLs must be https.
+    pub test_mode: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -202,6 +211,8 @@ impl Default for Tls {
             acme_directory: "https://acme-v02.api.letsencrypt.org/directory".into(),
             acme_ca_roots: vec![],
             challenges: vec!["http-01".into(), "tls-alpn-01".into()],
+            acme_timeout: "30s".into(),
+            acme_check_interval: "1h".into(),
             files_dir: "/etc/homelab-matrix/tls".into(),
         }
     }
@@ -262,6 +273,7 @@ impl Default for Element {
             check_interval: "6h".into(),
             release_key_url: "https://packages.element.io/element-release-key.asc".into(),
             test_release_key: String::new(),
+            test_mode: false,
         }
     }
 }
@@ -493,6 +505,22 @@ impl Config {
                 );
             }
         }
+        for (key, v, example) in [
+            ("tls.acme_timeout", &self.tls.acme_timeout, "30s"),
+            (
+                "tls.acme_check_interval",
+                &self.tls.acme_check_interval,
+                "1h",
+            ),
+        ] {
+            match parse_duration(v) {
+                Ok(d) if d.is_zero() => {
+                    bad(key, "is 0".into(), &format!("write it like \"{example}\""))
+                }
+                Ok(_) => {}
+                Err(e) => bad(key, e, &format!("write it like \"{example}\"")),
+            }
+        }
         for (i, net) in self.http.admin_allow.iter().enumerate() {
             if parse_cidr(net).is_none() {
                 bad(
@@ -656,9 +684,34 @@ impl Config {
                 "remove the key to use https://packages.element.io/element-release-key.asc",
             ),
         ] {
-            if !url.starts_with("https://") && !url.starts_with("http://") {
-                bad(key, format!("{url:?} is not a URL"), fix);
+            if url.starts_with("https://") {
+                continue;
             }
+            match url.strip_prefix("http://") {
+                // A release served in clear could be swapped for an older signed one, and
+                // its size and timing are an attacker's: only a local test server may be.
+                Some(rest) if self.element.test_mode && is_loopback_authority(rest) => {}
+                Some(_) if self.element.test_mode => bad(
+                    key,
+                    format!("{url:?} is plain http and not on loopback"),
+                    "use https://; element.test_mode allows http:// only for a test server on 127.0.0.1, [::1] or localhost",
+                ),
+                Some(_) => bad(
+                    key,
+                    format!("{url:?} is not https://"),
+                    &format!(
+                        "{fix}; it must be https:// (plain http only for a loopback test server, with element.test_mode = true)"
+                    ),
+                ),
+                None => bad(key, format!("{url:?} is not a URL"), fix),
+            }
+        }
+        if !self.element.test_release_key.is_empty() && !self.element.test_mode {
+            bad(
+                "element.test_release_key",
+                "is set, but it is for tests only: Element releases are checked against Element's own key".into(),
+                "remove element.test_release_key; in a test setup, also set element.test_mode = true",
+            );
         }
         if let Err(e) = parse_duration(&self.element.check_interval) {
             bad("element.check_interval", e, "write it like \"6h\"");
@@ -728,6 +781,14 @@ impl Config {
 
     pub fn max_upload_bytes(&self) -> u64 {
         parse_size(&self.synapse.max_upload_size).expect("validated in Config::validate")
+    }
+
+    pub fn acme_timeout(&self) -> Duration {
+        parse_duration(&self.tls.acme_timeout).expect("validated in Config::validate")
+    }
+
+    pub fn acme_check_interval(&self) -> Duration {
+        parse_duration(&self.tls.acme_check_interval).expect("validated in Config::validate")
     }
 
     pub fn grace_period(&self) -> Duration {
@@ -896,6 +957,19 @@ fn key_at(text: &str, offset: usize) -> (String, usize) {
     ("(file)".into(), 0)
 }
 
+/// `host[:port]/...` names 127.0.0.1 (any of 127/8), [::1] or localhost.
+fn is_loopback_authority(rest: &str) -> bool {
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if authority.contains('@') {
+        return false;
+    }
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => authority.split(':').next().unwrap_or(""),
+    };
+    host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 /// The public https URL of a host; the port only when it is not 443.
 pub fn https_url(host: &str, port: u16) -> String {
     if port == 443 {
@@ -1049,6 +1123,37 @@ x = 1
         let c =
             Config::from_toml("server_name = \"a.b\"\n[http]\nidle_timeout = \"5m\"\n").unwrap();
         assert_eq!(c.http.idle_timeout(), Duration::from_secs(300));
+    }
+
+    #[test]
+    fn element_release_urls_are_https_unless_testing_on_loopback() {
+        let keys = |el: &str| -> Vec<String> {
+            match Config::from_toml(&format!("server_name = \"a.b\"\n[element]\n{el}")) {
+                Ok(_) => vec![],
+                Err(p) => p.into_iter().map(|p| p.key).collect(),
+            }
+        };
+        let local = "release_url = \"http://127.0.0.1:8/releases/latest\"\n";
+        assert_eq!(keys(local), ["element.release_url"]);
+        assert!(keys(&format!("{local}test_mode = true\n")).is_empty());
+        assert!(keys("release_url = \"http://[::1]:8/x\"\ntest_mode = true\n").is_empty());
+        assert_eq!(
+            keys("release_url = \"http://example.com/x\"\ntest_mode = true\n"),
+            ["element.release_url"]
+        );
+        assert_eq!(
+            keys("release_url = \"http://127.0.0.1@evil.example/x\"\ntest_mode = true\n"),
+            ["element.release_url"]
+        );
+        assert_eq!(
+            keys("release_key_url = \"http://example.com/k.asc\"\n"),
+            ["element.release_key_url"]
+        );
+        assert_eq!(
+            keys("test_release_key = \"/k.asc\"\n"),
+            ["element.test_release_key"]
+        );
+        assert!(keys("test_release_key = \"/k.asc\"\ntest_mode = true\n").is_empty());
     }
 
     #[test]

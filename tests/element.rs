@@ -85,11 +85,25 @@ fn lab_with_releases(name: &str, server: &ReleaseServer, key: &TestKey) -> Lab {
     let key_path = lab.path("test-release-key.asc");
     std::fs::write(&key_path, key.public_armored()).unwrap();
     lab.write_config(&format!(
-        "[tls]\nmode = \"internal\"\n[element]\nrelease_url = \"{}\"\ntest_release_key = \"{}\"\ncheck_interval = \"1h\"\n",
+        "[tls]\nmode = \"internal\"\n[element]\ntest_mode = true\nrelease_url = \"{}\"\ntest_release_key = \"{}\"\ncheck_interval = \"1h\"\n",
         server.latest_url(),
         key_path.display()
     ));
     lab
+}
+
+/// A release server with a signed 1.0.0, and a running lab that has installed it.
+fn serving_1_0_0(name: &str) -> (ReleaseServer, TestKey, Lab, common::Running) {
+    let server = ReleaseServer::start();
+    let key = TestKey::new("Test Releases <releases@test>");
+    let t1 = good_tarball("1.0.0");
+    server.publish("1.0.0", &t1, &key.sign(&t1));
+    let lab = lab_with_releases(name, &server, &key);
+    let run = lab.start();
+    wait_until("Element 1.0.0 installed", Duration::from_secs(60), || {
+        element_status(&lab)["version"] == "1.0.0"
+    });
+    (server, key, lab, run)
 }
 
 /// `element update` must fail with `expect` in its message, and change nothing served.
@@ -133,17 +147,8 @@ fn element_is_installed_served_updated_and_rolled_back() {
     if !require_appliance() {
         return;
     }
-    let server = ReleaseServer::start();
-    let key = TestKey::new("Test Releases <releases@test>");
-    let t1 = good_tarball("1.0.0");
-    server.publish("1.0.0", &t1, &key.sign(&t1));
-    let lab = lab_with_releases("element", &server, &key);
-    let run = lab.start();
-
     // Installed on first start from the release server (this build bundles none).
-    wait_until("Element 1.0.0 installed", Duration::from_secs(60), || {
-        element_status(&lab)["version"] == "1.0.0"
-    });
+    let (server, key, lab, run) = serving_1_0_0("element");
     assert_eq!(served_version(&lab), "v1.0.0");
 
     // index.html: no-cache, security headers, Element's hosting advice.
@@ -425,6 +430,103 @@ fn element_is_installed_served_updated_and_rolled_back() {
     assert_eq!(served_version(&lab), "v1.3.0");
 }
 
+/// A validly signed release is only as new as what it contains: an older tarball under a newer
+/// tag (or one whose directory and version file disagree) is refused, as is a release answer
+/// too big to be GitHub's; the installed release keeps serving through each.
+#[test]
+fn a_signed_older_release_under_a_newer_tag_and_an_oversize_answer_are_refused() {
+    if !require_appliance() {
+        return;
+    }
+    let (server, key, lab, run) = serving_1_0_0("element-downgrade");
+    assert!(
+        run.log_text().contains("element.test_mode is on"),
+        "the test switch is not logged as a warning"
+    );
+
+    // Release 0.9.0, signed by the trusted key, published as v1.1.0.
+    let old = good_tarball("0.9.0");
+    server.publish("1.1.0", &old, &key.sign(&old));
+    refused(
+        &lab,
+        "older tarball, newer tag",
+        "is not Element 1.1.0",
+        "v1.0.0",
+    );
+    // The directory says 1.1.0, the version file 0.9.0.
+    let files: Vec<Entry> = common::element::element_files("0.9.0")
+        .into_iter()
+        .map(|(n, d)| Entry::File(n, d))
+        .collect();
+    let mixed = tarball("1.1.0", &files);
+    server.publish("1.1.0", &mixed, &key.sign(&mixed));
+    refused(
+        &lab,
+        "version file disagrees",
+        "version file says 0.9.0",
+        "v1.0.0",
+    );
+    assert!(
+        !lab.state().join("element/0.9.0").exists() && !lab.state().join("element/1.1.0").exists(),
+        "a refused release stayed on disk"
+    );
+
+    // An answer past 1 MiB (GitHub's are a few kB) is not read to the end.
+    let t2 = good_tarball("1.2.0");
+    server.publish("1.2.0", &t2, &key.sign(&t2));
+    let latest = String::from_utf8(server.get("/releases/latest").unwrap()).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&latest).unwrap();
+    json["body"] = "release notes ".repeat(100_000).into();
+    server.put("/releases/latest", json.to_string().into_bytes());
+    refused(&lab, "oversize release JSON", "larger than", "v1.0.0");
+
+    // A good release still installs afterwards.
+    server.publish("1.2.0", &t2, &key.sign(&t2));
+    let upd = lab.ok(&["element", "update"]);
+    assert!(upd.contains("installed 1.2.0"), "{upd}");
+    assert_eq!(served_version(&lab), "v1.2.0");
+}
+
+/// Release and key URLs are https; a loopback http server and a test key need the explicit
+/// `element.test_mode`, and each refusal names the key and the fix.
+#[test]
+fn element_test_settings_are_refused_outside_test_mode() {
+    if !require_appliance() {
+        return;
+    }
+    let lab = Lab::new("element-testmode");
+    let check = |element: &str| {
+        lab.write_config(&format!("[tls]\nmode = \"internal\"\n[element]\n{element}"));
+        let out = lab.run_cmd(&["check-config"]);
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned()
+                + String::from_utf8_lossy(&out.stdout).as_ref(),
+        )
+    };
+    let http = "release_url = \"http://127.0.0.1:9/releases/latest\"\n";
+    let (code, err) = check(http);
+    assert_eq!(code, Some(2), "http release_url accepted: {err}");
+    assert!(
+        err.contains("element.release_url") && err.contains("https://") && err.contains("fix:"),
+        "{err}"
+    );
+    let key = "test_release_key = \"/tmp/key.asc\"\n";
+    let (code, err) = check(key);
+    assert_eq!(code, Some(2), "test_release_key accepted: {err}");
+    assert!(
+        err.contains("element.test_release_key")
+            && err.contains("element.test_mode = true")
+            && err.contains("fix:"),
+        "{err}"
+    );
+    let (code, err) = check("release_url = \"http://example.com/latest\"\ntest_mode = true\n");
+    assert_eq!(code, Some(2), "http to a non-loopback host accepted: {err}");
+    assert!(err.contains("not on loopback"), "{err}");
+    let (code, err) = check(&format!("{http}{key}test_mode = true\n"));
+    assert_eq!(code, Some(0), "the test switch does not allow them: {err}");
+}
+
 #[test]
 fn an_operator_element_json_is_merged_and_a_broken_one_is_named() {
     if !require_appliance() {
@@ -596,6 +698,20 @@ fn fetch_pinned_checks_hash_key_and_signature_before_unpacking() {
     assert!(!out.join("element").exists());
 
     server.publish("3.0.0", &t, &key.sign(&t));
+    // The updater's version rule: the lock's version must be the tarball's own.
+    let wrong = std::fs::read_to_string(lock(&sha, &fingerprint))
+        .unwrap()
+        .replacen("version = \"3.0.0\"", "version = \"3.1.0\"", 1);
+    let wrong_lock = d.path().join("wrong.lock");
+    std::fs::write(&wrong_lock, wrong).unwrap();
+    let o = fetch(&wrong_lock);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("is not Element 3.1.0"),
+        "{err}"
+    );
+    assert!(!out.join("element").exists());
+
     let o = fetch(&lock(&sha, &fingerprint));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(

@@ -25,8 +25,10 @@ fn loud_lines(log: &str) -> Vec<String> {
             let _timestamp = words.next();
             matches!(words.next(), Some("WARN" | "ERROR"))
         })
-        // The test's own release key: a deliberate warning that names a setting only tests use.
+        // The test's own release server and key: deliberate warnings that name settings only
+        // tests use.
         .filter(|l| !l.contains("element.test_release_key is set"))
+        .filter(|l| !l.contains("element.test_mode is on"))
         .map(String::from)
         .collect()
 }
@@ -54,7 +56,7 @@ fn an_idle_healthy_appliance_logs_no_warnings_or_errors() {
     std::fs::write(&key_path, key.public_armored()).unwrap();
     *lab.turn_extra.borrow_mut() = "external_ip = \"127.0.0.1\"\n".into();
     lab.write_config(&format!(
-        "[tls]\nmode = \"internal\"\n[element]\nrelease_url = \"{}\"\ntest_release_key = \"{}\"\n",
+        "[tls]\nmode = \"internal\"\n[element]\ntest_mode = true\nrelease_url = \"{}\"\ntest_release_key = \"{}\"\n",
         server.latest_url(),
         key_path.display()
     ));

@@ -3,20 +3,28 @@
 //! Knows nothing of HTTP or TLS: it publishes challenge answers into, and certificates to, the
 //! `certs` store, which the front door reads. Each name has its own task, so a name whose DNS is
 //! wrong never holds up the others.
+//!
+//! Nothing here can stall: every request to the CA has a deadline (`client`), the renewal
+//! time is drawn once per certificate and kept on disk (`schedule`), and each name's task
+//! runs inside a select on the shutdown signal, so a hanging CA never holds up a stop.
+
+mod client;
+pub mod schedule;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::secrets::random_fraction;
 use anyhow::{Context, Result, anyhow, bail};
 use instant_acme::{
     Account, AccountCredentials, AuthorizationStatus, CertificateIdentifier, ChallengeType,
-    Identifier, NewAccount, NewOrder, OrderStatus, RetryPolicy,
+    Identifier, NewAccount, NewOrder, Order, OrderStatus, RetryPolicy,
 };
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use schedule::{Renewal, Schedules};
 use serde::Serialize;
 use tokio::sync::{OnceCell, watch};
 
@@ -31,7 +39,17 @@ pub struct Settings {
     pub ca_root: Option<PathBuf>,
     /// In order of preference.
     pub challenges: Vec<ChallengeType>,
+    /// The deadline of one request to the CA, its answer included.
+    pub timeout: Duration,
+    /// How often a waiting task wakes up to look at its schedule again (and notice a
+    /// suspended machine or a changed clock). Does not change the renewal time.
+    pub check_interval: Duration,
 }
+
+/// Waiting for validation and for the certificate: polls the CA answers, honouring its
+/// Retry-After. Generous, because a CA that answers is making progress (a stalled one is
+/// caught by the per-request timeout instead); the order's own expiry ends it too.
+const POLL_DEADLINE: Duration = Duration::from_secs(600);
 
 /// What `status` shows per name.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -49,6 +67,9 @@ pub struct Acme {
     store: Arc<CertStore>,
     account: OnceCell<Account>,
     status: Mutex<BTreeMap<String, NameStatus>>,
+    schedules: Schedules,
+    /// The schedules in use, so a failing disk does not mean a new draw on every check.
+    renewals: Mutex<BTreeMap<String, Renewal>>,
 }
 
 impl Acme {
@@ -60,6 +81,8 @@ impl Acme {
             store,
             account: OnceCell::new(),
             status: Mutex::new(BTreeMap::new()),
+            schedules: Schedules::new(dir),
+            renewals: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -76,41 +99,51 @@ impl Acme {
             .or_default());
     }
 
-    /// Keeps `name`'s certificate issued and renewed until `shutdown`.
+    /// Keeps `name`'s certificate issued and renewed until `shutdown`. Everything the task
+    /// does, waits and requests to the CA alike, is cancelled by the shutdown signal.
     pub async fn maintain(self: Arc<Self>, name: String, mut shutdown: watch::Receiver<bool>) {
+        tokio::select! {
+            _ = self.keep(&name) => {}
+            _ = shutdown.wait_for(|s| *s) => {}
+        }
+    }
+
+    async fn keep(&self, name: &str) {
         let mut failures: u32 = 0;
         let mut retry_at: Option<SystemTime> = None;
         loop {
-            let current = self.store.get(&name).filter(|c| c.source == Source::Acme);
-            let due = match retry_at {
-                Some(t) => t,
-                None => match &current {
-                    None => SystemTime::now(),
-                    Some(c) => self.renew_time(c).await,
-                },
+            let current = self.store.get(name).filter(|c| c.source == Source::Acme);
+            let now = SystemTime::now();
+            let (due, wake) = match (retry_at, &current) {
+                (Some(t), _) => (t, t),
+                (None, None) => (now, now),
+                (None, Some(c)) => {
+                    let r = self.schedule(name, c).await;
+                    let due = r.renew_at();
+                    let poll = r.ari_next_poll.map(|t| UNIX_EPOCH + Duration::from_secs(t));
+                    (due, poll.map_or(due, |p| p.min(due)))
+                }
             };
-            self.set_status(&name, |s| s.next_attempt = Some(unix(due)));
-            // Sleep in bounded steps: a suspended laptop or a clock change is noticed.
-            let wait = due.duration_since(SystemTime::now()).unwrap_or_default();
-            if !wait.is_zero() {
-                tokio::select! {
-                    _ = tokio::time::sleep(wait.min(Duration::from_secs(3600))) => {}
-                    _ = shutdown.wait_for(|s| *s) => return,
-                }
-                if SystemTime::now() < due {
-                    continue;
-                }
+            self.set_status(name, |s| s.next_attempt = Some(unix(due)));
+            let now = SystemTime::now();
+            if now < due {
+                // Sleep in bounded steps: a suspended laptop or a clock change is noticed,
+                // and the ARI poll runs at its time. The renewal time itself stays.
+                let wake = wake.min(now + self.settings.check_interval);
+                let wait = wake.duration_since(now).unwrap_or_default();
+                tokio::time::sleep(wait.max(Duration::from_secs(1))).await;
+                continue;
             }
-            let result = tokio::select! {
-                r = self.issue(&name) => r,
-                _ = shutdown.wait_for(|s| *s) => return,
-            };
-            match result.and_then(|cert| self.store.save_and_publish(&name, cert)) {
+            match self
+                .issue(name, current.as_deref())
+                .await
+                .and_then(|cert| self.store.save_and_publish(name, cert))
+            {
                 Ok(cert) => {
                     tracing::info!(name = %name, issuer = %cert.issuer, expires = unix(cert.not_after), "ACME certificate installed");
                     failures = 0;
                     retry_at = None;
-                    self.set_status(&name, |s| {
+                    self.set_status(name, |s| {
                         s.last_success = Some(unix(SystemTime::now()));
                         s.last_error = None;
                         s.failures = 0;
@@ -122,7 +155,7 @@ impl Acme {
                     retry_at = Some(SystemTime::now() + delay);
                     let msg = format!("{e:#}");
                     tracing::warn!(name = %name, failures, "ACME issuance failed; the current certificate keeps serving; retrying in {:.1}s: {msg}", delay.as_secs_f64());
-                    self.set_status(&name, |s| {
+                    self.set_status(name, |s| {
                         s.last_error = Some(msg);
                         s.failures = failures;
                     });
@@ -131,28 +164,87 @@ impl Acme {
         }
     }
 
-    /// When to renew: inside the CA's ARI window (RFC 9773) when it offers one, else when a
-    /// third of the lifetime is left (Let's Encrypt's advice, and certmagic's default), minus
-    /// jitter so many servers do not renew in the same second.
-    async fn renew_time(&self, cert: &Cert) -> SystemTime {
-        if let Ok(account) = self.account().await
-            && let Some(leaf) = cert.key.cert.first()
-            && let Ok(id) = CertificateIdentifier::try_from(leaf)
-        {
-            match account.renewal_info(&id).await {
-                Ok((info, _)) => {
-                    let start = info.suggested_window.start.unix_timestamp().max(0) as u64;
-                    let end = (info.suggested_window.end.unix_timestamp().max(0) as u64).max(start);
-                    let pick = start + (random_fraction() * (end - start) as f64) as u64;
-                    return SystemTime::UNIX_EPOCH + Duration::from_secs(pick);
-                }
-                Err(instant_acme::Error::Unsupported(_)) => {}
-                Err(e) => tracing::debug!("ACME renewal info: {e}"),
+    /// When to renew `cert`: its stored schedule, drawn once per certificate (a third of
+    /// the lifetime left, Let's Encrypt's advice and certmagic's default, minus jitter so
+    /// that many servers do not renew in the same second), then moved into the CA's ARI
+    /// window (RFC 9773) when it offers one, asked again after the CA's Retry-After.
+    async fn schedule(&self, name: &str, cert: &Cert) -> Renewal {
+        let now = SystemTime::now();
+        let fp = schedule::fingerprint(cert);
+        let cached = self
+            .renewals
+            .lock()
+            .unwrap()
+            .get(name)
+            .filter(|r| r.cert_sha256 == fp)
+            .cloned();
+        let (mut r, mut changed) = match cached.or_else(|| self.schedules.load(name, cert)) {
+            Some(r) => (r, false),
+            None => (Renewal::draw(cert, now), true),
+        };
+        if r.ari_due(now) {
+            changed |= self.poll_ari(name, cert, &mut r, now).await;
+        }
+        if changed {
+            tracing::info!(name, renew_at = r.renew_at, basis = ?r.basis, "certificate renewal scheduled");
+            if let Err(e) = self.schedules.save(name, &r) {
+                tracing::warn!(name, "{e:#}; the renewal time is kept in memory only");
             }
         }
-        let third = cert.lifetime() / 3;
-        let jitter = (cert.lifetime() / 30).mul_f64(random_fraction());
-        cert.not_after - third - jitter
+        self.renewals
+            .lock()
+            .unwrap()
+            .insert(name.to_string(), r.clone());
+        r
+    }
+
+    /// Fetches renewalInfo (RFC 9773 §4.1) into `r`; returns whether `r` changed.
+    async fn poll_ari(&self, name: &str, cert: &Cert, r: &mut Renewal, now: SystemTime) -> bool {
+        let before = r.clone();
+        let Some(id) = cert
+            .key
+            .cert
+            .first()
+            .and_then(|leaf| CertificateIdentifier::try_from(leaf).ok())
+        else {
+            // No Authority Key Identifier: nothing to ask ARI about.
+            r.ari_next_poll = None;
+            return *r != before;
+        };
+        let account = match self.account().await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::debug!(name, "ACME renewal info skipped: {e:#}");
+                r.ari_failed(now);
+                return *r != before;
+            }
+        };
+        match account.renewal_info(&id).await {
+            Ok((info, retry_after)) => {
+                let w = &info.suggested_window;
+                let (start, end) = (
+                    w.start.unix_timestamp().max(0) as u64,
+                    w.end.unix_timestamp().max(0) as u64,
+                );
+                if end <= start {
+                    tracing::warn!(
+                        name,
+                        "the CA's renewal window ends before it starts; keeping the current renewal time"
+                    );
+                }
+                r.apply_ari(start, end, retry_after, info.explanation_url, now);
+            }
+            // The directory has no renewalInfo: the lifetime rule stands for this certificate.
+            Err(instant_acme::Error::Unsupported(_)) => r.ari_next_poll = None,
+            Err(e) => {
+                tracing::warn!(
+                    name,
+                    "fetching ACME renewal information failed; keeping the current renewal time: {e}"
+                );
+                r.ari_failed(now);
+            }
+        }
+        *r != before
     }
 
     async fn account(&self) -> Result<&Account> {
@@ -160,10 +252,13 @@ impl Acme {
             .get_or_try_init(|| async {
                 ensure_dir(&self.dir, Owner::root(), 0o700)?;
                 let path = self.dir.join("account.json");
-                let builder = || match &self.settings.ca_root {
-                    Some(root) => Account::builder_with_root(root)
-                        .with_context(|| format!("trusting {}", root.display())),
-                    None => Account::builder().context("setting up the ACME client"),
+                let builder = || -> Result<_> {
+                    let http = client::TimeoutClient::new(
+                        self.settings.ca_root.as_deref(),
+                        self.settings.timeout,
+                    )
+                    .context("setting up the ACME client")?;
+                    Ok(Account::builder_with_http(Box::new(http)))
                 };
                 if let Ok(text) = std::fs::read_to_string(&path) {
                     let saved: SavedAccount = serde_json::from_str(&text)
@@ -214,14 +309,40 @@ impl Acme {
             .await
     }
 
-    /// One order for one name, through to the certificate.
-    async fn issue(&self, name: &str) -> Result<Cert> {
+    /// A new order for `name`; a renewal names the certificate it replaces (RFC 9773 §5), so
+    /// the CA can link them (and may exempt it from rate limits).
+    async fn new_order(&self, name: &str, replacing: Option<&Cert>) -> Result<Order> {
         let account = self.account().await?;
         let ids = [Identifier::Dns(name.to_string())];
-        let mut order = account
+        let replaces = replacing
+            .and_then(|c| c.key.cert.first())
+            .and_then(|leaf| CertificateIdentifier::try_from(leaf).ok());
+        if let Some(id) = replaces {
+            let shown = id.to_string();
+            match account.new_order(&NewOrder::new(&ids).replaces(id)).await {
+                Ok(order) => {
+                    tracing::info!(name, replaces = %shown, "renewal order placed");
+                    return Ok(order);
+                }
+                // The CA offers no ARI: a plain order.
+                Err(instant_acme::Error::Unsupported(_)) => {}
+                // e.g. alreadyReplaced (RFC 9773 §5): the certificate must still be renewed.
+                Err(e @ instant_acme::Error::Api(_)) => tracing::warn!(
+                    name,
+                    "the CA refused an order replacing {shown} ({e}); ordering without `replaces`"
+                ),
+                Err(e) => return Err(e).context("creating the order"),
+            }
+        }
+        account
             .new_order(&NewOrder::new(&ids))
             .await
-            .context("creating the order")?;
+            .context("creating the order")
+    }
+
+    /// One order for one name, through to the certificate.
+    async fn issue(&self, name: &str, replacing: Option<&Cert>) -> Result<Cert> {
+        let mut order = self.new_order(name, replacing).await?;
         let mut published = Published {
             store: &self.store,
             http01: vec![],
@@ -262,8 +383,12 @@ impl Acme {
                 .await
                 .context("telling the CA the challenge is ready")?;
         }
+        let polls = RetryPolicy::new()
+            .initial_delay(Duration::from_millis(500))
+            .backoff(1.5)
+            .timeout(POLL_DEADLINE);
         let status = order
-            .poll_ready(&RetryPolicy::new().timeout(Duration::from_secs(120)))
+            .poll_ready(&polls)
             .await
             .context("waiting for validation")?;
         if status != OrderStatus::Ready {
@@ -274,7 +399,7 @@ impl Acme {
         }
         let key_pem = order.finalize().await.context("finalizing the order")?;
         let chain = order
-            .poll_certificate(&RetryPolicy::new().timeout(Duration::from_secs(120)))
+            .poll_certificate(&polls)
             .await
             .context("downloading the certificate")?;
         drop(published);

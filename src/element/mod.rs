@@ -144,11 +144,19 @@ impl Element {
         }
         let overrides_path = config_dir.join("element.json");
         let config_json = client_config_bytes(cfg, https_port, &overrides_path)?;
-        let client = http_client()?;
+        // Tests only (config.rs allows an http:// loopback release server and a test key only
+        // with this switch); said loudly, since it weakens what the updater trusts.
+        let test_mode = cfg.element.test_mode;
+        if test_mode {
+            tracing::warn!(
+                "element.test_mode is on: Element releases may come from a loopback http:// server and be signed by element.test_release_key; never set it on a real server"
+            );
+        }
+        let client = http_client(!test_mode)?;
         let e = Element {
             release_url: cfg.element.release_url.clone(),
             key_url: cfg.element.release_key_url.clone(),
-            test_key: (!cfg.element.test_release_key.is_empty())
+            test_key: (test_mode && !cfg.element.test_release_key.is_empty())
                 .then(|| PathBuf::from(&cfg.element.test_release_key)),
             auto_update: cfg.element.auto_update,
             interval: crate::units::parse_duration(&cfg.element.check_interval)
@@ -453,8 +461,14 @@ impl Element {
             });
         }
         let key = self.trusted_key().await?;
-        let tarball = download(&self.client, &latest.tarball_url, latest.tarball_size).await?;
-        let sig = download(&self.client, &latest.signature_url, None).await?;
+        let tarball = download(
+            &self.client,
+            &latest.tarball_url,
+            latest.tarball_size,
+            release::MAX_TARBALL,
+        )
+        .await?;
+        let sig = download(&self.client, &latest.signature_url, None, MAX_SMALL).await?;
         let signer = key.verify(&tarball, &sig)?;
         tracing::info!(version = %latest.version, signer = %signer, bytes = tarball.len(), "Element release signature verified");
         let staging = self
@@ -464,18 +478,27 @@ impl Element {
         let unpacked = tokio::task::spawn_blocking(move || release::unpack(&tarball, &s))
             .await
             .map_err(|e| UpdateError::Install(e.into()));
-        let unpacked = match unpacked {
-            Ok(Ok(n)) => n,
-            Ok(Err(e)) => {
-                let _ = std::fs::remove_dir_all(&staging);
-                return Err(e.into());
-            }
+        // What gets installed is the version the signed tarball itself contains, and only
+        // when it is the tag's (so it passed the newer-than-current and hold checks above).
+        let checked = match unpacked {
+            Ok(Ok(u)) => release::check_version(
+                &latest.version,
+                &u.top,
+                read_version_file(&staging.join("files")).as_deref(),
+            )
+            .map(|()| u)
+            .map_err(UpdateError::from),
+            Ok(Err(e)) => Err(e.into()),
+            Err(e) => Err(e),
+        };
+        let unpacked = match checked {
+            Ok(u) => u,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&staging);
                 return Err(e);
             }
         };
-        tracing::debug!(bytes = unpacked, "unpacked");
+        tracing::debug!(bytes = unpacked.bytes, top = %unpacked.top, "unpacked");
         let previous = self.version();
         self.finish_and_switch(staging, &latest.version)
             .await
@@ -502,7 +525,9 @@ impl Element {
         if !resp.status().is_success() {
             return Err(fail(format!("HTTP {}", resp.status())));
         }
-        let body = resp.bytes().await.map_err(|e| fail(e.to_string()))?;
+        let body = read_capped(resp, release::MAX_RELEASE_JSON)
+            .await
+            .map_err(fail)?;
         let json: release::LatestJson =
             serde_json::from_slice(&body).map_err(|e| fail(format!("unexpected answer: {e}")))?;
         json.release().map_err(fail)
@@ -529,7 +554,7 @@ impl Element {
         {
             return Ok(k);
         }
-        let data = download(&self.client, &self.key_url, None)
+        let data = download(&self.client, &self.key_url, None, MAX_SMALL)
             .await
             .map_err(|e| UpdateError::Key(e.to_string()))?;
         let k = TrustedKey::from_armor(&data, pin)?;
@@ -653,17 +678,21 @@ pub fn describe(o: &Outcome) -> String {
     }
 }
 
-/// Downloads at most `release::MAX_TARBALL` bytes; `expected` is the length the release lists.
+/// Signatures and keys are a few kB.
+const MAX_SMALL: u64 = 1 << 20;
+
+/// Downloads at most `limit` bytes; `expected` is the length the release lists.
 async fn download(
     client: &reqwest::Client,
     url: &str,
     expected: Option<u64>,
+    limit: u64,
 ) -> Result<Vec<u8>, UpdateError> {
     let fail = |m: String| UpdateError::Download {
         url: url.to_string(),
         message: m,
     };
-    let mut resp = client
+    let resp = client
         .get(url)
         .send()
         .await
@@ -671,16 +700,7 @@ async fn download(
     if !resp.status().is_success() {
         return Err(fail(format!("HTTP {}", resp.status())));
     }
-    let mut out = Vec::new();
-    while let Some(chunk) = resp.chunk().await.map_err(|e| fail(e.to_string()))? {
-        out.extend_from_slice(&chunk);
-        if out.len() as u64 > release::MAX_TARBALL {
-            return Err(fail(format!(
-                "larger than {} MiB",
-                release::MAX_TARBALL >> 20
-            )));
-        }
-    }
+    let out = read_capped(resp, limit).await.map_err(fail)?;
     if let Some(n) = expected
         && out.len() as u64 != n
     {
@@ -692,10 +712,29 @@ async fn download(
     Ok(out)
 }
 
-/// Downloads take minutes at most; GitHub's API wants a User-Agent.
-fn http_client() -> Result<reqwest::Client> {
+/// Reads a body of at most `limit` bytes, refusing it as soon as it grows past (a hostile or
+/// broken server cannot make us buffer more, whatever its Content-Length says).
+async fn read_capped(mut resp: reqwest::Response, limit: u64) -> Result<Vec<u8>, String> {
+    let too_big = || format!("the answer is larger than {} KiB; refusing it", limit >> 10);
+    if resp.content_length().is_some_and(|n| n > limit) {
+        return Err(too_big());
+    }
+    let mut out = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
+        out.extend_from_slice(&chunk);
+        if out.len() as u64 > limit {
+            return Err(too_big());
+        }
+    }
+    Ok(out)
+}
+
+/// Downloads take minutes at most; GitHub's API wants a User-Agent. `https_only` also holds
+/// for redirects (GitHub sends asset downloads to its object storage).
+fn http_client(https_only: bool) -> Result<reqwest::Client> {
     reqwest::Client::builder()
         .user_agent(concat!("homelab-matrix/", env!("CARGO_PKG_VERSION")))
+        .https_only(https_only)
         .connect_timeout(Duration::from_secs(20))
         .timeout(Duration::from_secs(600))
         .build()
@@ -723,8 +762,9 @@ pub async fn fetch_pinned(lock: &Path, out: &Path) -> Result<String> {
         std::fs::read_to_string(lock).with_context(|| format!("reading {}", lock.display()))?;
     let pin: PinnedRelease = toml::from_str(&text)
         .with_context(|| format!("{} is not a valid lock file", lock.display()))?;
-    let client = http_client()?;
-    let tarball = download(&client, &pin.url, None).await?;
+    // The sha256 in the lock file pins the exact bytes, whatever the transport.
+    let client = http_client(false)?;
+    let tarball = download(&client, &pin.url, None, release::MAX_TARBALL).await?;
     let sum = sha256_hex(&tarball);
     anyhow::ensure!(
         sum.eq_ignore_ascii_case(pin.sha256.trim()),
@@ -733,24 +773,25 @@ pub async fn fetch_pinned(lock: &Path, out: &Path) -> Result<String> {
         lock.display(),
         pin.sha256
     );
-    let key_bytes = download(&client, &pin.key_url, None).await?;
+    let key_bytes = download(&client, &pin.key_url, None, MAX_SMALL).await?;
     let key = TrustedKey::from_armor(&key_bytes, Some(&pin.key_fingerprint))?;
-    let sig = download(&client, &pin.signature_url, None).await?;
+    let sig = download(&client, &pin.signature_url, None, MAX_SMALL).await?;
     let signer = key.verify(&tarball, &sig)?;
     let staging = tempfile::Builder::new()
         .prefix(".fetch-element-")
         .tempdir_in(out)
         .with_context(|| format!("creating a staging dir in {}", out.display()))?;
     let s = staging.path().to_owned();
-    tokio::task::spawn_blocking(move || release::unpack(&tarball, &s)).await??;
-    let found = std::fs::read_to_string(staging.path().join("files/version"))
-        .ok()
-        .and_then(|v| Version::parse(&v));
-    anyhow::ensure!(
-        found == Version::parse(&pin.version),
-        "the tarball's version file says {found:?}, the lock file {}",
-        pin.version
-    );
+    let unpacked = tokio::task::spawn_blocking(move || release::unpack(&tarball, &s)).await??;
+    // The updater's rule: the lock's version, the top directory and the version file agree.
+    let pinned = Version::parse(&pin.version)
+        .with_context(|| format!("{}: {:?} is not a version", lock.display(), pin.version))?;
+    release::check_version(
+        &pinned,
+        &unpacked.top,
+        read_version_file(&staging.path().join("files")).as_deref(),
+    )
+    .with_context(|| format!("{} pins {}", lock.display(), pin.version))?;
     let (el, keys) = (out.join("element"), out.join("keys"));
     let _ = std::fs::remove_dir_all(&el);
     std::fs::rename(staging.path().join("files"), &el)?;
@@ -785,6 +826,16 @@ fn bundled_version() -> Option<Version> {
     Bundled::get("index.html")?;
     let v = Bundled::get("version")?;
     Version::parse(std::str::from_utf8(&v.data).ok()?)
+}
+
+/// A release's `version` file (small; a huge or unreadable one counts as missing).
+fn read_version_file(files: &Path) -> Option<String> {
+    let p = files.join("version");
+    let meta = std::fs::symlink_metadata(&p).ok()?;
+    if !meta.is_file() || meta.len() > 256 {
+        return None;
+    }
+    std::fs::read_to_string(p).ok()
 }
 
 fn read_trimmed(p: &Path) -> Option<String> {

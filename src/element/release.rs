@@ -15,6 +15,9 @@ pub const ELEMENT_KEY_FINGERPRINT: &str = "712BFBEE92DCA45252DB17D7C7BE97EFA179B
 
 /// Refuse downloads and unpacked trees bigger than this; a release is tens of MB.
 pub const MAX_TARBALL: u64 = 256 << 20;
+/// GitHub's latest-release answer is a few kB (tens with long release notes); it is read
+/// into memory, so it is capped while streaming.
+pub const MAX_RELEASE_JSON: u64 = 1 << 20;
 pub const MAX_UNPACKED: u64 = 1 << 30;
 pub const MAX_ENTRIES: usize = 50_000;
 
@@ -28,6 +31,8 @@ pub enum ReleaseError {
     UnsafeArchive(String),
     #[error("the release archive is damaged: {0}")]
     Damaged(String),
+    #[error("{0}")]
+    WrongVersion(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -202,11 +207,43 @@ impl TrustedKey {
     }
 }
 
+/// What `unpack` found: the bytes written and the archive's top-level directory.
+#[derive(Debug, Clone)]
+pub struct Unpacked {
+    pub bytes: u64,
+    pub top: String,
+}
+
+/// A signed tarball is only as new as what it contains: the tag names a release, but a
+/// validly signed *older* tarball offered under a newer tag would be a downgrade (an
+/// attacker replaying an old release with known holes). So the tag, the archive's top
+/// directory (`element-vX.Y.Z/`, as element-web's scripts/package.sh makes it) and its
+/// `version` file must all name the same version.
+pub fn check_version(
+    tag: &Version,
+    top: &str,
+    version_file: Option<&str>,
+) -> Result<(), ReleaseError> {
+    let dir = top.strip_prefix("element-").and_then(Version::parse);
+    let file = version_file.and_then(Version::parse);
+    if dir.as_ref() == Some(tag) && file.as_ref() == Some(tag) {
+        return Ok(());
+    }
+    let file_says = match (version_file, &file) {
+        (None, _) => "it has no version file".to_string(),
+        (Some(_), Some(v)) => format!("its version file says {v}"),
+        (Some(raw), None) => format!("its version file says {:?}", raw.trim()),
+    };
+    Err(ReleaseError::WrongVersion(format!(
+        "the release tagged {tag} is not Element {tag}: its top directory is {top}/ and {file_says}; refusing it (a signed older release under a newer tag would be a downgrade)"
+    )))
+}
+
 /// Unpacks a release `.tar.gz` into `dest/files`, refusing anything that could write outside
 /// it: absolute paths, `..`, links leaving the tree, device files, more than one top-level
 /// directory, and archives over the size limits. Symlinks and hard links inside the tree are
 /// materialized as copies, so the served tree has regular files only. Blocking.
-pub fn unpack(tar_gz: &[u8], dest: &Path) -> Result<u64, ReleaseError> {
+pub fn unpack(tar_gz: &[u8], dest: &Path) -> Result<Unpacked, ReleaseError> {
     let root = dest.join("files");
     std::fs::create_dir_all(&root)?;
     let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(tar_gz));
@@ -309,10 +346,10 @@ pub fn unpack(tar_gz: &[u8], dest: &Path) -> Result<u64, ReleaseError> {
         }
         std::fs::copy(&from, &to)?;
     }
-    if top.is_none() {
+    let Some(top) = top else {
         return Err(ReleaseError::Damaged("the archive is empty".into()));
-    }
-    Ok(total)
+    };
+    Ok(Unpacked { bytes: total, top })
 }
 
 /// The path below the archive's single top-level directory (`element-vX.Y.Z/`), or `None`
@@ -402,6 +439,24 @@ mod tests {
         )
         .unwrap();
         assert!(no_sig.release().unwrap_err().contains(".asc"));
+    }
+
+    #[test]
+    fn tag_top_directory_and_version_file_must_agree() {
+        let tag = v("v1.3.0");
+        assert!(check_version(&tag, "element-v1.3.0", Some("v1.3.0\n")).is_ok());
+        assert!(check_version(&tag, "element-1.3.0", Some("1.3.0")).is_ok());
+        for (top, file) in [
+            ("element-v1.1.5", Some("v1.1.5\n")),
+            ("element-v1.3.0", Some("v1.1.5\n")),
+            ("element-v1.1.5", Some("v1.3.0\n")),
+            ("element-v1.3.0", None),
+            ("element-v1.3.0", Some("garbage")),
+            ("webapp", Some("v1.3.0")),
+        ] {
+            let e = check_version(&tag, top, file).unwrap_err().to_string();
+            assert!(e.contains("is not Element 1.3.0"), "{top} {file:?}: {e}");
+        }
     }
 
     #[test]

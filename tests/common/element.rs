@@ -244,6 +244,10 @@ impl ReleaseServer {
         self.files.lock().unwrap().insert(path.into(), body);
     }
 
+    pub fn get(&self, path: &str) -> Option<Vec<u8>> {
+        self.files.lock().unwrap().get(path).cloned()
+    }
+
     pub fn latest_url(&self) -> String {
         format!("http://127.0.0.1:{}/releases/latest", self.port)
     }

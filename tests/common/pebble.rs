@@ -1,10 +1,17 @@
 //! A real ACME server for tests: Debian's pebble, with pebble-challtestsrv as its DNS (every
 //! name resolves to 127.0.0.1). All on loopback and free ports (LAB.md §4 and its gotchas).
 
+use std::collections::HashSet;
 use std::fs;
+use std::io::{Read, Write};
+use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use rustls_pki_types::pem::PemObject;
 
 use super::free_port;
 
@@ -182,4 +189,316 @@ impl Drop for Pebble {
             let _ = p.wait();
         }
     }
+}
+
+/// A "CA" that accepts TCP connections and never answers (nor closes them).
+pub struct StalledCa {
+    pub port: u16,
+    accepted: Arc<AtomicUsize>,
+}
+
+impl StalledCa {
+    pub fn start() -> StalledCa {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let n = accepted.clone();
+        std::thread::spawn(move || {
+            let mut held = vec![];
+            for s in l.incoming().flatten() {
+                n.fetch_add(1, Ordering::SeqCst);
+                held.push(s);
+            }
+        });
+        StalledCa { port, accepted }
+    }
+
+    pub fn directory_url(&self) -> String {
+        format!("https://127.0.0.1:{}/dir", self.port)
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+/// What an `AriProxy` saw.
+#[derive(Default)]
+struct AriState {
+    /// renewalInfo requests: certificate identifier and when.
+    polls: Vec<(String, SystemTime)>,
+    /// `replaces` of each newOrder request.
+    replaces: Vec<String>,
+    /// Certificates told to renew now (a window in the past).
+    renew_now: HashSet<String>,
+}
+
+/// ACME Renewal Information (RFC 9773) in front of a pebble that has none (Debian's 2.4.0):
+/// forwards everything to pebble (with our Host, so pebble's URLs point back here), adds
+/// `renewalInfo` to the directory, answers renewalInfo itself (a window ten days ahead, or
+/// in the past for certificates told to renew now, with `Retry-After`), records the
+/// `replaces` of new orders and reflects it in the order, as RFC 9773 §5 has the CA do.
+pub struct AriProxy {
+    pub directory_url: String,
+    state: Arc<Mutex<AriState>>,
+}
+
+impl AriProxy {
+    pub fn start(pebble: &Pebble, retry_after: u64) -> AriProxy {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let me = format!("127.0.0.1:{}", l.local_addr().unwrap().port());
+        let upstream = pebble.directory_url.trim_end_matches("/dir").to_string();
+        let certs: Vec<_> =
+            rustls_pki_types::CertificateDer::pem_file_iter(pebble.dir.path().join("listener.pem"))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect();
+        let key =
+            rustls_pki_types::PrivateKeyDer::from_pem_file(pebble.dir.path().join("listener.key"))
+                .unwrap();
+        let tls = Arc::new(
+            rustls::ServerConfig::builder()
+                .with_no_client_auth()
+                .with_single_cert(certs, key)
+                .unwrap(),
+        );
+        let ca = fs::read(&pebble.listener_ca).unwrap();
+        let http = reqwest::blocking::Client::builder()
+            .no_proxy()
+            .http1_only()
+            .redirect(reqwest::redirect::Policy::none())
+            .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap();
+        let now = unix_now();
+        let future = (now + 10 * 86400, now + 11 * 86400);
+        let state: Arc<Mutex<AriState>> = Arc::default();
+        let st = state.clone();
+        let host = me.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                let (tls, http, up, me, st) = (
+                    tls.clone(),
+                    http.clone(),
+                    upstream.clone(),
+                    host.clone(),
+                    st.clone(),
+                );
+                std::thread::spawn(move || {
+                    let conn = rustls::ServerConnection::new(tls).unwrap();
+                    let mut s = rustls::StreamOwned::new(conn, s);
+                    if let Some((method, path, headers, body)) = read_request(&mut s) {
+                        let (status, hdrs, body) = ari_answer(
+                            &method,
+                            &path,
+                            &headers,
+                            body,
+                            &http,
+                            &up,
+                            &me,
+                            &st,
+                            future,
+                            retry_after,
+                        );
+                        let mut head = format!("HTTP/1.1 {status} X\r\n");
+                        for (k, v) in hdrs {
+                            head.push_str(&format!("{k}: {v}\r\n"));
+                        }
+                        head.push_str(&format!(
+                            "Content-Length: {}\r\nConnection: close\r\n\r\n",
+                            body.len()
+                        ));
+                        let _ = s.write_all(head.as_bytes());
+                        let _ = s.write_all(&body);
+                        let _ = s.flush();
+                        s.conn.send_close_notify();
+                        let _ = s.flush();
+                    }
+                });
+            }
+        });
+        AriProxy {
+            directory_url: format!("https://{me}/dir"),
+            state,
+        }
+    }
+
+    /// Certificate identifiers polled, in order, with the time of each poll.
+    pub fn polls(&self) -> Vec<(String, SystemTime)> {
+        self.state.lock().unwrap().polls.clone()
+    }
+
+    pub fn replaces(&self) -> Vec<String> {
+        self.state.lock().unwrap().replaces.clone()
+    }
+
+    pub fn renew_now(&self, ids: impl IntoIterator<Item = String>) {
+        self.state.lock().unwrap().renew_now.extend(ids);
+    }
+}
+
+type Head = Vec<(String, String)>;
+
+fn read_request(s: &mut impl Read) -> Option<(String, String, Head, Vec<u8>)> {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut b).ok()? == 0 || head.len() > 65536 {
+            return None;
+        }
+        head.push(b[0]);
+    }
+    let text = String::from_utf8_lossy(&head).into_owned();
+    let mut lines = text.split("\r\n");
+    let mut first = lines.next()?.split_whitespace();
+    let (method, path) = (first.next()?.to_string(), first.next()?.to_string());
+    let headers: Head = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let len = headers
+        .iter()
+        .find(|(k, _)| k == "content-length")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).ok()?;
+    Some((method, path, headers, body))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn ari_answer(
+    method: &str,
+    path: &str,
+    headers: &Head,
+    body: Vec<u8>,
+    http: &reqwest::blocking::Client,
+    upstream: &str,
+    me: &str,
+    state: &Mutex<AriState>,
+    future: (u64, u64),
+    retry_after: u64,
+) -> (u16, Head, Vec<u8>) {
+    if let Some(id) = path.strip_prefix("/ari/") {
+        let mut st = state.lock().unwrap();
+        st.polls.push((id.to_string(), SystemTime::now()));
+        let now = unix_now();
+        let (start, end) = if st.renew_now.contains(id) {
+            (now - 7200, now - 3600)
+        } else {
+            future
+        };
+        let json =
+            serde_json::json!({"suggestedWindow": {"start": rfc3339(start), "end": rfc3339(end)}});
+        return (
+            200,
+            vec![
+                ("Content-Type".into(), "application/json".into()),
+                ("Retry-After".into(), retry_after.to_string()),
+            ],
+            json.to_string().into_bytes(),
+        );
+    }
+    let replaces = (method == "POST" && path == "/order-plz")
+        .then(|| jws_payload(&body))
+        .flatten()
+        .and_then(|p| p["replaces"].as_str().map(str::to_string));
+    if let Some(r) = &replaces {
+        state.lock().unwrap().replaces.push(r.clone());
+    }
+    let mut req = http
+        .request(method.parse().unwrap(), format!("{upstream}{path}"))
+        .header("Host", me)
+        .body(body);
+    if let Some((_, ct)) = headers.iter().find(|(k, _)| k == "content-type") {
+        req = req.header("Content-Type", ct);
+    }
+    let Ok(rsp) = req.send() else {
+        return (502, vec![], b"pebble unreachable".to_vec());
+    };
+    let status = rsp.status().as_u16();
+    let hdrs: Head = rsp
+        .headers()
+        .iter()
+        .filter(|(k, _)| {
+            !["content-length", "transfer-encoding", "connection"].contains(&k.as_str())
+        })
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+        .collect();
+    let mut out = rsp.bytes().map(|b| b.to_vec()).unwrap_or_default();
+    let patch = |out: &mut Vec<u8>, f: &dyn Fn(&mut serde_json::Value)| {
+        if let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(out) {
+            f(&mut v);
+            *out = v.to_string().into_bytes();
+        }
+    };
+    if path == "/dir" {
+        let url = format!("https://{me}/ari");
+        patch(&mut out, &|v| v["renewalInfo"] = url.clone().into());
+    }
+    if let Some(r) = &replaces
+        && status == 201
+    {
+        patch(&mut out, &|v| v["replaces"] = r.clone().into());
+    }
+    (status, hdrs, out)
+}
+
+/// The JSON payload of a flattened JWS (RFC 7515 §7.2.2), as ACME posts it.
+fn jws_payload(body: &[u8]) -> Option<serde_json::Value> {
+    let jws: serde_json::Value = serde_json::from_slice(body).ok()?;
+    serde_json::from_slice(&base64url(jws["payload"].as_str()?)?).ok()
+}
+
+fn base64url(s: &str) -> Option<Vec<u8>> {
+    let mut bits = 0u32;
+    let mut n = 0;
+    let mut out = vec![];
+    for c in s.bytes().filter(|c| *c != b'=') {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'-' => 62,
+            b'_' => 63,
+            _ => return None,
+        };
+        bits = (bits << 6) | u32::from(v);
+        n += 6;
+        if n >= 8 {
+            n -= 8;
+            out.push((bits >> n) as u8);
+        }
+    }
+    Some(out)
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// `2026-12-01T08:00:00Z` (RFC 3339) from unix seconds (H. Hinnant's civil_from_days).
+fn rfc3339(secs: u64) -> String {
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
