@@ -674,8 +674,10 @@ async fn slow_and_flooding_clients_are_cut_off() {
     let _ = d.stop.send(true);
 }
 
-/// `/_synapse/admin/v1/server_version` in disguises that decode or resolve to it.
-const DISGUISED_ADMIN: [&str; 7] = [
+/// `/_synapse/admin/v1/server_version` in disguises that decode or resolve to it, and an admin
+/// servlet's path whose encoded `..`s (one user ID to Synapse) resolve out of `/_synapse`.
+const DISGUISED_ADMIN: [&str; 8] = [
+    "/_synapse/admin/v2/users/..%2F..%2F..%2F..%2F_matrix",
     "/_synapse/%61dmin/v1/server_version",
     "//_synapse/admin/v1/server_version",
     "/_synapse//admin/v1/server_version",

@@ -97,26 +97,7 @@ pub fn normalize_path(raw: &str) -> Cow<'_, str> {
     if clean {
         return Cow::Borrowed(raw);
     }
-    let mut decoded = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        match (
-            b[i],
-            b.get(i + 1).and_then(|&c| hex(c)),
-            b.get(i + 2).and_then(|&c| hex(c)),
-        ) {
-            (b'%', Some(h), Some(l)) => {
-                decoded.push((h * 16 + l) as u8);
-                i += 3;
-            }
-            (c, _, _) => {
-                decoded.push(c);
-                i += 1;
-            }
-        }
-    }
-    let decoded = String::from_utf8_lossy(&decoded);
+    let decoded = percent_decode(raw);
     let mut out: Vec<&str> = vec![];
     let mut trailing = false;
     for seg in decoded.split('/') {
@@ -146,7 +127,55 @@ fn under(path: &str, prefix: &str) -> bool {
         .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
-/// `raw` is the request path as received; the decision is made on its normalized form.
+/// The path as Synapse's web framework dispatches on it: Twisted splits the raw path at its
+/// literal slashes and percent-decodes each segment on its own (`Request.process`, `postpath`),
+/// resolving no dot segments, and Synapse's servlets match their regexes on the raw path. So
+/// `/_synapse/admin/v2/users/..%2F..%2F..%2F..%2F_matrix` reaches an admin servlet (the `..`s
+/// are one user ID) although its normalized form reads `/_matrix`. Empty and `.` segments are
+/// dropped, which only makes more paths look like `/_synapse/...`.
+fn dispatch_path(raw: &str) -> String {
+    let mut path = String::with_capacity(raw.len() + 1);
+    for seg in raw.split('/').filter(|s| !matches!(*s, "" | ".")) {
+        path.push('/');
+        path.push_str(&percent_decode(seg));
+    }
+    if path.is_empty() {
+        path.push('/');
+    }
+    path
+}
+
+/// Every `%XX` decoded (lossily: Synapse's own paths are ASCII); a malformed one is kept.
+fn percent_decode(s: &str) -> Cow<'_, str> {
+    if !s.contains('%') {
+        return Cow::Borrowed(s);
+    }
+    let b = s.as_bytes();
+    let hex = |c: u8| (c as char).to_digit(16);
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match (
+            b[i],
+            b.get(i + 1).and_then(|&c| hex(c)),
+            b.get(i + 2).and_then(|&c| hex(c)),
+        ) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    Cow::Owned(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// `raw` is the request path as received. It is decided twice, on its normalized form and on
+/// the form Synapse dispatches on ([`dispatch_path`]), and the stricter answer wins: a path
+/// that either reading puts in a private tree is refused.
 pub fn route(
     listener: Listener,
     hosts: &Hosts,
@@ -155,7 +184,38 @@ pub fn route(
     peer: IpAddr,
     admin_allow: &[(IpAddr, u8)],
 ) -> Route {
-    let path = &*normalize_path(raw);
+    let normalized = normalize_path(raw);
+    let first = route_on(listener, hosts, host, raw, &normalized, peer, admin_allow);
+    if matches!(normalized, Cow::Borrowed(_)) {
+        // No `%`, `//` or `/.`: both readings are the same.
+        return first;
+    }
+    let second = route_on(
+        listener,
+        hosts,
+        host,
+        raw,
+        &dispatch_path(raw),
+        peer,
+        admin_allow,
+    );
+    match (first, second) {
+        (a, b) if a == b => a,
+        (Route::AdminForbidden, _) | (_, Route::AdminForbidden) => Route::AdminForbidden,
+        (Route::NotFound, _) | (_, Route::NotFound) => Route::NotFound,
+        (a, _) => a,
+    }
+}
+
+fn route_on(
+    listener: Listener,
+    hosts: &Hosts,
+    host: &str,
+    raw: &str,
+    path: &str,
+    peer: IpAddr,
+    admin_allow: &[(IpAddr, u8)],
+) -> Route {
     // DESIGN.md §2: of Synapse's own `/_synapse` tree, only `/_synapse/client` (SSO pages,
     // password reset, consent) is public; the admin API and the rest (e.g. `/_synapse/mas`)
     // are for this host and the `admin_allow` networks.
@@ -469,6 +529,51 @@ mod tests {
                 "{p}"
             );
         }
+    }
+
+    /// An encoded slash hides `..`s from Synapse's dispatch (they are inside one segment, an
+    /// admin servlet's user ID), while the normalized form resolves them out of `/_synapse`:
+    /// the stricter reading decides, on every listener.
+    #[test]
+    fn encoded_dot_segments_cannot_lead_out_of_the_admin_tree() {
+        for p in [
+            "/_synapse/admin/v2/users/..%2F..%2F..%2F..%2F_matrix/client/versions",
+            "/_synapse/admin/v2/users/..%2f..%2f..%2f..%2f_matrix",
+            "/_synapse/admin/v1/users/@a:b/devices/%2e%2e%2F%2e%2e%2F..%2F..%2F..%2F..%2F_matrix",
+            "/_synapse/admin/v1/registration_tokens/..%2F..%2F..%2Fclient",
+        ] {
+            for peer in [OUT, LO] {
+                let want = if peer == LO {
+                    Route::Synapse
+                } else {
+                    Route::AdminForbidden
+                };
+                assert_eq!(
+                    r(Listener::Https, "matrix.example.com", p, peer),
+                    want,
+                    "{p}"
+                );
+            }
+        }
+        let p = "/_synapse/admin/v2/users/..%2F..%2F..%2F..%2F_matrix/federation/v1/version";
+        assert_eq!(
+            r(Listener::Federation, "matrix.example.com", p, OUT),
+            Route::NotFound
+        );
+        // Synapse's view: literal slashes split, each segment decoded, nothing resolved.
+        assert_eq!(dispatch_path("/_synapse/a%2Fb/../c"), "/_synapse/a/b/../c");
+        assert_eq!(dispatch_path("//x/./y/"), "/x/y");
+        assert_eq!(dispatch_path(""), "/");
+        // Legitimate encoded paths still reach Synapse.
+        assert_eq!(
+            r(
+                Listener::Https,
+                "matrix.example.com",
+                "/_matrix/client/v3/rooms/%21r%3Ax/state/m.x/a%2Fb",
+                OUT
+            ),
+            Route::Synapse
+        );
     }
 
     #[test]
