@@ -80,6 +80,8 @@ pub async fn run(config_path: &Path) -> Result<(), RunError> {
         )
         .into());
     }
+    // Before any listener or file is opened (see `fdlimit`).
+    let nofile = crate::fdlimit::raise();
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
@@ -115,7 +117,7 @@ pub async fn run(config_path: &Path) -> Result<(), RunError> {
         &cfg,
         certs.clone(),
         https_port,
-        Limits::from_config(&cfg),
+        Limits::from_config(&cfg).fit_descriptors(nofile),
         Some(element.clone()),
     );
     let front_task = tokio::spawn(front.serve(bound, stop_rx.clone(), DRAIN));

@@ -1,7 +1,7 @@
 //! homelab-matrix: one supervisor that turns a Debian host into a private Matrix server.
 //!
 //! Layering (DESIGN.md §11): `app` and `cli` wire feature modules (`synapse`, `postgres`,
-//! `control`) on top of foundations (`supervisor`, `config`, `secrets`, `fsutil`, `units`).
+//! `control`) on top of foundations (`supervisor`, `config`, `secrets`, `fsutil`, `fdlimit`, `units`).
 //! Only `supervisor` creates processes.
 
 pub mod acme;
@@ -14,6 +14,7 @@ pub mod config;
 pub mod control;
 pub mod coturn;
 pub mod element;
+pub mod fdlimit;
 pub mod fsutil;
 pub mod http;
 pub mod logging;

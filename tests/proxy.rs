@@ -1299,3 +1299,184 @@ fn through_the_binary_admin_in_any_spelling_is_refused_from_another_host_and_htt
         "{out}"
     );
 }
+
+/// `Max open files` of a process: (soft, hard).
+fn nofile(pid: i32) -> (u64, u64) {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    (v[0], v[1])
+}
+
+/// systemd's default open-file limit is soft 1024 (hard higher). Hostile clients from a few
+/// addresses holding more idle connections than that must not make `accept` fail for
+/// everyone: the binary raises its own soft limit, keeps its connection cap within it (so idle
+/// connections are evicted for a new client), and gives Synapse the original limit back.
+#[test]
+fn through_the_binary_idle_connections_past_1024_descriptors_do_not_lock_clients_out_nor_leak() {
+    if !common::require_appliance() {
+        return;
+    }
+    const SOFT: u64 = 1024;
+    const HARD: u64 = 1500;
+    let lab = common::Lab::new("nofile");
+    lab.write_config("[tls]\nmode = \"internal\"\n[http]\nheader_timeout = \"120s\"\n");
+    let mut c = lab.cmd(&["run"]);
+    // SAFETY: only plain syscalls (setrlimit, pipe, dup2) between fork and exec.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        c.pre_exec(|| {
+            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, SOFT, HARD)
+                .map_err(std::io::Error::from)?;
+            // A pipe the supervisor inherits without close-on-exec, as from a careless parent.
+            let mut p = [0; 2];
+            if nix::libc::pipe(p.as_mut_ptr()) != 0 || nix::libc::dup2(p[0], 200) != 200 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let run = common::start_until_ready(c, &lab.path("notify.sock"), &lab.path("run.log"));
+    // 1100 silent connections from five addresses (220 each, under the per-address cap).
+    let port = lab.http_port;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let held = rt.block_on(async {
+        let mut held = vec![];
+        for i in 0..1100u32 {
+            let s = tokio::net::TcpSocket::new_v4().unwrap();
+            let src = std::net::Ipv4Addr::new(127, 0, 0, 2 + (i % 5) as u8);
+            s.bind((src, 0).into()).unwrap();
+            held.push(s.connect(([127, 0, 0, 1], port).into()).await.unwrap());
+        }
+        held
+    });
+    // A new client is still answered (port 80 redirects), within seconds.
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "10",
+        ])
+        .args(["--interface", "127.0.0.9"])
+        .arg(format!("http://127.0.0.1:{port}/"))
+        .output()
+        .unwrap();
+    let code = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(
+        code,
+        "301",
+        "a new client behind 1100 idle ones; log: {}",
+        run.log_tail()
+    );
+    // (Synapse raises its own soft limit, synapse/util/rlimit.py; tests/supervisor.rs shows
+    // what a child is given.)
+    assert_eq!(
+        nofile(run.pid()),
+        (HARD, HARD),
+        "the supervisor's own limit"
+    );
+    drop(held);
+    // No socket or pipe of the supervisor's (listeners, the control socket, client
+    // connections, other children's pipes, nor the pipe it inherited at 200) is open in
+    // Synapse: only stdio crosses.
+    assert!(std::path::Path::new(&format!("/proc/{}/fd/200", run.pid())).exists());
+    let synapse = lab.synapse_status()["pid"].as_i64().unwrap() as i32;
+    // Its own stdio pipes are shared by design (the supervisor reads their other ends), also
+    // where Synapse duplicated them.
+    let objects = |pid: i32, stdio: bool| -> std::collections::BTreeSet<String> {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .flatten()
+            .filter(|e| !stdio || e.file_name().to_str().unwrap().parse::<u32>().unwrap() <= 2)
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .map(|t| t.display().to_string())
+            .filter(|t| t.starts_with("socket:") || t.starts_with("pipe:"))
+            .collect()
+    };
+    let stdio = objects(synapse, true);
+    let ours = objects(run.pid(), false);
+    let shared: Vec<_> = objects(synapse, false)
+        .intersection(&ours)
+        .filter(|o| !stdio.contains(*o))
+        .cloned()
+        .collect();
+    let fds = |pid: i32| -> Vec<String> {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .flatten()
+            .map(|e| {
+                format!(
+                    "{:?}->{:?}",
+                    e.file_name(),
+                    std::fs::read_link(e.path()).ok()
+                )
+            })
+            .collect()
+    };
+    assert!(
+        shared.is_empty(),
+        "Synapse inherited {shared:?}: synapse {:?} supervisor {:?}",
+        fds(synapse),
+        fds(run.pid())
+    );
+}
+
+/// One client address may hold only its share (a quarter) of the places to Synapse: slow
+/// requests from one address cannot lock every other client out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_take_every_place_to_synapse() {
+    let cfg =
+        Config::from_toml("server_name = \"example.test\"\n[http]\nupstream_max_connections = 8\n")
+            .unwrap();
+    let (rec, d) = door_with(Limits::from_config(&cfg)).await;
+    let (h2, _) = common::h2_connect(d.https, HOST, &d.ca_pem).await;
+    let slow: Vec<_> = (0..8)
+        .map(|_| {
+            let mut h2 = h2.clone();
+            let req = get(d.https, "/_matrix/client/v3/rooms?delay=4000");
+            tokio::spawn(async move { h2.send_request(req).await.unwrap().status() })
+        })
+        .collect();
+    rec.wait_seen(2).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Another address is still served while those wait.
+    let mut c = d.curl();
+    c.args([
+        "--interface",
+        "127.0.0.2",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+    ])
+    .arg(format!(
+        "https://{HOST}:{}/_matrix/client/versions",
+        d.https
+    ));
+    let (code, err) = tokio::task::spawn_blocking(move || run(c)).await.unwrap();
+    assert_eq!(
+        code, "200",
+        "another client over one address's slow requests: {err}"
+    );
+    let mut codes = vec![];
+    for s in slow {
+        codes.push(s.await.unwrap().as_u16());
+    }
+    codes.sort();
+    assert_eq!(
+        codes,
+        [200, 200, 503, 503, 503, 503, 503, 503],
+        "one address's 8 requests"
+    );
+    let _ = d.stop.send(true);
+}

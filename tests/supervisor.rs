@@ -470,3 +470,28 @@ async fn children_cannot_gain_privileges() {
         "NoNewPrivs:\t1"
     );
 }
+
+/// The supervisor raises its own open-file limit for its connections (`fdlimit::raise`);
+/// a child gets the limit the process started with, as systemd would have given it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn children_get_the_open_file_limit_the_supervisor_started_with() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    assert!(hard > 1024, "this test needs a hard limit above 1024");
+    setrlimit(Resource::RLIMIT_NOFILE, 1024, hard).unwrap();
+    assert_eq!(homelab_matrix::fdlimit::raise(), hard);
+    assert_eq!(getrlimit(Resource::RLIMIT_NOFILE).unwrap(), (hard, hard));
+    let out = run_helper(
+        Command::new("/bin/sh")
+            .arg("-c")
+            .arg("ulimit -Sn; ulimit -Hn"),
+        b"",
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("1024\n{hard}\n")
+    );
+}

@@ -56,6 +56,9 @@ pub struct Limits {
     pub h2_keepalive_interval: Duration,
     /// Requests in flight to Synapse, and connections to it; over it: 503.
     pub upstream_max_connections: usize,
+    /// Of those, what one client address (IPv6: its /64) may hold; over it: 503. A quarter of
+    /// the cap from the config (`proxy::share_per_addr`).
+    pub upstream_max_per_addr: usize,
     /// How long Synapse may take to start its answer once the request is sent; long-polls
     /// get their own `timeout` on top (see `proxy::head_timeout`).
     pub upstream_timeout: Duration,
@@ -72,6 +75,7 @@ impl Default for Limits {
             h2_max_concurrent_streams: 256,
             h2_keepalive_interval: Duration::from_secs(60),
             upstream_max_connections: 512,
+            upstream_max_per_addr: 128,
             upstream_timeout: Duration::from_secs(180),
         }
     }
@@ -85,9 +89,31 @@ impl Limits {
             idle_timeout: h.idle_timeout(),
             header_read_timeout: h.header_timeout(),
             upstream_max_connections: h.upstream_max_connections,
+            upstream_max_per_addr: proxy::share_per_addr(h.upstream_max_connections),
             upstream_timeout: h.upstream_timeout(),
             ..Limits::default()
         }
+    }
+
+    /// With `max_connections` lowered to what `nofile` open files leave room for (see
+    /// `fdlimit`): past the descriptors, `accept` fails for everyone and the cap, with its
+    /// eviction of idle connections, would never be reached.
+    pub fn fit_descriptors(mut self, nofile: u64) -> Limits {
+        let fit = crate::fdlimit::connections_that_fit(
+            nofile,
+            self.upstream_max_connections as u64,
+            self.max_connections as u64,
+        ) as usize;
+        if fit < self.max_connections {
+            tracing::warn!(
+                open_files = nofile,
+                connections = fit,
+                "the open-file limit leaves room for {fit} client connections, not {}; to serve more, raise LimitNOFILE= for homelab-matrix (systemctl edit homelab-matrix) and restart",
+                self.max_connections
+            );
+            self.max_connections = fit;
+        }
+        self
     }
 }
 
@@ -585,7 +611,7 @@ fn page(title: &str, body: &str) -> String {
 
 /// The key a connection counts under for the per-address limit: the IPv4 address, or the
 /// IPv6 /64 (RFC 6177: a host or site gets a /64 or more, so its addresses share one limit).
-fn addr_key(ip: IpAddr) -> IpAddr {
+pub(crate) fn addr_key(ip: IpAddr) -> IpAddr {
     match ip.to_canonical() {
         IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
         v4 => v4,

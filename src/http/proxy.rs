@@ -2,10 +2,11 @@
 //! passed on byte for byte ("must not canonicalise or normalise the requested URI in any way":
 //! federation signatures cover it), X-Forwarded-For/-Proto are ours, bodies stream both ways.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -32,6 +33,9 @@ pub struct Upstream {
     max_body: u64,
     /// One permit per request in flight to Synapse.
     requests: Arc<Semaphore>,
+    /// Requests in flight per client address, at most `share` each (`Limits`).
+    per_addr: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    share: usize,
     timeout: Duration,
 }
 
@@ -58,6 +62,8 @@ impl Upstream {
                 .expect("valid authority"),
             max_body,
             requests: Arc::new(Semaphore::new(limits.upstream_max_connections)),
+            per_addr: Arc::default(),
+            share: limits.upstream_max_per_addr,
             timeout: limits.upstream_timeout,
         }
     }
@@ -95,9 +101,13 @@ impl Upstream {
             return Response::from_parts(parts, held.boxed());
         }
         // Over the cap Synapse is not asked at all (RFC 9110 §15.6.4: 503 with Retry-After).
+        let Some(share) = Share::take(&self.per_addr, super::addr_key(peer), self.share) else {
+            return busy();
+        };
         let Ok(permit) = self.requests.clone().try_acquire_owned() else {
             return busy();
         };
+        let permit = (permit, share);
         let (mut parts, body) = req.into_parts();
         let inbound_version = parts.version;
         let head_timeout = head_timeout(&parts.uri, self.timeout);
@@ -210,6 +220,51 @@ impl Upstream {
                     "M_UNKNOWN",
                     "Synapse is not answering right now (it may be restarting); try again in a moment",
                 )
+            }
+        }
+    }
+}
+
+/// How many requests in flight to Synapse one client address may hold: a quarter of the cap.
+/// Requests with a trickling body or a long-poll hold their place as long as they last, so
+/// without a share one client could hold every place and lock all others out (503). Generous
+/// for a household behind one NAT address (each client holds two or three).
+pub fn share_per_addr(cap: usize) -> usize {
+    cap.div_ceil(4).max(1)
+}
+
+/// One request's place in its address's share; given back when dropped.
+struct Share {
+    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    addr: IpAddr,
+}
+
+impl Share {
+    fn take(
+        counts: &Arc<Mutex<HashMap<IpAddr, usize>>>,
+        addr: IpAddr,
+        max: usize,
+    ) -> Option<Share> {
+        let mut c = counts.lock().unwrap();
+        let n = c.entry(addr).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(Share {
+            counts: counts.clone(),
+            addr,
+        })
+    }
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock().unwrap();
+        if let Some(n) = c.get_mut(&self.addr) {
+            *n -= 1;
+            if *n == 0 {
+                c.remove(&self.addr);
             }
         }
     }

@@ -243,15 +243,45 @@ fn spawn_locked(cmd: Command) -> io::Result<RawSpawned> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let run_as = cmd.run_as.clone();
+    let nofile = crate::fdlimit::for_children();
+    // Highest descriptor to look at when close_range(2) is refused (an old kernel, a filter).
+    let max_fd = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(1024, |(soft, _)| soft.min(1 << 20)) as i32;
     let parent = nix::unistd::getpid();
     // SAFETY: the closure runs between fork and exec and makes only raw, async-signal-safe
-    // syscalls (setsid, setgroups, setgid, setuid, prctl, getppid, _exit); everything it needs
+    // syscalls (setsid, close_range/fcntl, setrlimit, setgroups, setgid, setuid, prctl, getppid, _exit); everything it needs
     // was resolved above, before the fork.
     unsafe {
         c.pre_exec(move || {
             // Own session and process group: a signal to the group reaches the child's helpers,
             // and a Ctrl-C on the supervisor's terminal does not hit the children directly.
             nix::unistd::setsid().map_err(io::Error::from)?;
+            // Only stdio crosses to a child. Our own descriptors are close-on-exec already,
+            // but not what the supervisor inherited without it (from whoever started it, e.g.
+            // a build tool's jobserver pipe): those are marked now, not closed, so that std's
+            // exec-error pipe still works (close_range(2), CLOSE_RANGE_CLOEXEC, Linux 5.11).
+            // Plain syscalls on descriptor numbers; one that is not open fails with EBADF.
+            let marked = nix::libc::syscall(
+                nix::libc::SYS_close_range,
+                3u32,
+                u32::MAX,
+                nix::libc::CLOSE_RANGE_CLOEXEC,
+            );
+            if marked != 0 {
+                for fd in 3..max_fd {
+                    nix::libc::fcntl(fd, nix::libc::F_SETFD, nix::libc::FD_CLOEXEC);
+                }
+            }
+            // The open-file limit the supervisor started with, not the one it raised for
+            // its own connections (see `fdlimit`).
+            if let Some((soft, hard)) = nofile {
+                nix::sys::resource::setrlimit(
+                    nix::sys::resource::Resource::RLIMIT_NOFILE,
+                    soft,
+                    hard,
+                )
+                .map_err(io::Error::from)?;
+            }
             if let Some(r) = &run_as {
                 // Order matters: setgroups and setgid need privileges that setuid gives up.
                 // std's own Command::uid/gid would clear the supplementary groups instead.
