@@ -10,6 +10,7 @@
 #![allow(clippy::disallowed_methods)]
 
 pub mod element;
+pub mod nspawn;
 pub mod pebble;
 
 use std::fs;
