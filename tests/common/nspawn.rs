@@ -150,8 +150,15 @@ impl Container {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let out = ct.run("timeout 120 systemctl is-system-running --wait");
-        let state = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        // Until its system bus is up, systemctl cannot even ask: it prints nothing.
+        let mut state = String::new();
+        while state.is_empty() && Instant::now() < deadline + Duration::from_secs(120) {
+            let out = ct.run("timeout 120 systemctl is-system-running --wait");
+            state = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            if state.is_empty() {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
         if state != "running" {
             let failed =
                 ct.run("systemctl --failed --no-pager; journalctl -b --no-pager | tail -50");
