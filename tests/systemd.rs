@@ -295,6 +295,7 @@ fn on_debian_12_with_systemd_the_package_installs_survives_crashes_upgrades_and_
         );
     }
     ct.sh("test -e /usr/share/man/man1/homelab-matrix.1.gz && test -e /usr/share/bash-completion/completions/homelab-matrix");
+    assert!(ct.sh("homelab-matrix --help").contains("token"));
     let status = ct.sh("homelab-matrix status");
     eprintln!("homelab-matrix status:\n{status}");
     assert_eq!(status_json(&ct)["phase"], "ready");
@@ -437,7 +438,10 @@ fn on_debian_12_with_systemd_the_package_installs_survives_crashes_upgrades_and_
     assert_eq!(main_pid(&ct), sup_pid);
     wait_ready(&ct, "the appliance after Synapse was killed");
 
-    // Upgrade to the next version: config, secrets, data, the user, the room and the message.
+    // Upgrade to the next version: config (with an operator's edit), secrets, data, the user,
+    // the room and the message.
+    ct.sh(&format!("echo '# an operator edit' >> {CONF}"));
+    let conf = String::from_utf8(read(&ct, CONF)).unwrap();
     let secrets = ct.sh(&format!(
         "cd {STATE}/secrets && sha256sum $(find . -type f | sort)"
     ));
