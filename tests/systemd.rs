@@ -21,7 +21,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::nspawn::{self, Container, HostPostgresPaused};
-use common::{in_ci, pid_alive, require, wait_until};
+use common::{in_ci, pid_alive, require, require_ok, wait_until};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
@@ -132,6 +132,28 @@ fn login(ct: &Container, user: &str, password: &str) -> String {
     v["access_token"].as_str().unwrap().to_string()
 }
 
+/// A registration attempt without a token: 401 (the token stage) while registration is on.
+fn register_eve(ct: &Container) -> (u16, Value) {
+    api(
+        ct,
+        "POST",
+        "/_matrix/client/v3/register",
+        None,
+        Some(json!({"username": "eve", "password": "eve-password-1"})),
+    )
+}
+
+fn secrets_digest(ct: &Container) -> String {
+    ct.sh(&format!(
+        "cd {STATE}/secrets && sha256sum $(find . -type f | sort)"
+    ))
+}
+
+/// No Synapse and no coturn runs in the container.
+fn children_gone(ct: &Container) -> bool {
+    ct.pids_of("synapse.app.homeserver").is_empty() && ct.pids_of("turnserver").is_empty()
+}
+
 fn read(ct: &Container, p: &str) -> Vec<u8> {
     fs::read(ct.path(p)).unwrap_or_else(|e| panic!("{p} in the container: {e}"))
 }
@@ -176,15 +198,10 @@ fn on_debian_12_with_systemd_the_package_installs_survives_crashes_upgrades_and_
     if !require("root", common::is_root(), "run the tests as root") || !nspawn::require_nspawn() {
         return;
     }
-    let image = nspawn::image();
-    if !require(
-        "a Debian 12 image",
-        image.is_ok(),
-        &format!("packaging/deb12-image: {:?}", image.as_ref().err()),
-    ) {
+    let Some(image) = require_ok("a Debian 12 image (packaging/deb12-image)", nspawn::image())
+    else {
         return;
-    }
-    let image = image.unwrap();
+    };
     let t0 = Instant::now();
 
     // Both versions are built (or found in the cache) before anything on the host is touched.
@@ -218,15 +235,12 @@ fn on_debian_12_with_systemd_the_package_installs_survives_crashes_upgrades_and_
         }
     }
     let booted = Instant::now();
-    let ct = Container::boot(&image, &binds, &tmp.path().join("nspawn.log"));
-    if !require(
+    let Some(ct) = require_ok(
         "systemd-nspawn booting Debian 12",
-        ct.is_ok(),
-        &format!("{:?}", ct.as_ref().err()),
-    ) {
+        Container::boot(&image, &binds, &tmp.path().join("nspawn.log")),
+    ) else {
         return;
-    }
-    let ct = ct.unwrap();
+    };
     eprintln!("booted in {:.1?}", booted.elapsed());
 
     // Install as a user does: debconf answers, then apt with the package files.
@@ -339,13 +353,7 @@ fn on_debian_12_with_systemd_the_package_installs_survives_crashes_upgrades_and_
     // systemctl reload (ExecReload): synapse.d re-applied, Synapse restarted, not the service.
     let sup_pid = main_pid(&ct);
     let (_, syn_before) = child(&ct, "synapse");
-    let (st, v) = api(
-        &ct,
-        "POST",
-        "/_matrix/client/v3/register",
-        None,
-        Some(json!({"username": "eve", "password": "eve-password-1"})),
-    );
+    let (st, v) = register_eve(&ct);
     assert_eq!(st, 401, "token registration is on by default: {v}");
     ct.sh(
         "echo 'enable_registration: false' > /etc/homelab-matrix/synapse.d/50-no-registration.yaml",
@@ -366,13 +374,7 @@ fn on_debian_12_with_systemd_the_package_installs_survives_crashes_upgrades_and_
         },
     );
     assert_eq!(main_pid(&ct), sup_pid, "reload restarted the service");
-    let (st, v) = api(
-        &ct,
-        "POST",
-        "/_matrix/client/v3/register",
-        None,
-        Some(json!({"username": "eve", "password": "eve-password-1"})),
-    );
+    let (st, v) = register_eve(&ct);
     assert_eq!(st, 403, "synapse.d override not applied by reload: {v}");
 
     // systemctl restart: a new supervisor, ready again.
@@ -442,9 +444,7 @@ fn on_debian_12_with_systemd_the_package_installs_survives_crashes_upgrades_and_
     // the room and the message.
     ct.sh(&format!("echo '# an operator edit' >> {CONF}"));
     let conf = String::from_utf8(read(&ct, CONF)).unwrap();
-    let secrets = ct.sh(&format!(
-        "cd {STATE}/secrets && sha256sum $(find . -type f | sort)"
-    ));
+    let secrets = secrets_digest(&ct);
     let signing = read(&ct, &format!("{STATE}/synapse-data/signing.key"));
     let t = Instant::now();
     ct.sh(&format!(
@@ -460,12 +460,7 @@ fn on_debian_12_with_systemd_the_package_installs_survives_crashes_upgrades_and_
         conf,
         "the upgrade changed the config"
     );
-    assert_eq!(
-        ct.sh(&format!(
-            "cd {STATE}/secrets && sha256sum $(find . -type f | sort)"
-        )),
-        secrets
-    );
+    assert_eq!(secrets_digest(&ct), secrets);
     assert_eq!(
         read(&ct, &format!("{STATE}/synapse-data/signing.key")),
         signing
@@ -513,7 +508,7 @@ fn on_debian_12_with_systemd_the_package_installs_survives_crashes_upgrades_and_
         "the stop was not clean (timeout or kill)"
     );
     assert!(
-        ct.pids_of("synapse.app.homeserver").is_empty() && ct.pids_of("turnserver").is_empty(),
+        children_gone(&ct),
         "children left after stop: {:?}",
         ct.procs()
     );
@@ -523,7 +518,7 @@ fn on_debian_12_with_systemd_the_package_installs_survives_crashes_upgrades_and_
     ct.sh(&format!("systemctl start {UNIT}"));
     ct.sh(&format!("{APT} remove homelab-matrix 2>&1"));
     ct.sh(&format!("! systemctl is-active -q {UNIT}"));
-    assert!(ct.pids_of("synapse.app.homeserver").is_empty() && ct.pids_of("turnserver").is_empty());
+    assert!(children_gone(&ct));
     ct.sh(&format!(
         "test ! -e /usr/bin/homelab-matrix && test -e {CONF} && test -d {STATE}/secrets"
     ));
