@@ -1,4 +1,17 @@
-# Shared by packaging/run-tests and packaging/quickstart. Source it; do not run it.
+# Shared by the scripts in packaging/. Source it; do not run it.
+
+# Installs those of the named Debian packages that are not installed yet (no recommends).
+apt_install() {
+  local missing=() p
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "apt-get install ${missing[*]}" >&2
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  fi
+}
 
 # Starts the Debian PostgreSQL cluster if it is down. Under systemd, through systemctl; without
 # systemd as PID 1 (containers, CI), with pg_ctlcluster directly.

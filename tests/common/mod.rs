@@ -10,6 +10,7 @@
 #![allow(clippy::disallowed_methods)]
 
 pub mod element;
+pub mod nspawn;
 pub mod pebble;
 
 use std::fs;
@@ -47,6 +48,18 @@ pub fn require(component: &str, ok: bool, how: &str) -> bool {
          ********************************************************************\n"
     );
     false
+}
+
+/// `Some(value)` when `r` is Ok; otherwise as [`require`] with the error: fails under CI, or
+/// skips loudly (None).
+pub fn require_ok<T, E: std::fmt::Debug>(component: &str, r: Result<T, E>) -> Option<T> {
+    match r {
+        Ok(v) => Some(v),
+        Err(e) => {
+            require(component, false, &format!("{e:?}"));
+            None
+        }
+    }
 }
 
 pub fn is_root() -> bool {
