@@ -186,11 +186,16 @@ pub async fn client(ctx: &Ctx<'_>) -> Check {
             .unwrap_or("")
             .to_string()
     };
-    let (ctype, cors) = (header("content-type"), header("access-control-allow-origin"));
+    let (ctype, cors) = (
+        header("content-type"),
+        header("access-control-allow-origin"),
+    );
     if cors != "*" && cors != "https://app.element.io" {
         return Check::fail(
             NAME,
-            format!("{url} has no CORS header (Access-Control-Allow-Origin: {cors:?}): web clients cannot read it"),
+            format!(
+                "{url} has no CORS header (Access-Control-Allow-Origin: {cors:?}): web clients cannot read it"
+            ),
             fix,
         );
     }
@@ -199,7 +204,11 @@ pub async fn client(ctx: &Ctx<'_>) -> Check {
         Err(e) => return Check::fail(NAME, format!("{url} is not JSON: {e}"), fix),
     };
     let Some(base) = body["m.homeserver"]["base_url"].as_str() else {
-        return Check::fail(NAME, format!("{url} has no m.homeserver.base_url: {body}"), fix);
+        return Check::fail(
+            NAME,
+            format!("{url} has no m.homeserver.base_url: {body}"),
+            fix,
+        );
     };
     let versions = format!("{}/_matrix/client/versions", base.trim_end_matches('/'));
     let answer = match ctx.net.http().get(&versions).send().await {
@@ -219,11 +228,19 @@ pub async fn client(ctx: &Ctx<'_>) -> Check {
             );
         }
     };
-    let newest = answer
-        .as_ref()
-        .and_then(|v| v["versions"].as_array()?.last()?.as_str().map(str::to_string));
+    let newest = answer.as_ref().and_then(|v| {
+        v["versions"]
+            .as_array()?
+            .last()?
+            .as_str()
+            .map(str::to_string)
+    });
     let Some(newest) = newest else {
-        return Check::fail(NAME, format!("{versions} is not a Matrix versions answer"), fix);
+        return Check::fail(
+            NAME,
+            format!("{versions} is not a Matrix versions answer"),
+            fix,
+        );
     };
     let json_type = ctype.starts_with("application/json");
     let seen = format!("base_url {base} answers (client API up to {newest}), CORS {cors}");

@@ -105,7 +105,9 @@ pub async fn inbound(ctx: &Ctx<'_>) -> Check {
         return Check::fail(
             NAME,
             format!("{url} answers for {}, not {sn}", doc["server_name"]),
-            format!("the delegated host must be this appliance's Synapse, whose server_name is {sn}"),
+            format!(
+                "the delegated host must be this appliance's Synapse, whose server_name is {sn}"
+            ),
         );
     }
     let valid_until = doc["valid_until_ts"].as_u64().unwrap_or(0) / 1000;
@@ -171,7 +173,9 @@ pub async fn outbound(ctx: &Ctx<'_>) -> Check {
         return Check::warn(
             NAME,
             format!("no internet: {why}; outbound federation was not tested"),
-            format!("run `homelab-matrix doctor --only federation-out` again when this host can reach {remote}"),
+            format!(
+                "run `homelab-matrix doctor --only federation-out` again when this host can reach {remote}"
+            ),
         );
     }
     // Synapse's notary endpoint: it fetches (or has cached) the remote's keys over federation.
@@ -223,7 +227,9 @@ pub async fn outbound(ctx: &Ctx<'_>) -> Check {
         _ => Check::fail(
             NAME,
             format!("this host reaches {remote}, but Synapse could not fetch its keys"),
-            format!("Synapse's log says why (`journalctl -u homelab-matrix | grep -i {remote}`); outbound 443 and 8448 must be open, and DNS must resolve {remote}"),
+            format!(
+                "Synapse's log says why (`journalctl -u homelab-matrix | grep -i {remote}`); outbound 443 and 8448 must be open, and DNS must resolve {remote}"
+            ),
         ),
     }
 }
@@ -284,7 +290,10 @@ mod tests {
         let sig = pair.sign(canonical(&doc).as_bytes());
         doc["signatures"] = json!({"a.test": {"ed25519:k": b64(sig.as_ref())}});
         doc["unsigned"] = json!({"ignored": true});
-        assert_eq!(signed_by(&doc, "a.test", &doc["verify_keys"]), ["ed25519:k"]);
+        assert_eq!(
+            signed_by(&doc, "a.test", &doc["verify_keys"]),
+            ["ed25519:k"]
+        );
         doc["valid_until_ts"] = json!(2);
         assert!(signed_by(&doc, "a.test", &doc["verify_keys"]).is_empty());
         let text = format!("ed25519 k {}", b64(&seed));

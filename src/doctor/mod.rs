@@ -16,6 +16,7 @@ mod federation;
 mod net;
 mod services;
 mod tls;
+mod turn;
 
 pub use net::Net;
 
@@ -88,6 +89,7 @@ impl Check {
 pub const FAMILIES: &[&str] = &[
     "tls",
     "turn-tls",
+    "turn",
     "delegation-server",
     "delegation-client",
     "federation-in",
@@ -203,6 +205,8 @@ pub async fn run(cfg: &Config, opts: &Options) -> Report {
             "tls" => tls::check(&ctx).await,
             "turn-tls" if cfg.turn.enabled => vec![tls::turn(&ctx).await],
             "turn-tls" => vec![],
+            "turn" if cfg.turn.enabled => vec![turn::check(&ctx).await],
+            "turn" => vec![],
             "delegation-server" => vec![delegation::server(&ctx).await],
             "delegation-client" => vec![delegation::client(&ctx).await],
             "federation-in" => vec![federation::inbound(&ctx).await],
@@ -214,10 +218,11 @@ pub async fn run(cfg: &Config, opts: &Options) -> Report {
             "element" => vec![services::element(&ctx)],
             _ => unreachable!("FAMILIES lists only these"),
         };
-        checks.extend(
-            got.into_iter()
-                .filter(|c| opts.only.as_deref().is_none_or(|o| o == c.family() || o == c.name)),
-        );
+        checks.extend(got.into_iter().filter(|c| {
+            opts.only
+                .as_deref()
+                .is_none_or(|o| o == c.family() || o == c.name)
+        }));
     }
     Report {
         ran_at: now_secs(),

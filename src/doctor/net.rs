@@ -226,9 +226,9 @@ pub fn why(e: &rustls::Error) -> String {
         rustls::Error::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => {
             "expired".into()
         }
-        rustls::Error::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. }) => {
-            "not valid for this name".into()
-        }
+        rustls::Error::InvalidCertificate(
+            C::NotValidForName | C::NotValidForNameContext { .. },
+        ) => "not valid for this name".into(),
         other => other.to_string(),
     }
 }

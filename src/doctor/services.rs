@@ -164,31 +164,32 @@ pub async fn postgres(ctx: &Ctx<'_>) -> Check {
             r.get(4),
             &p.database,
         ),
-        Err(e) => Check::fail("postgres", format!("querying PostgreSQL: {e}"), "see PostgreSQL's log"),
+        Err(e) => Check::fail(
+            "postgres",
+            format!("querying PostgreSQL: {e}"),
+            "see PostgreSQL's log",
+        ),
     }
 }
 
-/// Below this much free space a check fails; below `WARN_FRACTION` it warns.
+/// Below this much free space a check fails; below `WARN_BYTES` or `WARN_FRACTION` of the
+/// file system it warns (PostgreSQL stops writing on a full disk; Synapse then fails requests).
 const FAIL_BYTES: u64 = 512 << 20;
-const WARN_FRACTION: f64 = 0.10;
+const WARN_BYTES: u64 = 2 << 30;
+const WARN_FRACTION: f64 = 0.05;
 
 pub fn judge_disk(what: &str, path: &Path, free: u64, total: u64) -> Check {
     let name = format!("disk:{what}");
     let gib = |b: u64| format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64);
-    let seen = format!(
-        "{} free of {} on {}",
-        gib(free),
-        gib(total),
-        path.display()
-    );
+    let seen = format!("{} free of {} on {}", gib(free), gib(total), path.display());
     let fix = format!(
         "free space on the file system of {} (old media: Synapse's purge_media_cache / media retention; PostgreSQL: VACUUM FULL), or grow it",
         path.display()
     );
     if free < FAIL_BYTES {
         Check::fail(name, format!("{seen}: almost full"), fix)
-    } else if (free as f64) < WARN_FRACTION * total as f64 {
-        Check::warn(name, format!("{seen}: less than 10% left"), fix)
+    } else if free < WARN_BYTES || (free as f64) < WARN_FRACTION * total as f64 {
+        Check::warn(name, format!("{seen}: running low"), fix)
     } else {
         Check::pass(name, seen)
     }
@@ -280,12 +281,19 @@ pub async fn clock(ctx: &Ctx<'_>) -> Check {
         Err(e) if super::net::offline(&e) => {
             return Check::warn(
                 NAME,
-                format!("no internet: {url} cannot be reached, the clock was not compared ({})", error_chain(&e)),
+                format!(
+                    "no internet: {url} cannot be reached, the clock was not compared ({})",
+                    error_chain(&e)
+                ),
                 "make sure NTP is on (`timedatectl`)",
             );
         }
         Err(e) => {
-            return Check::warn(NAME, format!("{url}: {}", error_chain(&e)), "make sure NTP is on (`timedatectl`)");
+            return Check::warn(
+                NAME,
+                format!("{url}: {}", error_chain(&e)),
+                "make sure NTP is on (`timedatectl`)",
+            );
         }
     };
     let end = now_secs() as i64;
@@ -384,17 +392,23 @@ mod tests {
     #[test]
     fn a_nearly_full_disk_fails_and_a_tight_one_warns() {
         let p = Path::new("/x");
-        assert_eq!(judge_disk("media", p, 100 << 20, 10 << 30).status, Status::Fail);
-        assert_eq!(judge_disk("media", p, 1 << 30, 20 << 30).status, Status::Warn);
-        assert_eq!(judge_disk("media", p, 5 << 30, 20 << 30).status, Status::Pass);
+        assert_eq!(
+            judge_disk("media", p, 100 << 20, 10 << 30).status,
+            Status::Fail
+        );
+        assert_eq!(
+            judge_disk("media", p, 1 << 30, 20 << 30).status,
+            Status::Warn
+        );
+        assert_eq!(
+            judge_disk("media", p, 5 << 30, 20 << 30).status,
+            Status::Pass
+        );
     }
 
     #[test]
     fn http_dates_parse() {
-        assert_eq!(
-            parse_http_date("Thu, 01 Jan 1970 00:01:00 GMT"),
-            Some(60)
-        );
+        assert_eq!(parse_http_date("Thu, 01 Jan 1970 00:01:00 GMT"), Some(60));
         assert_eq!(parse_http_date("yesterday"), None);
     }
 }

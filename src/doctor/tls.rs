@@ -93,7 +93,13 @@ async fn one(ctx: &Ctx<'_>, name: &str) -> Check {
     let port = ctx.net.https_port;
     let chain = match ctx.net.chain(name, port).await {
         Ok(c) if !c.is_empty() => c,
-        Ok(_) => return Check::fail(id, format!("{name}:{port} presented no certificate"), "see `homelab-matrix status` for the certificate state"),
+        Ok(_) => {
+            return Check::fail(
+                id,
+                format!("{name}:{port} presented no certificate"),
+                "see `homelab-matrix status` for the certificate state",
+            );
+        }
         Err(e) => {
             return Check::fail(
                 id,
@@ -116,14 +122,19 @@ async fn one(ctx: &Ctx<'_>, name: &str) -> Check {
         "acme" => format!(
             "see the ACME error in `homelab-matrix status`; {name} must resolve to this host and port 80 or 443 be reachable from the internet"
         ),
-        _ => "restart homelab-matrix: it issues internal-CA certificates for every served name".into(),
+        _ => "restart homelab-matrix: it issues internal-CA certificates for every served name"
+            .into(),
     };
     if !l.names.iter().any(|n| name_matches(n, name)) {
         return Check::fail(
             id,
             format!(
                 "the certificate is for {}, not {name} (issuer {})",
-                if l.names.is_empty() { "no DNS name".into() } else { l.names.join(", ") },
+                if l.names.is_empty() {
+                    "no DNS name".into()
+                } else {
+                    l.names.join(", ")
+                },
                 l.issuer
             ),
             fix_source,
@@ -132,9 +143,9 @@ async fn one(ctx: &Ctx<'_>, name: &str) -> Check {
     let seen = format!("issuer {}, {days} days left, {state}", l.issuer);
     match verify(&ctx.net.system, &chain, name) {
         Ok(()) if days < WARN_DAYS && last_error.is_some() => {
-            return Check::warn(id, seen, last_error.unwrap_or_default());
+            Check::warn(id, seen, last_error.unwrap_or_default())
         }
-        Ok(()) => return Check::pass(id, seen),
+        Ok(()) => Check::pass(id, seen),
         Err(e) => {
             let by_internal = ctx
                 .net
@@ -161,7 +172,11 @@ async fn one(ctx: &Ctx<'_>, name: &str) -> Check {
                 ),
                 None => Check::fail(
                     id,
-                    format!("{seen}; {} (checked against {})", why(&e), super::net::SYSTEM_ROOTS),
+                    format!(
+                        "{seen}; {} (checked against {})",
+                        why(&e),
+                        super::net::SYSTEM_ROOTS
+                    ),
                     fix_source,
                 ),
             }
@@ -190,12 +205,17 @@ pub async fn turn(ctx: &Ctx<'_>) -> Check {
         ),
         (Ok(_), Ok(_)) => Check::fail(
             "turn-tls",
-            format!("{host}:{port} presents another certificate than {host}:{} (stale after a renewal?)", ctx.net.https_port),
+            format!(
+                "{host}:{port} presents another certificate than {host}:{} (stale after a renewal?)",
+                ctx.net.https_port
+            ),
             "run `homelab-matrix reload`: it exports the current certificate to coturn",
         ),
         (Err(e), Ok(_)) => Check::warn(
             "turn-tls",
-            format!("{host}:{port} answers; the front door's certificate for {host} could not be fetched to compare: {e:#}"),
+            format!(
+                "{host}:{port} answers; the front door's certificate for {host} could not be fetched to compare: {e:#}"
+            ),
             "",
         ),
     }
