@@ -76,9 +76,9 @@ pub struct DoctorArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
-    /// Run only this family of checks (tls, turn-tls, turn, delegation-server, delegation-client,
-    /// federation-in, federation-out, synapse, postgres, disk, clock, element) or one check
-    /// (e.g. tls:matrix.example.org).
+    /// Run only this family of checks (dns, tls, turn-tls, turn, delegation-server,
+    /// delegation-client, federation-in, federation-out, synapse, postgres, disk, clock,
+    /// element) or one check (e.g. tls:matrix.example.org, dns:matrix.example.org).
     #[arg(long, value_name = "NAME")]
     pub only: Option<String>,
     /// The remote server for the outbound federation check and the clock estimate.
@@ -312,7 +312,7 @@ async fn doctor(cfg: &Config, args: DoctorArgs) -> i32 {
         && !crate::doctor::valid_only(cfg, o)
     {
         eprintln!(
-            "--only {o:?}: not a check; use one of {} or tls:<served name>",
+            "--only {o:?}: not a check; use one of {}, or tls:<served name> or dns:<served name>",
             crate::doctor::FAMILIES.join(", ")
         );
         return 2;

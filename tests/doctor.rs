@@ -108,7 +108,12 @@ fn a_correct_appliance_passes_and_each_break_is_caught_with_its_fix() {
     );
     assert!(line(&text, "postgres").contains("collation C"), "{text}");
     // This machine has no internet: said as such, a warning, not a failure.
-    for name in ["federation-out", "clock"] {
+    for name in [
+        "federation-out",
+        "clock",
+        "dns:matrix.test",
+        "dns:turn.matrix.test",
+    ] {
         assert_mark(&text, name, "⚠️");
         assert!(line(&text, name).contains("no internet"), "{text}");
     }
@@ -232,7 +237,7 @@ fn a_correct_appliance_passes_and_each_break_is_caught_with_its_fix() {
 }
 
 #[test]
-fn a_certificate_for_another_name_fails_with_the_fix() {
+fn a_name_resolving_elsewhere_and_a_certificate_for_another_name_fail_with_their_fix() {
     if !require_appliance() {
         return;
     }
@@ -244,11 +249,29 @@ fn a_certificate_for_another_name_fails_with_the_fix() {
     fs::create_dir_all(&d).unwrap();
     fs::write(d.join("fullchain.pem"), cert).unwrap();
     fs::write(d.join("privkey.pem"), key).unwrap();
+    // The public address known without STUN, so that DNS can be judged.
+    *lab.turn_extra.borrow_mut() = "external_ip = \"127.0.0.1\"\n".into();
     lab.write_config(&format!(
         "[tls]\nmode = \"files\"\nfiles_dir = \"{}\"\n",
         files.display()
     ));
     let _run = lab.start();
+
+    // A name resolving elsewhere is caught by its DNS check, which says where.
+    let (code, text) = doctor(&lab, &["--only", "dns"], &["element.matrix.test=127.0.0.2"]);
+    eprintln!("{text}");
+    assert_eq!(code, Some(1), "{text}");
+    assert_mark(&text, "dns:matrix.test", "✅");
+    let l = line(&text, "dns:element.matrix.test");
+    assert!(
+        l.starts_with("❌") && l.contains("127.0.0.2, not this host's public address 127.0.0.1"),
+        "{text}"
+    );
+    assert!(
+        l.contains("point the A record of element.matrix.test at 127.0.0.1"),
+        "{text}"
+    );
+
     let (code, text) = doctor(&lab, &["--only", "tls"], &[]);
     eprintln!("{text}");
     assert_eq!(code, Some(1), "{text}");

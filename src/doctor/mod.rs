@@ -12,6 +12,7 @@ use serde_json::Value;
 use crate::config::Config;
 
 mod delegation;
+mod dns;
 mod federation;
 mod net;
 mod services;
@@ -87,6 +88,7 @@ impl Check {
 
 /// The families, in the order they run and print.
 pub const FAMILIES: &[&str] = &[
+    "dns",
     "tls",
     "turn-tls",
     "turn",
@@ -165,10 +167,15 @@ impl Report {
 
 /// Is `only` a family or the name of a check that a run could produce? (Usage errors exit 2.)
 pub fn valid_only(cfg: &Config, only: &str) -> bool {
-    FAMILIES.contains(&only)
-        || only
-            .strip_prefix("tls:")
+    let per_name = |prefix: &str| {
+        only.strip_prefix(prefix)
             .is_some_and(|n| cfg.served_names().iter().any(|s| s == n))
+    };
+    FAMILIES.contains(&only)
+        || per_name("tls:")
+        || per_name("dns:")
+        || only == "disk:media"
+        || only == "disk:database"
 }
 
 /// What every check may use: the config, the network view and the running service's status.
@@ -202,6 +209,7 @@ pub async fn run(cfg: &Config, opts: &Options) -> Report {
             continue;
         }
         let got = match *family {
+            "dns" => dns::check(&ctx).await,
             "tls" => tls::check(&ctx).await,
             "turn-tls" if cfg.turn.enabled => vec![tls::turn(&ctx).await],
             "turn-tls" => vec![],
