@@ -76,7 +76,7 @@ pub struct DoctorArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
-    /// Run only this family of checks (dns, tls, turn-tls, turn, delegation-server,
+    /// Run only this family of checks (dns, ports, tls, turn-tls, turn, delegation-server,
     /// delegation-client, federation-in, federation-out, synapse, postgres, disk, clock,
     /// element) or one check (e.g. tls:matrix.example.org, dns:matrix.example.org).
     #[arg(long, value_name = "NAME")]

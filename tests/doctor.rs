@@ -113,6 +113,7 @@ fn a_correct_appliance_passes_and_each_break_is_caught_with_its_fix() {
         "clock",
         "dns:matrix.test",
         "dns:turn.matrix.test",
+        "ports",
     ] {
         assert_mark(&text, name, "⚠️");
         assert!(line(&text, name).contains("no internet"), "{text}");
@@ -256,6 +257,17 @@ fn a_name_resolving_elsewhere_and_a_certificate_for_another_name_fail_with_their
         files.display()
     ));
     let _run = lab.start();
+
+    // With the public address known (and this host's own), every port answers there.
+    let (code, text) = doctor(&lab, &["--only", "ports"], &[]);
+    eprintln!("{text}");
+    assert_eq!(code, Some(0), "{text}");
+    let l = line(&text, "ports");
+    assert!(l.starts_with("✅"), "{text}");
+    for p in [lab.https_port, lab.federation_port, lab.turn_tls_port] {
+        assert!(l.contains(&format!("{p}/tcp")), "{p}: {text}");
+    }
+    assert!(l.contains(&format!("{}/udp (TURN)", lab.turn_port)), "{text}");
 
     // A name resolving elsewhere is caught by its DNS check, which says where.
     let (code, text) = doctor(&lab, &["--only", "dns"], &["element.matrix.test=127.0.0.2"]);

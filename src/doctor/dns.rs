@@ -9,7 +9,7 @@ use std::time::Duration;
 use super::{Check, Ctx};
 
 /// This host's public address, or why it is unknown.
-async fn public_address(ctx: &Ctx<'_>) -> Result<(IpAddr, String), String> {
+pub async fn public_address(ctx: &Ctx<'_>) -> Result<(IpAddr, String), String> {
     let t = &ctx.cfg.turn;
     if t.external_ip != "auto" {
         return t
@@ -27,8 +27,7 @@ async fn public_address(ctx: &Ctx<'_>) -> Result<(IpAddr, String), String> {
     }
 }
 
-pub async fn check(ctx: &Ctx<'_>) -> Vec<Check> {
-    let public = public_address(ctx).await;
+pub async fn check(ctx: &Ctx<'_>, public: &Result<(IpAddr, String), String>) -> Vec<Check> {
     let mut out = vec![];
     for name in ctx.cfg.served_names() {
         let id = format!("dns:{name}");
@@ -38,7 +37,7 @@ pub async fn check(ctx: &Ctx<'_>) -> Vec<Check> {
                 out.push(Check::fail(
                     id,
                     format!("{e:#}"),
-                    match &public {
+                    match public {
                         Ok((ip, _)) => format!("create an A (or AAAA) record for {name} pointing at {ip}"),
                         Err(_) => format!("create an A (and AAAA) record for {name} pointing at this host's public address"),
                     },
@@ -51,7 +50,7 @@ pub async fn check(ctx: &Ctx<'_>) -> Vec<Check> {
             .map(IpAddr::to_string)
             .collect::<Vec<_>>()
             .join(", ");
-        out.push(match &public {
+        out.push(match public {
             Ok((ip, how)) if addrs.contains(ip) => Check::pass(
                 id,
                 format!("{name} → {list}: this host's public address ({how})"),

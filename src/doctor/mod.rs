@@ -15,6 +15,7 @@ mod delegation;
 mod dns;
 mod federation;
 mod net;
+mod ports;
 mod services;
 mod tls;
 mod turn;
@@ -89,6 +90,7 @@ impl Check {
 /// The families, in the order they run and print.
 pub const FAMILIES: &[&str] = &[
     "dns",
+    "ports",
     "tls",
     "turn-tls",
     "turn",
@@ -203,13 +205,20 @@ pub async fn run(cfg: &Config, opts: &Options) -> Report {
         None => true,
         Some(o) => o == family || o.split(':').next() == Some(family),
     };
+    // The public address, learned once for dns and ports (a STUN round trip).
+    let public = if wanted("dns") || wanted("ports") {
+        dns::public_address(&ctx).await
+    } else {
+        Err(String::new())
+    };
     let mut checks = vec![];
     for family in FAMILIES {
         if !wanted(family) {
             continue;
         }
         let got = match *family {
-            "dns" => dns::check(&ctx).await,
+            "dns" => dns::check(&ctx, &public).await,
+            "ports" => vec![ports::check(&ctx, &public).await],
             "tls" => tls::check(&ctx).await,
             "turn-tls" if cfg.turn.enabled => vec![tls::turn(&ctx).await],
             "turn-tls" => vec![],

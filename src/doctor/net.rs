@@ -38,7 +38,7 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn port_of(listen: &str, default: u16) -> u16 {
+pub fn port_of(listen: &str, default: u16) -> u16 {
     listen
         .parse::<SocketAddr>()
         .map(|a| a.port())
