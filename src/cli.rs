@@ -323,6 +323,11 @@ async fn doctor(cfg: &Config, args: DoctorArgs) -> i32 {
         remote: args.remote,
     };
     let report = crate::doctor::run(cfg, &opts).await;
+    if opts.only.is_none()
+        && let Err(e) = crate::doctor::save(cfg, &report)
+    {
+        eprintln!("warning: the report is not kept for `status`: {e:#}");
+    }
     if args.json {
         match serde_json::to_string_pretty(&report) {
             Ok(j) => println!("{j}"),
@@ -353,7 +358,16 @@ async fn reload(cfg: &Config) -> Result<()> {
 }
 
 async fn status(cfg: &Config, json: bool) -> Result<()> {
-    let v = control::request(&cfg.control_socket(), "status").await?;
+    let mut v = control::request(&cfg.control_socket(), "status").await?;
+    let doctor = crate::doctor::load_last(cfg);
+    if let Some(d) = &doctor {
+        v["doctor"] = serde_json::json!({
+            "ran_at": d.ran_at,
+            "summary": d.summary(),
+            "failed": d.checks.iter().filter(|c| c.status == crate::doctor::Status::Fail)
+                .map(|c| c.name.clone()).collect::<Vec<_>>(),
+        });
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -451,6 +465,31 @@ async fn status(cfg: &Config, json: bool) -> Result<()> {
     println!();
     if let Some(e) = bot["last_error"].as_str() {
         println!("    last error: {e}");
+    }
+    println!();
+    match &doctor {
+        Some(d) => {
+            let failing: Vec<&str> = d
+                .checks
+                .iter()
+                .filter(|c| c.status == crate::doctor::Status::Fail)
+                .map(|c| c.name.as_str())
+                .collect();
+            println!(
+                "DOCTOR: last run {} ago: {}{}",
+                human_duration(Duration::from_secs(now.saturating_sub(d.ran_at))),
+                d.summary(),
+                if failing.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " ({}; `homelab-matrix doctor` says how to fix)",
+                        failing.join(", ")
+                    )
+                }
+            );
+        }
+        None => println!("DOCTOR: never run; `homelab-matrix doctor` checks the whole path"),
     }
     for p in v["problems"].as_array().into_iter().flatten() {
         println!(

@@ -119,6 +119,14 @@ fn a_correct_appliance_passes_and_each_break_is_caught_with_its_fix() {
         assert!(line(&text, name).contains("no internet"), "{text}");
     }
     assert_eq!(code, Some(0), "{text}");
+    // `status` shows the last full run and when it ran.
+    let st = lab.ok(&["status"]);
+    assert!(
+        st.contains("DOCTOR: last run 0s ago:") && st.contains(" 0 failed"),
+        "{st}"
+    );
+    let summary = lab.status()["doctor"]["summary"].clone();
+    assert!(summary.as_str().unwrap().ends_with("0 failed"), "{summary}");
 
     // --json parses and has the same checks; --only runs one family; usage errors exit 2.
     let (code, json) = doctor(&lab, &["--json", "--only", "tls"], &[]);
@@ -235,6 +243,8 @@ fn a_correct_appliance_passes_and_each_break_is_caught_with_its_fix() {
         l.contains("static-auth-secret and Synapse's turn_shared_secret differ"),
         "{text}"
     );
+    // --only runs are not the whole picture: `status` still shows the last full run.
+    assert_eq!(lab.status()["doctor"]["summary"], summary);
 }
 
 #[test]
@@ -267,7 +277,10 @@ fn a_name_resolving_elsewhere_and_a_certificate_for_another_name_fail_with_their
     for p in [lab.https_port, lab.federation_port, lab.turn_tls_port] {
         assert!(l.contains(&format!("{p}/tcp")), "{p}: {text}");
     }
-    assert!(l.contains(&format!("{}/udp (TURN)", lab.turn_port)), "{text}");
+    assert!(
+        l.contains(&format!("{}/udp (TURN)", lab.turn_port)),
+        "{text}"
+    );
 
     // A name resolving elsewhere is caught by its DNS check, which says where.
     let (code, text) = doctor(&lab, &["--only", "dns"], &["element.matrix.test=127.0.0.2"]);

@@ -6,7 +6,7 @@
 use std::net::IpAddr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::config::Config;
@@ -25,7 +25,7 @@ pub use net::Net;
 /// The remote server the outbound federation check asks Synapse about by default.
 pub const DEFAULT_REMOTE: &str = "matrix.org";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     Pass,
@@ -45,7 +45,7 @@ impl Status {
 }
 
 /// One line of the report.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Check {
     /// `family` or `family:subject` (e.g. `tls:matrix.example.org`); `--only` takes either.
     pub name: String,
@@ -116,7 +116,7 @@ pub struct Options {
     pub remote: String,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     /// Unix seconds.
     pub ran_at: u64,
@@ -136,6 +136,23 @@ impl Report {
         if self.failed() > 0 { 1 } else { 0 }
     }
 
+    pub fn warned(&self) -> usize {
+        self.checks
+            .iter()
+            .filter(|c| c.status == Status::Warn)
+            .count()
+    }
+
+    /// "12 passed, 3 warnings, 1 failed".
+    pub fn summary(&self) -> String {
+        format!(
+            "{} passed, {} warnings, {} failed",
+            self.checks.len() - self.warned() - self.failed(),
+            self.warned(),
+            self.failed()
+        )
+    }
+
     /// One line per check: mark, name, what was seen; the fix on the next line.
     pub fn render(&self) -> String {
         let width = self.checks.iter().map(|c| c.name.len()).max().unwrap_or(0);
@@ -151,17 +168,10 @@ impl Report {
                 out.push_str(&format!("   {:<width$}  fix: {f}\n", ""));
             }
         }
-        let warned = self
-            .checks
-            .iter()
-            .filter(|c| c.status == Status::Warn)
-            .count();
         out.push_str(&format!(
-            "{} checks: {} passed, {} warnings, {} failed\n",
+            "{} checks: {}\n",
             self.checks.len(),
-            self.checks.len() - warned - self.failed(),
-            warned,
-            self.failed()
+            self.summary()
         ));
         out
     }
@@ -247,6 +257,79 @@ pub async fn run(cfg: &Config, opts: &Options) -> Report {
     }
 }
 
+/// The last full run's report, kept for `status`: `<state>/doctor-last.json`.
+pub const LAST_FILE: &str = "doctor-last.json";
+
+/// Keeps a full run's report for `status` (a `--only` run is not the whole picture).
+pub fn save(cfg: &Config, report: &Report) -> anyhow::Result<()> {
+    let json = serde_json::to_vec_pretty(report)?;
+    crate::fsutil::write_atomic(
+        &cfg.state_dir().join(LAST_FILE),
+        &json,
+        crate::fsutil::Owner::root(),
+        0o600,
+    )
+}
+
+pub fn load_last(cfg: &Config) -> Option<Report> {
+    let text = std::fs::read(cfg.state_dir().join(LAST_FILE)).ok()?;
+    serde_json::from_slice(&text).ok()
+}
+
+/// Alert key prefix of a failing doctor check (src/alerts.rs).
+pub const ALERT: &str = "doctor:";
+
+/// Raises an alert for each failing check and clears it once the check passes again; the
+/// registry tells the admins only when a problem is new (alerts::Alerts::raise).
+pub fn raise_alerts(alerts: &crate::alerts::Alerts, report: &Report) {
+    for c in &report.checks {
+        let key = format!("{ALERT}{}", c.name);
+        if c.status == Status::Fail {
+            alerts.raise(
+                &key,
+                format!(
+                    "The daily `homelab-matrix doctor` finds {} failing: {}. Fix: {}",
+                    c.name,
+                    c.seen,
+                    c.fix.as_deref().unwrap_or("see `homelab-matrix doctor`")
+                ),
+            );
+        } else {
+            alerts.clear(&key);
+        }
+    }
+}
+
+/// The service's daily run (DESIGN.md §5): first an hour after the start, so that a fresh
+/// install's ACME has had its chance, then every day; the report is kept for `status`.
+pub async fn daily(
+    cfg: Config,
+    alerts: crate::alerts::Alerts,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    const FIRST: std::time::Duration = std::time::Duration::from_secs(3600);
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(86_400);
+    let mut wait = FIRST;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.changed() => return,
+        }
+        let opts = Options {
+            only: None,
+            resolve: vec![],
+            remote: DEFAULT_REMOTE.into(),
+        };
+        let report = run(&cfg, &opts).await;
+        tracing::info!(summary = %report.summary(), "daily doctor run");
+        if let Err(e) = save(&cfg, &report) {
+            tracing::warn!("keeping the doctor's report: {e:#}");
+        }
+        raise_alerts(&alerts, &report);
+        wait = EVERY;
+    }
+}
+
 pub fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -308,5 +391,22 @@ mod tests {
         assert!(text.contains("❌ synapse"), "{text}");
         assert!(text.contains("fix: start it"), "{text}");
         assert!(text.contains("1 passed, 1 warnings, 1 failed"), "{text}");
+    }
+
+    #[test]
+    fn a_failing_check_raises_an_alert_until_it_passes() {
+        let alerts = crate::alerts::Alerts::new();
+        let mut r = Report {
+            ran_at: 0,
+            checks: vec![Check::fail("synapse", "not answering", "start it")],
+        };
+        raise_alerts(&alerts, &r);
+        let open = alerts.active();
+        assert_eq!(open.len(), 1);
+        assert_eq!(open[0].key, "doctor:synapse");
+        assert!(open[0].message.contains("Fix: start it"), "{open:?}");
+        r.checks[0] = Check::pass("synapse", "answers");
+        raise_alerts(&alerts, &r);
+        assert!(alerts.active().is_empty());
     }
 }
