@@ -153,6 +153,23 @@ impl Report {
         )
     }
 
+    /// The same report for a chat message (the bot's `doctor`): one list item per check.
+    pub fn markdown(&self) -> String {
+        let mut md = format!("**doctor: {}**\n", self.summary());
+        for c in &self.checks {
+            md.push_str(&format!(
+                "\n- {} `{}`: {}",
+                c.status.mark(),
+                c.name,
+                c.seen.replace('`', "'")
+            ));
+            if let Some(f) = &c.fix {
+                md.push_str(&format!("\n  fix: {f}"));
+            }
+        }
+        md
+    }
+
     /// One line per check: mark, name, what was seen; the fix on the next line.
     pub fn render(&self) -> String {
         let width = self.checks.iter().map(|c| c.name.len()).max().unwrap_or(0);
@@ -391,6 +408,15 @@ mod tests {
         assert!(text.contains("❌ synapse"), "{text}");
         assert!(text.contains("fix: start it"), "{text}");
         assert!(text.contains("1 passed, 1 warnings, 1 failed"), "{text}");
+        let md = r.markdown();
+        assert!(
+            md.starts_with("**doctor: 1 passed, 1 warnings, 1 failed**"),
+            "{md}"
+        );
+        assert!(
+            md.contains("\n- ❌ `synapse`: not answering\n  fix: start it"),
+            "{md}"
+        );
     }
 
     #[test]
