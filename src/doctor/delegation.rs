@@ -60,7 +60,12 @@ pub async fn discover(ctx: &Ctx<'_>) -> Result<Target, (String, Option<Target>)>
     };
     let resp = match ctx.net.http().get(&url).send().await {
         Ok(r) => r,
-        Err(e) => return Err((format!("GET {url} failed: {e}"), Some(fallback))),
+        Err(e) => {
+            return Err((
+                format!("GET {url} failed: {}", error_chain(&e)),
+                Some(fallback),
+            ));
+        }
     };
     let status = resp.status();
     if status == reqwest::StatusCode::NOT_FOUND {
