@@ -216,22 +216,17 @@ pub async fn client(ctx: &Ctx<'_>) -> Check {
         );
     };
     let versions = format!("{}/_matrix/client/versions", base.trim_end_matches('/'));
-    let answer = match ctx.net.http().get(&versions).send().await {
-        Ok(r) if r.status().is_success() => r.json::<Value>().await.ok(),
-        Ok(r) => {
-            return Check::fail(
-                NAME,
-                format!("base_url {base}: {versions} answered {}", r.status()),
-                "see `homelab-matrix status`: Synapse must be running behind the front door",
-            );
-        }
-        Err(e) => {
-            return Check::fail(
-                NAME,
-                format!("base_url {base} does not answer: {}", error_chain(&e)),
-                format!("{base} must resolve to this host and port 443 be reachable"),
-            );
-        }
+    let answer = match super::net::get_json(
+        ctx.net.http().get(&versions),
+        NAME,
+        &format!("base_url {base}: {versions}"),
+        "see `homelab-matrix status`: Synapse must be running behind the front door",
+        &format!("{base} must resolve to this host and port 443 be reachable"),
+    )
+    .await
+    {
+        Ok(v) => Some(v),
+        Err(c) => return c,
     };
     let newest = answer.as_ref().and_then(|v| {
         v["versions"]

@@ -10,7 +10,8 @@ use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
 use serde_json::Value;
 use tokio::net::TcpStream;
 
-use super::delegation::{discover, error_chain};
+use super::delegation::discover;
+use super::net::get_json;
 use super::{Check, Ctx, base64_decode, now_secs};
 use crate::synapse::Layout;
 
@@ -91,15 +92,17 @@ pub async fn inbound(ctx: &Ctx<'_>) -> Check {
     let fix = format!(
         "remote servers cannot verify {sn}: fix the delegation-server and tls checks first; see `homelab-matrix status` for Synapse"
     );
-    let doc: Value = match ctx.net.http().get(&url).send().await {
-        Ok(r) if r.status().is_success() => match r.json().await {
-            Ok(v) => v,
-            Err(e) => return Check::fail(NAME, format!("{url} is not JSON: {e}"), fix),
-        },
-        Ok(r) => return Check::fail(NAME, format!("GET {url} answered {}", r.status()), fix),
-        Err(e) => {
-            return Check::fail(NAME, format!("GET {url} failed: {}", error_chain(&e)), fix);
-        }
+    let doc = match get_json(
+        ctx.net.http().get(&url),
+        NAME,
+        &format!("GET {url}"),
+        &fix,
+        &fix,
+    )
+    .await
+    {
+        Ok(v) => v,
+        Err(c) => return c,
     };
     if doc["server_name"] != sn.as_str() {
         return Check::fail(
@@ -183,29 +186,17 @@ pub async fn outbound(ctx: &Ctx<'_>) -> Check {
         "{}/_matrix/key/v2/query/{remote}",
         ctx.cfg.synapse_local_url()
     );
-    let resp = ctx
-        .net
-        .http()
-        .get(&url)
-        .timeout(Duration::from_secs(60))
-        .send()
-        .await;
-    let doc: Value = match resp {
-        Ok(r) if r.status().is_success() => r.json().await.unwrap_or(Value::Null),
-        Ok(r) => {
-            return Check::fail(
-                NAME,
-                format!("Synapse's key query for {remote} answered {}", r.status()),
-                "see Synapse's log (`journalctl -u homelab-matrix`)",
-            );
-        }
-        Err(e) => {
-            return Check::fail(
-                NAME,
-                format!("Synapse did not answer the key query: {}", error_chain(&e)),
-                "see `homelab-matrix status`: Synapse must be running",
-            );
-        }
+    let doc = match get_json(
+        ctx.net.http().get(&url).timeout(Duration::from_secs(60)),
+        NAME,
+        &format!("Synapse's key query for {remote}"),
+        "see Synapse's log (`journalctl -u homelab-matrix`)",
+        "see `homelab-matrix status`: Synapse must be running",
+    )
+    .await
+    {
+        Ok(v) => v,
+        Err(c) => return c,
     };
     let keys: Vec<&Value> = doc["server_keys"]
         .as_array()

@@ -233,6 +233,33 @@ pub fn why(e: &rustls::Error) -> String {
     }
 }
 
+/// Sends a request whose answer must be 2xx JSON. Err: the failed check, saying that `what`
+/// answered another status (fix `on_status`) or did not answer at all (fix `on_error`).
+pub async fn get_json(
+    req: reqwest::RequestBuilder,
+    name: &str,
+    what: &str,
+    on_status: &str,
+    on_error: &str,
+) -> Result<serde_json::Value, super::Check> {
+    match req.send().await {
+        Ok(r) if r.status().is_success() => Ok(r.json().await.unwrap_or(serde_json::Value::Null)),
+        Ok(r) => Err(super::Check::fail(
+            name,
+            format!("{what} answered {}", r.status()),
+            on_status,
+        )),
+        Err(e) => Err(super::Check::fail(
+            name,
+            format!(
+                "{what} does not answer: {}",
+                super::delegation::error_chain(&e)
+            ),
+            on_error,
+        )),
+    }
+}
+
 /// Is this a "cannot reach the internet" kind of error (DNS or connect failure, timeout)?
 pub fn offline(e: &reqwest::Error) -> bool {
     e.is_connect() || e.is_timeout()

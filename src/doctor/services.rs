@@ -4,7 +4,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde_json::Value;
 
 use super::delegation::error_chain;
 use super::{Check, Ctx, now_secs};
@@ -44,32 +43,24 @@ pub async fn synapse(ctx: &Ctx<'_>) -> Check {
             )
         })
         .unwrap_or_else(|| "homelab-matrix is not running".into());
-    match ctx.net.http().get(&url).send().await {
-        Ok(r) if r.status().is_success() => {
-            let v: Value = r.json().await.unwrap_or(Value::Null);
-            Check::pass(
-                NAME,
-                format!(
-                    "Synapse {} answers on {} ({state})",
-                    v["server_version"].as_str().unwrap_or("?"),
-                    ctx.cfg.synapse_local_url()
-                ),
-            )
-        }
-        Ok(r) => Check::fail(
-            NAME,
-            format!("{url} answered {} ({state})", r.status()),
-            "see Synapse's log: `journalctl -u homelab-matrix`",
-        ),
-        Err(e) => Check::fail(
+    match super::net::get_json(
+        ctx.net.http().get(&url),
+        NAME,
+        &format!("Synapse ({state}) at {url}"),
+        "see Synapse's log: `journalctl -u homelab-matrix`",
+        "see `homelab-matrix status` and Synapse's log (`journalctl -u homelab-matrix`); `systemctl restart homelab-matrix` once the cause is fixed",
+    )
+    .await
+    {
+        Ok(v) => Check::pass(
             NAME,
             format!(
-                "Synapse does not answer on {}: {} ({state})",
-                ctx.cfg.synapse_local_url(),
-                error_chain(&e)
+                "Synapse {} answers on {} ({state})",
+                v["server_version"].as_str().unwrap_or("?"),
+                ctx.cfg.synapse_local_url()
             ),
-            "see `homelab-matrix status` and Synapse's log (`journalctl -u homelab-matrix`); `systemctl restart homelab-matrix` once the cause is fixed",
         ),
+        Err(c) => c,
     }
 }
 

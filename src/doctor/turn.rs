@@ -13,7 +13,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use serde_json::Value;
 use tokio::net::UdpSocket;
 
-use super::delegation::error_chain;
+use super::net::get_json;
 use super::{Check, Ctx};
 use crate::secrets::Secrets;
 use crate::synapse::admin::{SERVICE_TOKEN_FILE, Synapse};
@@ -262,29 +262,17 @@ pub async fn check(ctx: &Ctx<'_>) -> Check {
         "{}/_matrix/client/v3/voip/turnServer",
         crate::config::https_url(&cfg.hosts.matrix, ctx.net.https_port)
     );
-    let creds: Value = match ctx
-        .net
-        .http()
-        .get(&url)
-        .bearer_auth(token.expose())
-        .send()
-        .await
+    let creds = match get_json(
+        ctx.net.http().get(&url).bearer_auth(token.expose()),
+        NAME,
+        &format!("GET {url}"),
+        "Synapse hands out no TURN credentials: see `homelab-matrix status` and Synapse's log",
+        "fix the delegation-client check first",
+    )
+    .await
     {
-        Ok(r) if r.status().is_success() => r.json().await.unwrap_or(Value::Null),
-        Ok(r) => {
-            return Check::fail(
-                NAME,
-                format!("{url} answered {}", r.status()),
-                "Synapse hands out no TURN credentials: see `homelab-matrix status` and Synapse's log",
-            );
-        }
-        Err(e) => {
-            return Check::fail(
-                NAME,
-                format!("GET {url}: {}", error_chain(&e)),
-                "fix the delegation-client check first",
-            );
-        }
+        Ok(v) => v,
+        Err(c) => return c,
     };
     let (Some(user), Some(password), Some((host, port))) = (
         creds["username"].as_str(),
