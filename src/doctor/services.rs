@@ -4,7 +4,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-
 use super::delegation::error_chain;
 use super::{Check, Ctx, now_secs};
 use crate::secrets::{Kind, Secrets};
