@@ -2,7 +2,8 @@
 //! registration bot reads them and tells the admins in a DM (DESIGN.md §9).
 //!
 //! A foundation module: it knows nothing of Matrix, certificates or children. Keys name the
-//! problem and its kind: `certificate:<name>`, `crash-loop:<child>`, `element-update`.
+//! problem and its kind: `certificate:<name>`, `crash-loop:<child>`, `element-update`,
+//! `doctor:<check>` (a check of the daily doctor run that fails).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};

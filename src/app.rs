@@ -172,6 +172,11 @@ pub async fn run(config_path: &Path) -> Result<(), RunError> {
     }
     *app.phase.lock().unwrap() = "ready";
     notify("READY=1\nSTATUS=Synapse is ready");
+    tokio::spawn(crate::doctor::daily(
+        app.cfg.clone(),
+        app.alerts.clone(),
+        stop_rx.clone(),
+    ));
     tracing::info!(
         url = %app.base_url(&app.cfg.hosts.matrix),
         ca_root = %app.ca.root_path.display(),

@@ -50,6 +50,10 @@ pub enum Cmd {
     Reload,
     /// Create or check PostgreSQL's role and database for Synapse now (run does it at every start).
     ProvisionDb,
+    /// Check the appliance from the outside in (certificates, delegation, federation, Synapse,
+    /// PostgreSQL, disk, clock, Element): one line per check with what was seen and the fix;
+    /// exit 0 when none fails (warnings allowed), 1 when one fails.
+    Doctor(DoctorArgs),
     /// Manage Matrix users.
     #[command(subcommand)]
     User(UserCmd),
@@ -65,6 +69,24 @@ pub enum Cmd {
     /// Packaging: write the man pages and shell completions into DIR.
     #[command(hide = true)]
     GenerateAssets { dir: PathBuf },
+}
+
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Run only this family of checks (dns, ports, tls, turn-tls, turn, delegation-server,
+    /// delegation-client, federation-in, federation-out, synapse, postgres, disk, clock,
+    /// element) or one check (e.g. tls:matrix.example.org, dns:matrix.example.org).
+    #[arg(long, value_name = "NAME")]
+    pub only: Option<String>,
+    /// The remote server for the outbound federation check and the clock estimate.
+    #[arg(long, default_value = crate::doctor::DEFAULT_REMOTE)]
+    pub remote: String,
+    /// Tests: resolve NAME to ADDR instead of asking DNS (like curl --resolve).
+    #[arg(long, value_name = "NAME=ADDR", hide = true)]
+    pub resolve: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -165,6 +187,10 @@ async fn dispatch(cli: Cli) -> i32 {
                 .await
                 .map(|m| println!("{m}"))
         }
+        Cmd::Doctor(args) => match Config::load(&path) {
+            Err(e) => return config_exit(e),
+            Ok(cfg) => return doctor(&cfg, args).await,
+        },
         cmd => match Config::load(&path) {
             Err(e) => return config_exit(e),
             Ok(cfg) => other(cmd, &cfg).await,
@@ -260,10 +286,60 @@ async fn other(cmd: Cmd, cfg: &Config) -> Result<()> {
                 }
             }
         }
-        Cmd::Run | Cmd::CheckConfig | Cmd::ProvisionDbHelper | Cmd::GenerateAssets { .. } => {
+        Cmd::Run
+        | Cmd::CheckConfig
+        | Cmd::ProvisionDbHelper
+        | Cmd::GenerateAssets { .. }
+        | Cmd::Doctor(_) => {
             unreachable!("handled in dispatch")
         }
     }
+}
+
+/// `doctor`: exit 0 all passed, 1 a check failed, 2 usage.
+async fn doctor(cfg: &Config, args: DoctorArgs) -> i32 {
+    let mut resolve = vec![];
+    for r in &args.resolve {
+        match r.split_once('=').map(|(n, a)| (n, a.parse())) {
+            Some((n, Ok(ip))) => resolve.push((n.to_string(), ip)),
+            _ => {
+                eprintln!("--resolve {r:?}: use NAME=ADDR, e.g. matrix.example.org=192.0.2.1");
+                return 2;
+            }
+        }
+    }
+    if let Some(o) = &args.only
+        && !crate::doctor::valid_only(cfg, o)
+    {
+        eprintln!(
+            "--only {o:?}: not a check; use one of {}, or tls:<served name> or dns:<served name>",
+            crate::doctor::FAMILIES.join(", ")
+        );
+        return 2;
+    }
+    let opts = crate::doctor::Options {
+        only: args.only,
+        resolve,
+        remote: args.remote,
+    };
+    let report = crate::doctor::run(cfg, &opts).await;
+    if opts.only.is_none()
+        && let Err(e) = crate::doctor::save(cfg, &report)
+    {
+        eprintln!("warning: the report is not kept for `status`: {e:#}");
+    }
+    if args.json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(j) => println!("{j}"),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return 1;
+            }
+        }
+    } else {
+        print!("{}", report.render());
+    }
+    report.exit_code()
 }
 
 /// Asks the running service to reload and prints its report (app::ReloadReport).
@@ -282,7 +358,16 @@ async fn reload(cfg: &Config) -> Result<()> {
 }
 
 async fn status(cfg: &Config, json: bool) -> Result<()> {
-    let v = control::request(&cfg.control_socket(), "status").await?;
+    let mut v = control::request(&cfg.control_socket(), "status").await?;
+    let doctor = crate::doctor::load_last(cfg);
+    if let Some(d) = &doctor {
+        v["doctor"] = serde_json::json!({
+            "ran_at": d.ran_at,
+            "summary": d.summary(),
+            "failed": d.checks.iter().filter(|c| c.status == crate::doctor::Status::Fail)
+                .map(|c| c.name.clone()).collect::<Vec<_>>(),
+        });
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -380,6 +465,31 @@ async fn status(cfg: &Config, json: bool) -> Result<()> {
     println!();
     if let Some(e) = bot["last_error"].as_str() {
         println!("    last error: {e}");
+    }
+    println!();
+    match &doctor {
+        Some(d) => {
+            let failing: Vec<&str> = d
+                .checks
+                .iter()
+                .filter(|c| c.status == crate::doctor::Status::Fail)
+                .map(|c| c.name.as_str())
+                .collect();
+            println!(
+                "DOCTOR: last run {} ago: {}{}",
+                human_duration(Duration::from_secs(now.saturating_sub(d.ran_at))),
+                d.summary(),
+                if failing.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " ({}; `homelab-matrix doctor` says how to fix)",
+                        failing.join(", ")
+                    )
+                }
+            );
+        }
+        None => println!("DOCTOR: never run; `homelab-matrix doctor` checks the whole path"),
     }
     for p in v["problems"].as_array().into_iter().flatten() {
         println!(

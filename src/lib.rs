@@ -13,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod coturn;
+pub mod doctor;
 pub mod element;
 pub mod fdlimit;
 pub mod fsutil;

@@ -443,6 +443,13 @@ fn registration_bot_end_to_end() {
             m.body.contains("`@newbie1:matrix.test`") && m.body.contains("`@eve:matrix.test`"),
             "{m:?}"
         );
+        // `doctor`: the same report as the CLI's (this lab's names do not resolve, so only
+        // what is behind the front door passes).
+        let m = alice.ask(&dm, &bot, "doctor").await;
+        assert!(
+            m.body.contains("doctor: ") && m.body.contains("✅ `synapse`: Synapse"),
+            "{m:?}"
+        );
         let m = alice.ask(&dm, &bot, "user newbie1").await;
         assert!(
             m.body.contains("`@newbie1:matrix.test`") && m.body.contains("In 0 rooms; 1 device"),
@@ -575,6 +582,8 @@ fn registration_bot_end_to_end() {
         assert!(m.body.contains("Only server admins"), "{m:?}");
         // ...and so are accounts.
         let m = friend.ask(&froom, &bot, "users").await;
+        assert!(m.body.contains("can manage accounts"), "{m:?}");
+        let m = friend.ask(&froom, &bot, "doctor").await;
         assert!(m.body.contains("can manage accounts"), "{m:?}");
 
         // A restart: the same device, and new messages in the encrypted DM still decrypt

@@ -50,6 +50,8 @@ pub enum Command {
     },
     /// Answers with a new password: only in an encrypted DM.
     ResetPassword(String),
+    /// Runs `homelab-matrix doctor` and answers with its report.
+    Doctor,
 }
 
 impl Command {
@@ -68,6 +70,7 @@ impl Command {
                 | Command::User(_)
                 | Command::Deactivate { .. }
                 | Command::ResetPassword(_)
+                | Command::Doctor
         )
     }
 }
@@ -102,6 +105,7 @@ pub const NAMES: &[&str] = &[
     "user",
     "deactivate",
     "reset-password",
+    "doctor",
 ];
 
 /// Parses a message body. `prefix` (config `bot.prefix`) must start it when it is not empty.
@@ -203,6 +207,10 @@ pub fn parse(body: &str, prefix: &str) -> Parsed {
                 _ => return usage(command, "name one user, like `@alice:example.com`".into()),
             }
         }
+        "doctor" => match args.as_slice() {
+            [] => Command::Doctor,
+            _ => return usage("doctor", "it takes nothing".into()),
+        },
         "deactivate" => match parse_deactivate(&args) {
             Ok(c) => c,
             Err(e) => return usage("deactivate", e),
@@ -395,7 +403,8 @@ pub fn help(prefix: &str, server_name: &str) -> Reply {
          - `{p}users`: this server's users\n\
          - `{p}user @user:server`: one user, their devices and rooms\n\
          - `{p}deactivate @user:server [erase] confirm`: deactivate for good; `erase` also hides their messages from people who join later\n\
-         - `{p}reset-password @user:server`: a new password for them, sent only in an encrypted DM; it logs their devices out"
+         - `{p}reset-password @user:server`: a new password for them, sent only in an encrypted DM; it logs their devices out\n\
+         - `{p}doctor`: check the whole server from the outside in (certificates, delegation, federation, TURN, database, disk) and say how to fix what fails"
     ))
 }
 
@@ -540,6 +549,8 @@ mod tests {
 
     #[test]
     fn account_commands() {
+        assert_eq!(cmd("doctor"), Command::Doctor);
+        assert!(cmd("doctor").manages_users(), "doctor is for admins");
         assert_eq!(cmd("users"), Command::Users);
         assert!(cmd("users").manages_users());
         assert!(!cmd("create").manages_users());

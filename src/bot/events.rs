@@ -393,7 +393,8 @@ impl Bot {
             Command::Users
             | Command::User(_)
             | Command::Deactivate { .. }
-            | Command::ResetPassword(_) => unreachable!("handled by accounts"),
+            | Command::ResetPassword(_)
+            | Command::Doctor => unreachable!("handled by accounts"),
             Command::Allowed => {
                 let added = self.allow.lock().unwrap().users();
                 let none = "nobody".to_string();
@@ -441,6 +442,18 @@ impl Bot {
             ))
         };
         Ok(match cmd {
+            Command::Doctor => {
+                let opts = crate::doctor::Options {
+                    only: None,
+                    resolve: vec![],
+                    remote: crate::doctor::DEFAULT_REMOTE.into(),
+                };
+                let report = crate::doctor::run(cfg, &opts).await;
+                if let Err(e) = crate::doctor::save(cfg, &report) {
+                    tracing::warn!("keeping the doctor's report: {e:#}");
+                }
+                Reply::new(report.markdown())
+            }
             Command::Users => {
                 let users = self.admin.list_users(admin::UserFilter::default()).await?;
                 let mut md = format!(

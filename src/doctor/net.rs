@@ -1,0 +1,266 @@
+//! How the doctor reaches the appliance: names resolved by DNS (or by `--resolve` overrides),
+//! the ports the front door listens on, TLS trusting what a client trusts (the system roots,
+//! plus the internal CA's root when the operator's clients were told to trust it).
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls_pki_types::pem::PemObject;
+use tokio::net::TcpStream;
+
+use crate::config::Config;
+
+/// Debian's bundle of the system's trusted roots (ca-certificates).
+pub const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// One connection attempt, or one request, may take this long.
+pub const TIMEOUT: Duration = Duration::from_secs(15);
+
+pub struct Net {
+    overrides: Vec<(String, IpAddr)>,
+    /// The front door's HTTPS port (443 on a real host) and federation port (8448).
+    pub https_port: u16,
+    pub federation_port: u16,
+    pub system: Arc<RootCertStore>,
+    /// The internal CA's root, when it exists.
+    pub internal: Option<(PathBuf, Arc<RootCertStore>)>,
+    http: reqwest::Client,
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+pub fn port_of(listen: &str, default: u16) -> u16 {
+    listen
+        .parse::<SocketAddr>()
+        .map(|a| a.port())
+        .unwrap_or(default)
+}
+
+fn load_roots(path: &std::path::Path) -> RootCertStore {
+    let mut store = RootCertStore::empty();
+    if let Ok(iter) = CertificateDer::pem_file_iter(path) {
+        for c in iter.flatten() {
+            let _ = store.add(c);
+        }
+    }
+    store
+}
+
+impl Net {
+    pub fn new(cfg: &Config, overrides: &[(String, IpAddr)]) -> Net {
+        let system = Arc::new(load_roots(std::path::Path::new(SYSTEM_ROOTS)));
+        let root_path = cfg.state_dir().join("ca/root.pem");
+        let internal = Some(Arc::new(load_roots(&root_path)))
+            .filter(|s| !s.is_empty())
+            .map(|s| (root_path, s));
+        // What the doctor's HTTP requests trust: what a client of this appliance trusts.
+        let mut trusted = (*system).clone();
+        if cfg.tls.mode == "internal"
+            && let Some((_, s)) = &internal
+        {
+            trusted.roots.extend(s.roots.iter().cloned());
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default TLS versions")
+            .with_root_certificates(trusted)
+            .with_no_client_auth();
+        let mut b = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .no_proxy()
+            .user_agent(concat!("homelab-matrix-doctor/", env!("CARGO_PKG_VERSION")))
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(TIMEOUT)
+            .timeout(TIMEOUT);
+        for (name, ip) in overrides {
+            // Port 0: the URL's port is used.
+            b = b.resolve(name, SocketAddr::new(*ip, 0));
+        }
+        Net {
+            overrides: overrides.to_vec(),
+            https_port: port_of(&cfg.listen.https, 443),
+            federation_port: port_of(&cfg.listen.federation, 8448),
+            system,
+            internal,
+            http: b.build().expect("building the doctor's HTTP client"),
+        }
+    }
+
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    /// The addresses `name` resolves to (the override when there is one).
+    pub async fn resolve(&self, name: &str) -> Result<Vec<IpAddr>> {
+        if let Some((_, ip)) = self.overrides.iter().find(|(n, _)| n == name) {
+            return Ok(vec![*ip]);
+        }
+        if let Ok(ip) = name.parse::<IpAddr>() {
+            return Ok(vec![ip]);
+        }
+        let addrs = tokio::time::timeout(TIMEOUT, tokio::net::lookup_host((name, 0)))
+            .await
+            .map_err(|_| anyhow!("resolving {name} timed out"))?
+            .with_context(|| format!("resolving {name}"))?;
+        let mut v: Vec<IpAddr> = addrs.map(|a| a.ip()).collect();
+        v.dedup();
+        if v.is_empty() {
+            bail!("{name} has no address");
+        }
+        Ok(v)
+    }
+
+    /// The certificate chain `name`:`port` presents to a client asking for `name` (SNI),
+    /// not verified yet: the caller judges it and says why.
+    pub async fn chain(&self, name: &str, port: u16) -> Result<Vec<CertificateDer<'static>>> {
+        let ip = self.resolve(name).await?[0];
+        let tcp = tokio::time::timeout(TIMEOUT, TcpStream::connect((ip, port)))
+            .await
+            .map_err(|_| anyhow!("connecting to {ip}:{port} timed out"))?
+            .with_context(|| format!("connecting to {ip}:{port}"))?;
+        let cfg = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default TLS versions")
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(Capture(provider())))
+            .with_no_client_auth();
+        let sni = ServerName::try_from(name.to_string()).context("not a DNS name")?;
+        let tls = tokio::time::timeout(
+            TIMEOUT,
+            tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(sni, tcp),
+        )
+        .await
+        .map_err(|_| anyhow!("the TLS handshake with {ip}:{port} timed out"))?
+        .with_context(|| format!("TLS handshake with {ip}:{port}"))?;
+        let chain = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+            .unwrap_or_default();
+        Ok(chain)
+    }
+}
+
+/// Verifies `chain` for `name` against `roots` as a TLS client would.
+pub fn verify(
+    roots: &Arc<RootCertStore>,
+    chain: &[CertificateDer<'static>],
+    name: &str,
+) -> Result<(), rustls::Error> {
+    let v = WebPkiServerVerifier::builder_with_provider(roots.clone(), provider())
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+    let (ee, rest) = chain
+        .split_first()
+        .ok_or(rustls::Error::NoCertificatesPresented)?;
+    let sni = ServerName::try_from(name.to_string())
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+    v.verify_server_cert(ee, rest, &sni, &[], UnixTime::now())
+        .map(|_| ())
+}
+
+/// Accepts any certificate (handshake signatures still checked) so that the doctor can see and
+/// judge what is presented, instead of only learning that the handshake failed.
+#[derive(Debug)]
+struct Capture(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for Capture {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A short, operator-readable reason for a TLS verification error.
+pub fn why(e: &rustls::Error) -> String {
+    use rustls::CertificateError as C;
+    match e {
+        rustls::Error::InvalidCertificate(C::UnknownIssuer) => {
+            "not issued by a trusted root".into()
+        }
+        rustls::Error::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => {
+            "expired".into()
+        }
+        rustls::Error::InvalidCertificate(
+            C::NotValidForName | C::NotValidForNameContext { .. },
+        ) => "not valid for this name".into(),
+        other => other.to_string(),
+    }
+}
+
+/// Sends a request whose answer must be 2xx JSON. Err: the failed check, saying that `what`
+/// answered another status (fix `on_status`) or did not answer at all (fix `on_error`).
+pub async fn get_json(
+    req: reqwest::RequestBuilder,
+    name: &str,
+    what: &str,
+    on_status: &str,
+    on_error: &str,
+) -> Result<serde_json::Value, super::Check> {
+    match req.send().await {
+        Ok(r) if r.status().is_success() => Ok(r.json().await.unwrap_or(serde_json::Value::Null)),
+        Ok(r) => Err(super::Check::fail(
+            name,
+            format!("{what} answered {}", r.status()),
+            on_status,
+        )),
+        Err(e) => Err(super::Check::fail(
+            name,
+            format!(
+                "{what} does not answer: {}",
+                super::delegation::error_chain(&e)
+            ),
+            on_error,
+        )),
+    }
+}
+
+/// Is this a "cannot reach the internet" kind of error (DNS or connect failure, timeout)?
+pub fn offline(e: &reqwest::Error) -> bool {
+    e.is_connect() || e.is_timeout()
+}

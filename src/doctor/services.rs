@@ -1,0 +1,404 @@
+//! The parts behind the front door: Synapse's version, PostgreSQL (version against Synapse's
+//! floor, encoding and collation), free disk space, the clock, and Element's state.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::delegation::error_chain;
+use super::{Check, Ctx, now_secs};
+use crate::secrets::{Kind, Secrets};
+use crate::synapse::Layout;
+use crate::units::human_duration;
+
+/// Synapse refuses older servers: synapse/storage/engines/postgres.py (1.163: "Synapse
+/// requires PostgreSQL 14 or above").
+pub const POSTGRES_FLOOR: u32 = 140_000;
+
+pub async fn synapse(ctx: &Ctx<'_>) -> Check {
+    const NAME: &str = "synapse";
+    let url = format!(
+        "{}/_synapse/admin/v1/server_version",
+        ctx.cfg.synapse_local_url()
+    );
+    let state = ctx
+        .status
+        .as_ref()
+        .and_then(|s| {
+            s["children"]
+                .as_array()?
+                .iter()
+                .find(|c| c["name"] == "synapse")
+                .cloned()
+        })
+        .map(|c| {
+            format!(
+                "supervisor: {}, {} restarts{}",
+                c["state"].as_str().unwrap_or("?"),
+                c["restarts"],
+                c["last_exit"]
+                    .as_str()
+                    .map(|e| format!(", last exit {e}"))
+                    .unwrap_or_default()
+            )
+        })
+        .unwrap_or_else(|| "homelab-matrix is not running".into());
+    match super::net::get_json(
+        ctx.net.http().get(&url),
+        NAME,
+        &format!("Synapse ({state}) at {url}"),
+        "see Synapse's log: `journalctl -u homelab-matrix`",
+        "see `homelab-matrix status` and Synapse's log (`journalctl -u homelab-matrix`); `systemctl restart homelab-matrix` once the cause is fixed",
+    )
+    .await
+    {
+        Ok(v) => Check::pass(
+            NAME,
+            format!(
+                "Synapse {} answers on {} ({state})",
+                v["server_version"].as_str().unwrap_or("?"),
+                ctx.cfg.synapse_local_url()
+            ),
+        ),
+        Err(c) => c,
+    }
+}
+
+async fn pg_connect(ctx: &Ctx<'_>) -> anyhow::Result<tokio_postgres::Client> {
+    let secrets = Secrets::open(&ctx.cfg.state_dir());
+    let password = secrets.get(Kind::PostgresPassword)?;
+    let p = &ctx.cfg.postgres;
+    let mut pg = tokio_postgres::Config::new();
+    pg.host(&p.host)
+        .port(p.port)
+        .user(&p.user)
+        .password(password.expose().as_bytes())
+        .dbname(&p.database)
+        .connect_timeout(Duration::from_secs(10));
+    let (client, conn) = pg.connect(tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+/// What a database Synapse runs on must be (Synapse's docs/postgres.md "Set up database"):
+/// at least the floor, UTF8, collation and ctype C.
+pub fn judge_postgres(
+    version_num: u32,
+    version: &str,
+    encoding: &str,
+    collate: &str,
+    ctype: &str,
+    database: &str,
+) -> Check {
+    const NAME: &str = "postgres";
+    let seen = format!(
+        "PostgreSQL {version}, database {database:?}: encoding {encoding}, collation {collate}, ctype {ctype}"
+    );
+    if version_num < POSTGRES_FLOOR {
+        return Check::fail(
+            NAME,
+            format!(
+                "{seen}; Synapse needs PostgreSQL {} or newer",
+                POSTGRES_FLOOR / 10_000
+            ),
+            "upgrade PostgreSQL (Debian: install postgresql-15 and `pg_upgradecluster`), then restart homelab-matrix",
+        );
+    }
+    if encoding != "UTF8" || collate != "C" || ctype != "C" {
+        return Check::fail(
+            NAME,
+            format!("{seen}; Synapse needs UTF8 with collation and ctype C"),
+            format!(
+                "recreate the database: CREATE DATABASE \"{database}\" ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0 (a new server: drop it and run `homelab-matrix provision-db`; with data: dump, recreate, restore; see Synapse's docs/postgres.md)"
+            ),
+        );
+    }
+    Check::pass(
+        NAME,
+        format!("{seen} (Synapse needs {}+)", POSTGRES_FLOOR / 10_000),
+    )
+}
+
+pub async fn postgres(ctx: &Ctx<'_>) -> Check {
+    let p = &ctx.cfg.postgres;
+    let client = match pg_connect(ctx).await {
+        Ok(c) => c,
+        Err(e) => {
+            return Check::fail(
+                "postgres",
+                format!(
+                    "cannot log in to {}:{} as {} (database {}): {}",
+                    p.host,
+                    p.port,
+                    p.user,
+                    p.database,
+                    error_chain(e.as_ref())
+                ),
+                "is PostgreSQL running (`systemctl status postgresql`)? `homelab-matrix provision-db` creates the role and database",
+            );
+        }
+    };
+    let row = client
+        .query_one(
+            "SELECT current_setting('server_version_num')::int4, current_setting('server_version'), \
+             pg_encoding_to_char(encoding)::text, datcollate::text, datctype::text \
+             FROM pg_database WHERE datname = current_database()",
+            &[],
+        )
+        .await;
+    match row {
+        Ok(r) => judge_postgres(
+            r.get::<_, i32>(0) as u32,
+            r.get(1),
+            r.get(2),
+            r.get(3),
+            r.get(4),
+            &p.database,
+        ),
+        Err(e) => Check::fail(
+            "postgres",
+            format!("querying PostgreSQL: {e}"),
+            "see PostgreSQL's log",
+        ),
+    }
+}
+
+/// Below this much free space a check fails; below `WARN_BYTES` or `WARN_FRACTION` of the
+/// file system it warns (PostgreSQL stops writing on a full disk; Synapse then fails requests).
+const FAIL_BYTES: u64 = 512 << 20;
+const WARN_BYTES: u64 = 2 << 30;
+const WARN_FRACTION: f64 = 0.05;
+
+pub fn judge_disk(what: &str, path: &Path, free: u64, total: u64) -> Check {
+    let name = format!("disk:{what}");
+    let gib = |b: u64| format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64);
+    let seen = format!("{} free of {} on {}", gib(free), gib(total), path.display());
+    let fix = format!(
+        "free space on the file system of {} (old media: Synapse's purge_media_cache / media retention; PostgreSQL: VACUUM FULL), or grow it",
+        path.display()
+    );
+    if free < FAIL_BYTES {
+        Check::fail(name, format!("{seen}: almost full"), fix)
+    } else if free < WARN_BYTES || (free as f64) < WARN_FRACTION * total as f64 {
+        Check::warn(name, format!("{seen}: running low"), fix)
+    } else {
+        Check::pass(name, seen)
+    }
+}
+
+fn statvfs(path: &Path) -> nix::Result<(u64, u64)> {
+    let s = nix::sys::statvfs::statvfs(path)?;
+    let f = s.fragment_size();
+    Ok((s.blocks_available() * f, s.blocks() * f))
+}
+
+pub async fn disk(ctx: &Ctx<'_>) -> Vec<Check> {
+    // The database's data directory: only a superuser (or pg_read_all_settings) may ask; the
+    // Debian default is the fallback.
+    let mut db_dir = PathBuf::from("/var/lib/postgresql");
+    if let Ok(c) = pg_connect(ctx).await
+        && let Ok(r) = c.query_one("SHOW data_directory", &[]).await
+    {
+        db_dir = PathBuf::from(r.get::<_, String>(0));
+    }
+    let mut out = vec![];
+    for (what, path) in [
+        ("media", Layout::new(&ctx.cfg.state_dir()).media_store()),
+        ("database", db_dir),
+    ] {
+        // The store may not exist yet: its nearest existing parent holds it then.
+        let mut p = path.as_path();
+        while !p.exists() {
+            p = p.parent().unwrap_or(Path::new("/"));
+        }
+        out.push(match statvfs(p) {
+            Ok((free, total)) => judge_disk(what, &path, free, total),
+            Err(e) => Check::warn(
+                format!("disk:{what}"),
+                format!("cannot read the free space of {}: {e}", p.display()),
+                "",
+            ),
+        });
+    }
+    out
+}
+
+/// "Tue, 01 Dec 2026 09:13:12 GMT" (RFC 9110 §5.6.7 IMF-fixdate) → Unix seconds.
+pub fn parse_http_date(s: &str) -> Option<i64> {
+    let f: Vec<&str> = s.split_whitespace().collect();
+    let [_, day, month, year, hms, "GMT"] = f.as_slice() else {
+        return None;
+    };
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let m = MONTHS.iter().position(|m| m == month)? as u8 + 1;
+    let mut t = hms.split(':').map(|x| x.parse::<u8>().ok());
+    let (h, mi, se) = (t.next()??, t.next()??, t.next()??);
+    let date =
+        time::Date::from_calendar_date(year.parse().ok()?, m.try_into().ok()?, day.parse().ok()?)
+            .ok()?;
+    let time = time::Time::from_hms(h, mi, se).ok()?;
+    Some(
+        time::PrimitiveDateTime::new(date, time)
+            .assume_utc()
+            .unix_timestamp(),
+    )
+}
+
+/// Signatures (federation, ACME) and TOTP-like tokens break with a clock this far off.
+const CLOCK_FAIL_SECS: i64 = 300;
+const CLOCK_WARN_SECS: i64 = 30;
+
+pub async fn clock(ctx: &Ctx<'_>) -> Check {
+    const NAME: &str = "clock";
+    // The ACME CA when we use one, else the remote server: an NTP-free estimate from the
+    // Date header (one second resolution, plus the round trip).
+    let url = if ctx.cfg.tls.mode == "acme" {
+        ctx.cfg.tls.acme_directory.clone()
+    } else {
+        format!("https://{}/", ctx.opts.remote)
+    };
+    let start = now_secs() as i64;
+    let resp = ctx
+        .net
+        .http()
+        .head(&url)
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await;
+    let r = match resp {
+        Ok(r) => r,
+        Err(e) if super::net::offline(&e) => {
+            return Check::warn(
+                NAME,
+                format!(
+                    "no internet: {url} cannot be reached, the clock was not compared ({})",
+                    error_chain(&e)
+                ),
+                "make sure NTP is on (`timedatectl`)",
+            );
+        }
+        Err(e) => {
+            return Check::warn(
+                NAME,
+                format!("{url}: {}", error_chain(&e)),
+                "make sure NTP is on (`timedatectl`)",
+            );
+        }
+    };
+    let end = now_secs() as i64;
+    let Some(theirs) = r
+        .headers()
+        .get("date")
+        .and_then(|d| d.to_str().ok())
+        .and_then(parse_http_date)
+    else {
+        return Check::warn(NAME, format!("{url} sent no usable Date header"), "");
+    };
+    let skew = (start + end) / 2 - theirs;
+    let seen = format!("this host's clock is {skew:+}s from {url}'s Date header");
+    if skew.abs() > CLOCK_FAIL_SECS {
+        Check::fail(
+            NAME,
+            seen,
+            "turn on NTP: `timedatectl set-ntp true` (systemd-timesyncd); federation signatures and ACME fail with a wrong clock",
+        )
+    } else if skew.abs() > CLOCK_WARN_SECS {
+        Check::warn(NAME, seen, "turn on NTP: `timedatectl set-ntp true`")
+    } else {
+        Check::pass(NAME, seen)
+    }
+}
+
+pub fn element(ctx: &Ctx<'_>) -> Check {
+    const NAME: &str = "element";
+    let Some(e) = ctx.status.as_ref().map(|s| s["element"].clone()) else {
+        return Check::warn(
+            NAME,
+            "homelab-matrix is not running: Element's state is unknown",
+            "start it: `systemctl start homelab-matrix`",
+        );
+    };
+    let Some(version) = e["version"].as_str() else {
+        return Check::warn(
+            NAME,
+            "no Element release installed yet",
+            "run `homelab-matrix element update`",
+        );
+    };
+    // Every release is installed only after its signature verified (element::install);
+    // the bundled one was verified when the package was built.
+    let origin = if e["bundled"].as_str() == Some(version) {
+        "the package's bundled release, signature verified at build time"
+    } else {
+        "signature verified at install"
+    };
+    let checked = e["last_check"].as_u64().map_or_else(
+        || "never checked for updates".to_string(),
+        |t| {
+            format!(
+                "last update check {} ago{}",
+                human_duration(Duration::from_secs(now_secs().saturating_sub(t))),
+                e["last_result"]
+                    .as_str()
+                    .map(|r| format!(": {r}"))
+                    .unwrap_or_default()
+            )
+        },
+    );
+    let auto = if e["auto_update"] == true {
+        "automatic updates on"
+    } else {
+        "automatic updates off"
+    };
+    let seen = format!("Element {version} ({origin}); {checked}; {auto}");
+    match e["last_error"].as_str() {
+        Some(err) => Check::warn(
+            NAME,
+            format!("{seen}; the last update failed: {err}"),
+            "see `homelab-matrix status`; `homelab-matrix element update` retries now",
+        ),
+        None => Check::pass(NAME, seen),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::doctor::Status;
+
+    #[test]
+    fn postgres_below_synapses_floor_or_with_a_wrong_locale_fails() {
+        let ok = judge_postgres(150_014, "15.14", "UTF8", "C", "C", "synapse");
+        assert_eq!(ok.status, Status::Pass, "{ok:?}");
+        let old = judge_postgres(130_020, "13.20", "UTF8", "C", "C", "synapse");
+        assert_eq!(old.status, Status::Fail);
+        assert!(old.seen.contains("needs PostgreSQL 14"), "{old:?}");
+        let loc = judge_postgres(150_014, "15.14", "UTF8", "en_US.UTF-8", "C", "synapse");
+        assert_eq!(loc.status, Status::Fail);
+        assert!(loc.fix.unwrap().contains("LC_COLLATE 'C'"));
+    }
+
+    #[test]
+    fn a_nearly_full_disk_fails_and_a_tight_one_warns() {
+        let p = Path::new("/x");
+        assert_eq!(
+            judge_disk("media", p, 100 << 20, 10 << 30).status,
+            Status::Fail
+        );
+        assert_eq!(
+            judge_disk("media", p, 1 << 30, 20 << 30).status,
+            Status::Warn
+        );
+        assert_eq!(
+            judge_disk("media", p, 5 << 30, 20 << 30).status,
+            Status::Pass
+        );
+    }
+
+    #[test]
+    fn http_dates_parse() {
+        assert_eq!(parse_http_date("Thu, 01 Jan 1970 00:01:00 GMT"), Some(60));
+        assert_eq!(parse_http_date("yesterday"), None);
+    }
+}
