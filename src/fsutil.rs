@@ -261,13 +261,6 @@ impl Dir {
         fstatat(&self.fd, name, AtFlags::AT_SYMLINK_NOFOLLOW).is_ok()
     }
 
-    /// The type of `name` itself (a symlink is `S_IFLNK`), or `None` when it is missing.
-    pub fn kind(&self, name: &OsStr) -> Option<SFlag> {
-        fstatat(&self.fd, name, AtFlags::AT_SYMLINK_NOFOLLOW)
-            .ok()
-            .map(|st| file_type(&st))
-    }
-
     /// Removes `name` without following it: a symlink is unlinked itself; a real directory
     /// is emptied through its own descriptor, recursing only into real directories.
     pub fn remove<P: AsRef<OsStr> + ?Sized>(&self, name: &P) -> Result<()> {
