@@ -4,7 +4,7 @@
 //! in and the report (text table and `--json`).
 
 use std::net::IpAddr;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -348,10 +348,7 @@ pub async fn daily(
 }
 
 pub fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    crate::units::unix(SystemTime::now())
 }
 
 /// Base64 as Matrix uses it: standard alphabet, padding optional (spec appendix "Unpadded
