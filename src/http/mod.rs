@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -424,7 +424,6 @@ impl FrontDoor {
             .max_header_list_size(h2_limits::MAX_HEADER_LIST_SIZE)
             .keep_alive_interval(Some(limits.h2_keepalive_interval))
             .keep_alive_timeout(Duration::from_secs(20));
-        activity.h1.store(h1, Ordering::Relaxed);
         if h1 {
             // The first request head is due from the start (as nginx's client_header_timeout).
             activity.head_since.store(activity.now(), Ordering::Relaxed);
@@ -445,6 +444,7 @@ impl FrontDoor {
         });
         let io = Tracked {
             inner: io,
+            h1,
             activity: activity.clone(),
         };
         let conn = builder.serve_connection(TokioIo::new(io), svc);
@@ -654,7 +654,6 @@ struct Activity {
     idle_since: AtomicU64,
     /// HTTP/1.x: when the request head now being read began, or NEVER.
     head_since: AtomicU64,
-    h1: AtomicBool,
     /// Told when the connection is to close to make room for a new one.
     evict: Notify,
 }
@@ -666,7 +665,6 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             idle_since: AtomicU64::new(0),
             head_since: AtomicU64::new(NEVER),
-            h1: AtomicBool::new(false),
             evict: Notify::new(),
         };
         a.idle_since.store(a.now(), Ordering::Relaxed);
@@ -740,6 +738,8 @@ impl<T: Unpin> hyper::body::Body for Holding<T> {
 /// request is in flight start the head timer.
 struct Tracked<S> {
     inner: S,
+    /// HTTP/1.x (from ALPN; plain HTTP is HTTP/1.x): h2 has no head timer.
+    h1: bool,
     activity: Arc<Activity>,
 }
 
@@ -753,7 +753,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         let a = &self.activity;
         if buf.filled().len() > before
-            && a.h1.load(Ordering::Relaxed)
+            && self.h1
             && a.idle()
             && a.head_since.load(Ordering::Relaxed) == NEVER
         {
