@@ -364,8 +364,7 @@ async fn status(cfg: &Config, json: bool) -> Result<()> {
         v["doctor"] = serde_json::json!({
             "ran_at": d.ran_at,
             "summary": d.summary(),
-            "failed": d.checks.iter().filter(|c| c.status == crate::doctor::Status::Fail)
-                .map(|c| c.name.clone()).collect::<Vec<_>>(),
+            "failed": d.failing(),
         });
     }
     if json {
@@ -469,12 +468,7 @@ async fn status(cfg: &Config, json: bool) -> Result<()> {
     println!();
     match &doctor {
         Some(d) => {
-            let failing: Vec<&str> = d
-                .checks
-                .iter()
-                .filter(|c| c.status == crate::doctor::Status::Fail)
-                .map(|c| c.name.as_str())
-                .collect();
+            let failing = d.failing();
             println!(
                 "DOCTOR: last run {} ago: {}{}",
                 human_duration(Duration::from_secs(now.saturating_sub(d.ran_at))),

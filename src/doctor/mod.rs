@@ -125,10 +125,16 @@ pub struct Report {
 
 impl Report {
     pub fn failed(&self) -> usize {
+        self.failing().len()
+    }
+
+    /// The names of the checks that failed, in report order.
+    pub fn failing(&self) -> Vec<&str> {
         self.checks
             .iter()
             .filter(|c| c.status == Status::Fail)
-            .count()
+            .map(|c| c.name.as_str())
+            .collect()
     }
 
     /// 0 all passed (warnings allowed), 1 a check failed.
