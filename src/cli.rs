@@ -277,14 +277,10 @@ async fn other(cmd: Cmd, cfg: &Config) -> Result<()> {
                 ElementCmd::Rollback => "element-rollback",
                 ElementCmd::FetchPinned { .. } => unreachable!("handled in dispatch"),
             };
+            // An `error` answer is already an Err from control::request.
             let v = control::request(&cfg.control_socket(), what).await?;
-            match v["error"].as_str() {
-                Some(e) => bail!("{e}"),
-                None => {
-                    println!("Element: {}", v["message"].as_str().unwrap_or("done"));
-                    Ok(())
-                }
-            }
+            println!("Element: {}", v["message"].as_str().unwrap_or("done"));
+            Ok(())
         }
         Cmd::Run
         | Cmd::CheckConfig
