@@ -499,7 +499,7 @@ impl Bot {
                     Err(e) => return Err(e.into()),
                 };
                 let erase_word = if erase { " erase" } else { "" };
-                if u.deactivated && (u.erased || !erase) {
+                if u.already_deactivated(erase) {
                     Reply::new(format!("`{id}` is already deactivated."))
                 } else if !confirm {
                     Reply::new(format!(

@@ -202,7 +202,7 @@ async fn deactivate(
 ) -> Result<()> {
     let id = resolve_changeable(cfg, name)?;
     let u = session.get_user(&id).await?;
-    if u.deactivated && (u.erased || !erase) {
+    if u.already_deactivated(erase) {
         println!("{id} is already deactivated; nothing to do");
         return Ok(());
     }

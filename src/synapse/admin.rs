@@ -242,6 +242,14 @@ pub struct UserInfo {
     pub last_seen_ts: Option<i64>,
 }
 
+impl UserInfo {
+    /// Deactivating again would change nothing: already deactivated, and erased too when
+    /// erasure is asked for (Synapse can erase an account deactivated without it).
+    pub fn already_deactivated(&self, erase: bool) -> bool {
+        self.deactivated && (self.erased || !erase)
+    }
+}
+
 /// One device of a user (admin API "List all devices").
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Device {
