@@ -162,11 +162,7 @@ pub fn render(
     // descriptor, and what is not ours (its old pid file, anything planted) removed without
     // following.
     let d = state.ensure_sub(CONFIG_DIR, reader(user), 0o750)?;
-    for name in d.entries()? {
-        if !name.to_str().is_some_and(|n| FILES.contains(&n)) {
-            d.remove(&name)?;
-        }
-    }
+    d.remove_all_but(|n| n.to_str().is_some_and(|n| FILES.contains(&n)))?;
     state.ensure_sub(RUN_DIR, user.owner(), 0o700)?;
     let secret = secrets.get(Kind::TurnShared)?;
     let conf = render_config(cfg, secret.expose(), &dir(cfg), &run_dir(cfg), external);

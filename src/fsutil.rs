@@ -261,6 +261,19 @@ impl Dir {
         fstatat(&self.fd, name, AtFlags::AT_SYMLINK_NOFOLLOW).is_ok()
     }
 
+    /// Removes every entry for which `keep` is false, without following any. Returns whether
+    /// it removed one.
+    pub fn remove_all_but(&self, keep: impl Fn(&OsStr) -> bool) -> Result<bool> {
+        let mut removed = false;
+        for name in self.entries()? {
+            if !keep(&name) {
+                self.remove(&name)?;
+                removed = true;
+            }
+        }
+        Ok(removed)
+    }
+
     /// Removes `name` without following it: a symlink is unlinked itself; a real directory
     /// is emptied through its own descriptor, recursing only into real directories.
     pub fn remove<P: AsRef<OsStr> + ?Sized>(&self, name: &P) -> Result<()> {
