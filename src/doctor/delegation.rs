@@ -41,9 +41,13 @@ fn split_host_port(s: &str) -> Option<(String, Option<u16>)> {
     }
 }
 
+/// What server discovery found: the target, or what was seen when the well-known is there but
+/// broken, with the spec's fallback (port 8448) when there is one.
+pub type Discovered = Result<Target, (String, Option<Target>)>;
+
 /// Server discovery for our server_name. Err: the well-known is there but broken, with what
 /// was seen (the spec has remote servers fall back to port 8448 then).
-pub async fn discover(ctx: &Ctx<'_>) -> Result<Target, (String, Option<Target>)> {
+pub async fn discover(ctx: &Ctx<'_>) -> Discovered {
     let sn = &ctx.cfg.server_name;
     let url = format!(
         "{}/.well-known/matrix/server",
@@ -97,15 +101,15 @@ pub async fn discover(ctx: &Ctx<'_>) -> Result<Target, (String, Option<Target>)>
     })
 }
 
-pub async fn server(ctx: &Ctx<'_>) -> Check {
+pub async fn server(ctx: &Ctx<'_>, discovered: &Discovered) -> Check {
     const NAME: &str = "delegation-server";
     let fix_wk = format!(
         "serve {{\"m.server\": \"{}:{}\"}} as application/json at https://{}/.well-known/matrix/server (homelab-matrix does this itself when {} resolves to this host)",
         ctx.cfg.hosts.matrix, ctx.net.https_port, ctx.cfg.server_name, ctx.cfg.server_name
     );
-    let target = match discover(ctx).await {
+    let target = match discovered {
         Ok(t) => t,
-        Err((seen, _)) => return Check::fail(NAME, seen, fix_wk),
+        Err((seen, _)) => return Check::fail(NAME, seen.clone(), fix_wk),
     };
     let url = format!("{}/_matrix/federation/v1/version", target.base());
     match ctx.net.http().get(&url).send().await {

@@ -10,7 +10,7 @@ use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
 use serde_json::Value;
 use tokio::net::TcpStream;
 
-use super::delegation::discover;
+use super::delegation::Discovered;
 use super::net::get_json;
 use super::{Check, Ctx, base64_decode, now_secs};
 use crate::synapse::Layout;
@@ -80,13 +80,13 @@ fn our_key(text: &str) -> Option<(String, Vec<u8>)> {
     ))
 }
 
-pub async fn inbound(ctx: &Ctx<'_>) -> Check {
+pub async fn inbound(ctx: &Ctx<'_>, discovered: &Discovered) -> Check {
     const NAME: &str = "federation-in";
     let sn = &ctx.cfg.server_name;
-    let target = match discover(ctx).await {
+    let target = match discovered {
         Ok(t) => t,
         Err((_, Some(fallback))) => fallback,
-        Err((seen, None)) => return Check::fail(NAME, seen, "fix delegation-server first"),
+        Err((seen, None)) => return Check::fail(NAME, seen.clone(), "fix delegation-server first"),
     };
     let url = format!("{}/_matrix/key/v2/server", target.base());
     let fix = format!(

@@ -244,6 +244,13 @@ pub async fn run(cfg: &Config, opts: &Options) -> Report {
     } else {
         Err(String::new())
     };
+    // Server discovery, done once for delegation-server and federation-in (the same
+    // well-known GET).
+    let discovered = if wanted("delegation-server") || wanted("federation-in") {
+        delegation::discover(&ctx).await
+    } else {
+        Err((String::new(), None))
+    };
     let mut checks = vec![];
     for family in FAMILIES {
         if !wanted(family) {
@@ -257,9 +264,9 @@ pub async fn run(cfg: &Config, opts: &Options) -> Report {
             "turn-tls" => vec![],
             "turn" if cfg.turn.enabled => vec![turn::check(&ctx).await],
             "turn" => vec![],
-            "delegation-server" => vec![delegation::server(&ctx).await],
+            "delegation-server" => vec![delegation::server(&ctx, &discovered).await],
             "delegation-client" => vec![delegation::client(&ctx).await],
-            "federation-in" => vec![federation::inbound(&ctx).await],
+            "federation-in" => vec![federation::inbound(&ctx, &discovered).await],
             "federation-out" => vec![federation::outbound(&ctx).await],
             "synapse" => vec![services::synapse(&ctx).await],
             "postgres" => vec![services::postgres(&ctx).await],
