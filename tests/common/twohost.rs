@@ -54,6 +54,7 @@ pub struct Host {
     /// Config tables before `[listen]` (default `BASE_EXTRA`).
     pub extra: String,
     relays: Mutex<Vec<Relay>>,
+    dns: Mutex<Option<DnsStub>>,
 }
 
 impl Host {
@@ -258,6 +259,7 @@ impl TwoHost {
                 listen_federation: "0.0.0.0".into(),
                 extra: BASE_EXTRA.into(),
                 relays: Mutex::new(vec![]),
+                dns: Mutex::new(None),
             }
         };
         let pair = TwoHost {
@@ -296,9 +298,12 @@ impl TwoHost {
             let etc = etc_netns(&h.ns);
             fs::create_dir_all(&etc).unwrap();
             fs::write(etc.join("hosts"), &hosts).unwrap();
-            // No name server is reachable from the namespace; an empty resolv.conf makes
-            // lookups of other names fail at once instead of after retries.
-            fs::write(etc.join("resolv.conf"), "").unwrap();
+            // A name server that knows no name (the hosts file has ours): Synapse's SRV
+            // lookups (`_matrix-fed._tcp`) and any other name get NXDOMAIN at once, as on
+            // the internet, instead of waiting out resolver timeouts (a minute each).
+            fs::write(etc.join("resolv.conf"), "nameserver 127.0.0.1\n").unwrap();
+            let dns = DnsStub::start(&h.ns);
+            h.dns.lock().unwrap().replace(dns);
             // Synapse's login to PostgreSQL over TCP, relayed to this host's.
             let pg = SocketAddr::from(([127, 0, 0, 1], 5432));
             let relay = Relay::start(Some(&h.ns), pg, None, pg);
@@ -365,8 +370,17 @@ impl Drop for TwoHost {
     fn drop(&mut self) {
         // Processes first (their sockets hold the namespaces), then relays, then the rest.
         for h in [&mut self.a, &mut self.b] {
+            if std::thread::panicking() {
+                eprintln!(
+                    "----- {} ({}): the last lines of its run.log -----\n{}",
+                    h.server_name,
+                    h.ip,
+                    tail(&h.log_text(), 150)
+                );
+            }
             drop(h.run.take());
             h.relays.lock().unwrap().clear();
+            h.dns.lock().unwrap().take();
         }
         for h in [&self.a, &self.b] {
             let _ = Command::new("ip").args(["netns", "del", &h.ns]).output();
@@ -505,4 +519,82 @@ impl Drop for Relay {
             let _ = t.join();
         }
     }
+}
+
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// A DNS server on 127.0.0.1:53 in a namespace that answers every query NXDOMAIN
+/// (RFC 1035 §4.1.1: the query's ID and question, QR set, RCODE 3). Stopped on drop.
+struct DnsStub {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl DnsStub {
+    fn start(ns: &str) -> DnsStub {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (ns2, stop2) = (ns.to_string(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let home = fs::File::open("/proc/thread-self/ns/net").unwrap();
+            enter(Some(&ns2), &home);
+            let sock = match std::net::UdpSocket::bind(("127.0.0.1", 53)) {
+                Ok(s) => s,
+                Err(e) => {
+                    ready_tx.send(Err(e)).unwrap();
+                    return;
+                }
+            };
+            sock.set_read_timeout(Some(Duration::from_millis(50)))
+                .unwrap();
+            ready_tx.send(Ok(())).unwrap();
+            let mut buf = [0u8; 1500];
+            while !stop2.load(Ordering::SeqCst) {
+                let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                    continue;
+                };
+                if let Some(answer) = nxdomain(&buf[..n]) {
+                    let _ = sock.send_to(&answer, from);
+                }
+            }
+        });
+        ready_rx
+            .recv()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("DNS stub on 127.0.0.1:53 in {ns}: {e}"));
+        DnsStub {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for DnsStub {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The NXDOMAIN answer to a one-question `query`; None if it is not one.
+fn nxdomain(query: &[u8]) -> Option<Vec<u8>> {
+    if query.len() < 12 || query[2] & 0x80 != 0 || u16::from_be_bytes([query[4], query[5]]) != 1 {
+        return None;
+    }
+    // The question: the name's labels up to the root, then QTYPE and QCLASS.
+    let mut i = 12;
+    while *query.get(i)? != 0 {
+        i += 1 + query[i] as usize;
+    }
+    let end = i + 1 + 4;
+    let mut a = query.get(..end)?.to_vec();
+    a[2] = 0x80 | (query[2] & 0x01); // QR, opcode QUERY, RD as asked
+    a[3] = 0x80 | 3; // RA, RCODE NXDOMAIN
+    a[6..12].fill(0); // no answer, authority or additional records
+    Some(a)
 }
