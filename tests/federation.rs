@@ -33,8 +33,8 @@ use matrix_sdk::ruma::{OwnedRoomId, OwnedUserId, UserId};
 use matrix_sdk::{Client, Room};
 use serde_json::{Value, json};
 
-use common::twohost::{Host, TwoHost};
-use common::{Matrix, require_appliance, wait_until};
+use common::twohost::{Host, TwoHost, require_twohost};
+use common::{Matrix, wait_until};
 
 const WAIT: Duration = Duration::from_secs(90);
 
@@ -286,7 +286,7 @@ impl Person {
 
 #[test]
 fn two_appliances_federate() {
-    if !require_appliance() {
+    if !require_twohost() {
         return;
     }
     let _ = rustls::crypto::ring::default_provider().install_default();

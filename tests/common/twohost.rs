@@ -37,6 +37,24 @@ pub const BASE_EXTRA: &str =
 /// The federation trust file each Synapse gets in synapse.d.
 pub const TRUST_YAML: &str = "50-twohost-federation.yaml";
 
+/// What a pair needs: `require_appliance`'s, and network namespaces (root with
+/// CAP_SYS_ADMIN, iproute2). Fails under CI when missing, else skips loudly.
+pub fn require_twohost() -> bool {
+    super::require_appliance()
+        && super::require(
+            "network namespaces",
+            Command::new("unshare")
+                .args(["--net", "true"])
+                .status()
+                .is_ok_and(|s| s.success())
+                && Command::new("ip")
+                    .args(["netns", "list"])
+                    .status()
+                    .is_ok_and(|s| s.success()),
+            "`unshare --net true` or `ip netns list` fails: run as root where new network namespaces may be made, with iproute2 installed",
+        )
+}
+
 /// One appliance in its namespace.
 pub struct Host {
     /// `a.test` or `b.test`: the server_name.
