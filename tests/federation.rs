@@ -18,23 +18,20 @@
 #![allow(clippy::disallowed_methods)]
 
 mod common;
+#[path = "common/sdk.rs"]
+mod sdk;
 
 use std::process::Output;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use matrix_sdk::config::SyncSettings;
-use matrix_sdk::deserialized_responses::EncryptionInfo;
 use matrix_sdk::ruma::events::room::member::MembershipState;
-use matrix_sdk::ruma::events::room::message::{
-    MessageType, OriginalSyncRoomMessageEvent, RoomMessageEventContent,
-};
+use matrix_sdk::ruma::events::room::message::RoomMessageEventContent;
 use matrix_sdk::ruma::{OwnedRoomId, OwnedUserId, UserId};
-use matrix_sdk::{Client, Room};
 use serde_json::{Value, json};
 
 use common::twohost::{Host, TwoHost, require_twohost};
 use common::{Matrix, wait_until};
+use sdk::SdkUser;
 
 const WAIT: Duration = Duration::from_secs(90);
 
@@ -164,77 +161,16 @@ fn wait_message(m: &Matrix, token: &str, room: &str, sender: &str, body: &str) {
     });
 }
 
-/// A text message as a client got it: room, sender, body, and whether it arrived encrypted.
-type Got = (OwnedRoomId, OwnedUserId, String, bool);
-
-/// Someone with matrix-sdk (end-to-end encryption, own crypto store), syncing until dropped.
+/// Someone with matrix-sdk.
 struct Person {
-    client: Client,
-    inbox: Arc<Mutex<Vec<Got>>>,
-    sync: tokio::task::JoinHandle<()>,
-    _store: tempfile::TempDir,
-}
-
-impl Drop for Person {
-    fn drop(&mut self) {
-        self.sync.abort();
-    }
+    sdk: SdkUser,
 }
 
 impl Person {
     async fn login(hs: &str, user: &str, password: &str) -> Person {
-        let store = tempfile::tempdir().unwrap();
-        let client = Client::builder()
-            .homeserver_url(hs)
-            // The login answer names the public URL; the test talks to Synapse's loopback.
-            .respect_login_well_known(false)
-            .sqlite_store(store.path(), None)
-            .build()
-            .await
-            .unwrap();
-        client
-            .matrix_auth()
-            .login_username(user, password)
-            .initial_device_display_name("federation test")
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("login {user}: {e}"));
-        let inbox: Arc<Mutex<Vec<Got>>> = Arc::default();
-        let sink = inbox.clone();
-        client.add_event_handler(
-            move |ev: OriginalSyncRoomMessageEvent, room: Room, enc: Option<EncryptionInfo>| {
-                let sink = sink.clone();
-                async move {
-                    if let MessageType::Text(t) = &ev.content.msgtype {
-                        sink.lock().unwrap().push((
-                            room.room_id().to_owned(),
-                            ev.sender.clone(),
-                            t.body.clone(),
-                            enc.is_some(),
-                        ));
-                    }
-                }
-            },
-        );
-        let c = client.clone();
-        let sync = tokio::spawn(async move {
-            loop {
-                let s = SyncSettings::default().timeout(Duration::from_secs(5));
-                if c.sync_once(s).await.is_err() {
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-            }
-        });
-        Person {
-            client,
-            inbox,
-            sync,
-            _store: store,
-        }
-    }
-
-    fn me(&self) -> OwnedUserId {
-        self.client.user_id().unwrap().to_owned()
+        let mut sdk = SdkUser::login(hs, user, password, "federation test").await;
+        sdk.start_sync();
+        Person { sdk }
     }
 
     /// Waits until this client knows a device of `who` (fetched over federation).
@@ -242,6 +178,7 @@ impl Person {
         let deadline = Instant::now() + WAIT;
         loop {
             let n = self
+                .sdk
                 .client
                 .encryption()
                 .get_user_devices(who)
@@ -254,7 +191,7 @@ impl Person {
             assert!(
                 Instant::now() < deadline,
                 "{} never learned a device of {who}",
-                self.me()
+                self.sdk.user_id()
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -262,25 +199,14 @@ impl Person {
 
     /// Waits for `body` from `from` in `room`; returns whether it arrived encrypted.
     async fn wait_for(&self, room: &OwnedRoomId, from: &UserId, body: &str) -> bool {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(m) = self
-                .inbox
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|m| &m.0 == room && m.1 == from && m.2 == body)
-            {
-                return m.3;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not get {body:?} from {from} within {WAIT:?}; inbox: {:#?}",
-                self.me(),
-                self.inbox.lock().unwrap()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let what = format!("{body:?} from {from}");
+        let m = self
+            .sdk
+            .wait_msg(WAIT, &what, |m| {
+                &m.room == room && m.sender == from && m.body == body
+            })
+            .await;
+        m.encrypted
     }
 }
 
@@ -425,10 +351,10 @@ fn two_appliances_federate() {
         let bob = Person::login(&hs_b, "bob", "bob-secret-pw").await;
         let bob_uid: OwnedUserId = bob_id.parse().unwrap();
         let alice_uid: OwnedUserId = alice_id.parse().unwrap();
-        let dm = alice.client.create_dm(&bob_uid).await.unwrap();
+        let dm = alice.sdk.client.create_dm(&bob_uid).await.unwrap();
         let room = dm.room_id().to_owned();
         let deadline = Instant::now() + WAIT;
-        while bob.client.join_room_by_id(&room).await.is_err() {
+        while bob.sdk.client.join_room_by_id(&room).await.is_err() {
             assert!(Instant::now() < deadline, "bob could not join {room}");
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
@@ -451,6 +377,7 @@ fn two_appliances_federate() {
         );
         bob.wait_devices_of(&alice_uid).await;
         let bobs_room = bob
+            .sdk
             .client
             .get_room(&room)
             .expect("bob's client has the room");
