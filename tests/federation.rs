@@ -404,11 +404,8 @@ fn two_appliances_federate() {
             texts.iter().all(|e| e["type"] == "m.room.encrypted"),
             "plaintext on a server: {texts:#?}"
         );
-        assert!(
-            !serde_json::to_string(&events)
-                .unwrap()
-                .contains("secret from")
-        );
+        let all = serde_json::to_string(&events).unwrap();
+        assert!(!all.contains("secret from"), "plaintext on a server: {all}");
     }
 
     // Every request each Synapse got from the other server came through the front door.

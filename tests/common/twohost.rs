@@ -280,14 +280,14 @@ impl TwoHost {
                 dns: Mutex::new(None),
             }
         };
+        let (a, b) = (mk("a", 1), mk("b", 2));
+        // From here on, a panic tears down what there is.
         let pair = TwoHost {
-            a: mk("a", 1),
-            b: mk("b", 2),
+            etc_dirs: vec![etc_netns(&a.ns), etc_netns(&b.ns)],
+            a,
+            b,
             subnet,
-            etc_dirs: vec![],
         };
-        let mut pair = pair;
-        pair.etc_dirs = vec![etc_netns(&pair.a.ns), etc_netns(&pair.b.ns)];
         let (va, vb) = (format!("hm2v{k}a"), format!("hm2v{k}b"));
         ip(&[
             "link", "add", "name", &va, "netns", &pair.a.ns, "type", "veth", "peer", "name", &vb,
@@ -322,7 +322,8 @@ impl TwoHost {
             fs::write(etc.join("resolv.conf"), "nameserver 127.0.0.1\n").unwrap();
             let dns = DnsStub::start(&h.ns);
             h.dns.lock().unwrap().replace(dns);
-            // Synapse's login to PostgreSQL over TCP, relayed to this host's.
+            // Synapse's login to PostgreSQL over TCP (the labs' `[postgres]` keeps the default
+            // 127.0.0.1:5432), relayed to this host's.
             let pg = SocketAddr::from(([127, 0, 0, 1], 5432));
             let relay = Relay::start(Some(&h.ns), pg, None, pg);
             h.relays.lock().unwrap().push(relay);
