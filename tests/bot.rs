@@ -7,39 +7,24 @@
 #![allow(clippy::disallowed_methods)]
 
 mod common;
+#[path = "common/sdk.rs"]
+mod sdk;
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{Lab, Matrix, Running, require, require_appliance, wait_until};
-use matrix_sdk::config::SyncSettings;
-use matrix_sdk::deserialized_responses::EncryptionInfo;
 use matrix_sdk::ruma::api::client::room::create_room;
 use matrix_sdk::ruma::events::room::member::{MembershipState, StrippedRoomMemberEvent};
-use matrix_sdk::ruma::events::room::message::{
-    MessageType, OriginalSyncRoomMessageEvent, ReplacementMetadata, RoomMessageEventContent,
-};
-use matrix_sdk::ruma::{OwnedRoomId, OwnedUserId, UserId};
+use matrix_sdk::ruma::events::room::message::{ReplacementMetadata, RoomMessageEventContent};
+use matrix_sdk::ruma::{OwnedUserId, UserId};
 use matrix_sdk::{Client, Room};
 use nix::sys::signal::Signal;
+use sdk::{Msg, SdkUser};
 use serde_json::Value;
 
 const NIO_PYTHON: &str = "/opt/venvs/homelab-matrix-nio/bin/python";
 const WAIT: Duration = Duration::from_secs(60);
-
-/// A message the user side received.
-#[derive(Debug, Clone)]
-struct Msg {
-    room: OwnedRoomId,
-    sender: OwnedUserId,
-    body: String,
-    msgtype: String,
-    /// It arrived encrypted and was decrypted here.
-    encrypted: bool,
-    /// origin_server_ts (ms): history that arrives late (a join) is told from answers by it.
-    ts: u64,
-}
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -52,60 +37,16 @@ fn now_ms() -> u64 {
 struct Person {
     client: Client,
     user_id: OwnedUserId,
-    inbox: Arc<Mutex<Vec<Msg>>>,
-    sync: tokio::task::JoinHandle<()>,
-    _store: tempfile::TempDir,
-}
-
-impl Drop for Person {
-    fn drop(&mut self) {
-        self.sync.abort();
-    }
+    sdk: SdkUser,
 }
 
 impl Person {
     /// Logs in and syncs until dropped; joins rooms the bot invites it to (alerts arrive in DMs
     /// the bot opens).
     async fn login(hs: &str, user: &str, password: &str, bot: &UserId) -> Person {
-        let store = tempfile::tempdir().unwrap();
-        let client = Client::builder()
-            .homeserver_url(hs)
-            // Synapse's login answer names its public URL, which only the front door serves.
-            .respect_login_well_known(false)
-            .sqlite_store(store.path(), None)
-            .build()
-            .await
-            .unwrap();
-        client
-            .matrix_auth()
-            .login_username(user, password)
-            .initial_device_display_name("bot test")
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("login {user}: {e}"));
-        let user_id = client.user_id().unwrap().to_owned();
-        let inbox: Arc<Mutex<Vec<Msg>>> = Arc::default();
-        let sink = inbox.clone();
-        client.add_event_handler(
-            move |ev: OriginalSyncRoomMessageEvent, room: Room, enc: Option<EncryptionInfo>| {
-                let sink = sink.clone();
-                async move {
-                    let (msgtype, body) = match &ev.content.msgtype {
-                        MessageType::Text(t) => ("m.text", t.body.clone()),
-                        MessageType::Notice(n) => ("m.notice", n.body.clone()),
-                        _ => return,
-                    };
-                    sink.lock().unwrap().push(Msg {
-                        room: room.room_id().to_owned(),
-                        sender: ev.sender.clone(),
-                        body,
-                        msgtype: msgtype.into(),
-                        encrypted: enc.is_some(),
-                        ts: ev.origin_server_ts.0.into(),
-                    });
-                }
-            },
-        );
+        let mut sdk = SdkUser::login(hs, user, password, "bot test").await;
+        let client = sdk.client.clone();
+        let user_id = sdk.user_id();
         let bot = bot.to_owned();
         let me = user_id.clone();
         client.add_event_handler(move |ev: StrippedRoomMemberEvent, room: Room| {
@@ -116,22 +57,12 @@ impl Person {
                 }
             }
         });
-        // Our own loop: Synapse restarts in this test, and `Client::sync` ends at an error.
-        let c = client.clone();
-        let sync = tokio::spawn(async move {
-            loop {
-                let s = SyncSettings::default().timeout(Duration::from_secs(5));
-                if c.sync_once(s).await.is_err() {
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-            }
-        });
+        // Synapse restarts in this test: the sync loop outlives its errors.
+        sdk.start_sync();
         Person {
             client,
             user_id,
-            inbox,
-            sync,
-            _store: store,
+            sdk,
         }
     }
 
@@ -151,33 +82,17 @@ impl Person {
 
     /// Waits for the next message from `from` in `room` sent at `since` (ms) or later.
     async fn reply_after(&self, since: u64, room: &Room, from: &UserId) -> Msg {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(m) = self
-                .inbox
-                .lock()
-                .unwrap()
-                .iter()
-                // Alerts arrive whenever a problem does (here: Element cannot reach GitHub);
-                // they are not answers.
-                .find(|m| {
-                    m.room == room.room_id()
-                        && m.sender == from
-                        && m.ts >= since
-                        && !m.body.starts_with("homelab-matrix needs an admin")
-                })
-            {
-                return m.clone();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} got no answer from {from} in {} within {WAIT:?}; inbox: {:#?}",
-                self.user_id,
-                room.room_id(),
-                self.inbox.lock().unwrap()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let what = format!("answer from {from} in {}", room.room_id());
+        self.sdk
+            .wait_msg(WAIT, &what, |m| {
+                m.room == room.room_id()
+                    && m.sender == from
+                    && m.ts >= since
+                    // Alerts arrive whenever a problem does (here: Element cannot reach
+                    // GitHub); they are not answers.
+                    && !m.body.starts_with("homelab-matrix needs an admin")
+            })
+            .await
     }
 
     /// Sends `text` to the bot and returns its answer.
@@ -506,6 +421,7 @@ fn registration_bot_end_to_end() {
         assert!(alice.ask(&room, &bot, "list").await.body.contains(&t1));
         assert!(
             !alice
+                .sdk
                 .inbox
                 .lock()
                 .unwrap()
@@ -617,24 +533,12 @@ fn registration_bot_end_to_end() {
         // in a DM.
         let since = now_ms();
         tokio::task::block_in_place(|| crash_loop(&lab, "coturn"));
-        let deadline = Instant::now() + WAIT;
-        let alert = loop {
-            if let Some(m) = alice
-                .inbox
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|m| m.sender == bot && m.ts >= since && m.body.contains("crash loop"))
-            {
-                break m.clone();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no alert for the crash loop: {:#?}",
-                alice.inbox.lock().unwrap()
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        };
+        let alert = alice
+            .sdk
+            .wait_msg(WAIT, "alert for the crash loop", |m| {
+                m.sender == bot && m.ts >= since && m.body.contains("crash loop")
+            })
+            .await;
         assert!(alert.body.contains("coturn"), "{alert:?}");
         assert!(alert.encrypted, "{alert:?}");
         let problems = tokio::task::block_in_place(|| lab.status()["problems"].clone());

@@ -12,6 +12,7 @@
 pub mod element;
 pub mod nspawn;
 pub mod pebble;
+pub mod twohost;
 
 use std::fs;
 use std::io::Read;
@@ -382,18 +383,20 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        if is_root() && postgres_up() {
-            // Two -c: DROP DATABASE cannot run inside the transaction one -c would make.
-            let _ = Command::new("runuser")
-                .args(["-u", "postgres", "--", "psql", "-q", "-c"])
-                .arg(format!(
-                    "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-                    self.db
-                ))
-                .arg("-c")
-                .arg(format!("DROP ROLE IF EXISTS \"{}\"", self.db))
-                .output();
-        }
+        drop_database(&self.db);
+    }
+}
+
+/// Drops a lab's database and its role of the same name (dropping what is gone is cheap).
+pub fn drop_database(db: &str) {
+    if is_root() && postgres_up() {
+        // Two -c: DROP DATABASE cannot run inside the transaction one -c would make.
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--", "psql", "-q", "-c"])
+            .arg(format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", db))
+            .arg("-c")
+            .arg(format!("DROP ROLE IF EXISTS \"{}\"", db))
+            .output();
     }
 }
 
