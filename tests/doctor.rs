@@ -67,6 +67,9 @@ fn a_correct_appliance_passes_and_each_break_is_caught_with_its_fix() {
         return;
     }
     let lab = Lab::new("doctor");
+    // The test peer of turn-relay is this host, on loopback: coturn denies that unless allowed.
+    *lab.turn_extra.borrow_mut() = "allowed_peer_ips = [\"127.0.0.1\"]\n".into();
+    lab.write_config("[tls]\nmode = \"internal\"\n");
     let _run = lab.start();
 
     let (code, text) = doctor(&lab, &[], &[]);
@@ -86,6 +89,7 @@ fn a_correct_appliance_passes_and_each_break_is_caught_with_its_fix() {
     for name in [
         "turn-tls",
         "turn",
+        "turn-relay",
         "delegation-server",
         "delegation-client",
         "federation-in",
@@ -104,6 +108,10 @@ fn a_correct_appliance_passes_and_each_break_is_caught_with_its_fix() {
     );
     assert!(
         line(&text, "turn").contains("allocated relay 127.0.0.1:"),
+        "{text}"
+    );
+    assert!(
+        line(&text, "turn-relay").contains("went through relay 127.0.0.1:"),
         "{text}"
     );
     assert!(line(&text, "postgres").contains("collation C"), "{text}");
@@ -198,6 +206,36 @@ fn a_correct_appliance_passes_and_each_break_is_caught_with_its_fix() {
         l.starts_with("❌") && l.contains("does not answer") && l.contains("fix:"),
         "{text}"
     );
+
+    // The relay range blocked by a firewall: the allocation still works, the packet does not
+    // come through, and turn-relay alone says to open the range.
+    if common::require(
+        "nft",
+        std::path::Path::new("/usr/sbin/nft").exists(),
+        "apt install nftables",
+    ) {
+        let (lo, hi) = lab.relay_ports;
+        let fw = common::Firewall::new(&[format!("ip daddr 127.0.0.1 udp dport {lo}-{hi} drop")]);
+        let (code, text) = doctor(&lab, &["--only", "turn-relay"], &[]);
+        let (turn_code, turn_text) = doctor(&lab, &["--only", "turn"], &[]);
+        drop(fw);
+        assert_eq!(code, Some(1), "{text}");
+        let l = line(&text, "turn-relay");
+        assert!(
+            l.starts_with("❌") && l.contains("did not come through coturn"),
+            "{text}"
+        );
+        assert!(
+            l.contains(&format!("fix: open UDP {lo}-{hi} (turn.min_port..max_port")),
+            "{text}"
+        );
+        assert_eq!(
+            turn_code,
+            Some(0),
+            "the allocation itself works: {turn_text}"
+        );
+        assert_mark(&turn_text, "turn", "✅");
+    }
 
     // coturn with another secret than Synapse's: the relay is refused, 401.
     let conf = walk(&lab.state(), "turnserver.conf").expect("coturn's rendered config");

@@ -94,6 +94,7 @@ pub const FAMILIES: &[&str] = &[
     "tls",
     "turn-tls",
     "turn",
+    "turn-relay",
     "delegation-server",
     "delegation-client",
     "federation-in",
@@ -253,7 +254,8 @@ pub async fn run(cfg: &Config, opts: &Options) -> Report {
     };
     let mut checks = vec![];
     for family in FAMILIES {
-        if !wanted(family) {
+        // turn-relay needs turn's allocation: both come from one run of the turn family.
+        if !wanted(family) && !(*family == "turn" && wanted("turn-relay")) {
             continue;
         }
         let got = match *family {
@@ -262,8 +264,8 @@ pub async fn run(cfg: &Config, opts: &Options) -> Report {
             "tls" => tls::check(&ctx).await,
             "turn-tls" if cfg.turn.enabled => vec![tls::turn(&ctx).await],
             "turn-tls" => vec![],
-            "turn" if cfg.turn.enabled => vec![turn::check(&ctx).await],
-            "turn" => vec![],
+            "turn" if cfg.turn.enabled => turn::check(&ctx).await,
+            "turn" | "turn-relay" => vec![],
             "delegation-server" => vec![delegation::server(&ctx, &discovered).await],
             "delegation-client" => vec![delegation::client(&ctx).await],
             "federation-in" => vec![federation::inbound(&ctx, &discovered).await],

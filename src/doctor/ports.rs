@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 use super::{Check, Ctx};
 
 /// Is `ip` one of this host's own addresses (no NAT in between)?
-fn is_local(ip: IpAddr) -> bool {
+pub(super) fn is_local(ip: IpAddr) -> bool {
     std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
 }
 
@@ -74,7 +74,7 @@ pub async fn check(ctx: &Ctx<'_>, public: &Result<(IpAddr, String), String>) -> 
         .filter_map(|(l, r)| r.as_ref().err().map(|e| format!("{l}: {e}")))
         .collect();
     let relay = format!(
-        "the relay range {}-{}/udp is not probed (it needs a peer on another network)",
+        "the relay range {}-{}/udp: see turn-relay",
         ctx.cfg.turn.min_port, ctx.cfg.turn.max_port
     );
     let local = is_local(*ip);

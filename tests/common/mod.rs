@@ -957,3 +957,60 @@ impl Lab {
         )
     }
 }
+
+/// Packet-filter rules for one test, in their own nftables table (removed on drop), so that a
+/// test can close a port or block a range as a firewall in front of the host would.
+pub struct Firewall {
+    table: String,
+}
+
+impl Firewall {
+    /// `rules`: nft rule bodies for an input-hook chain, e.g. `ip daddr 127.0.0.1 udp dport
+    /// 10000-10019 drop`.
+    pub fn new(rules: &[String]) -> Firewall {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let fw = Firewall {
+            table: format!(
+                "hmtest{}_{}",
+                std::process::id(),
+                NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ),
+        };
+        let mut script = format!(
+            "table inet {t} {{\n chain input {{\n  type filter hook input priority 0; policy accept;\n",
+            t = fw.table
+        );
+        for r in rules {
+            script.push_str(&format!("  {r}\n"));
+        }
+        script.push_str(" }\n}\n");
+        let mut child = Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("running nft (apt install nftables)");
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(script.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "nft -f: {}\n{script}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        fw
+    }
+}
+
+impl Drop for Firewall {
+    fn drop(&mut self) {
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", &self.table])
+            .output();
+    }
+}
