@@ -365,3 +365,170 @@ fn walk(dir: &std::path::Path, name: &str) -> Option<std::path::PathBuf> {
     }
     None
 }
+
+/// A web server that is not the appliance, at `ip`:`port` for `name` (certificate from the
+/// lab's internal CA, so that only what it serves is wrong): openssl's s_server serving the
+/// files under `files` as text/plain, without CORS headers.
+struct OtherWebServer {
+    child: std::process::Child,
+}
+
+impl OtherWebServer {
+    fn start(lab: &Lab, name: &str, ip: &str, port: u16, files: &[(&str, &str)]) -> OtherWebServer {
+        let d = lab.path(&format!("web-{name}"));
+        let www = d.join("www");
+        for (path, body) in files {
+            let f = www.join(path.trim_start_matches('/'));
+            fs::create_dir_all(f.parent().unwrap()).unwrap();
+            fs::write(f, body).unwrap();
+        }
+        fs::create_dir_all(&www).unwrap();
+        let ca = lab.state().join("ca");
+        let sh = format!(
+            "set -e; cd {d}; openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout key.pem -subj /CN={name} -out req.pem 2>/dev/null; \
+             printf 'subjectAltName=DNS:{name}\\n' > ext; \
+             openssl x509 -req -in req.pem -CA {ca}/root.pem -CAkey {ca}/root.key -CAcreateserial -days 2 -extfile ext -out cert.pem 2>/dev/null",
+            d = d.display(),
+            ca = ca.display()
+        );
+        let st = std::process::Command::new("sh")
+            .args(["-c", &sh])
+            .status()
+            .unwrap();
+        assert!(st.success(), "making a certificate for {name}");
+        let child = std::process::Command::new("openssl")
+            .args(["s_server", "-quiet", "-WWW", "-accept"])
+            .arg(format!("{ip}:{port}"))
+            .arg("-cert")
+            .arg(d.join("cert.pem"))
+            .arg("-key")
+            .arg(d.join("key.pem"))
+            .current_dir(&www)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("running openssl s_server");
+        let addr: std::net::SocketAddr = format!("{ip}:{port}").parse().unwrap();
+        common::wait_until(
+            "s_server listening",
+            std::time::Duration::from_secs(10),
+            || std::net::TcpStream::connect(addr).is_ok(),
+        );
+        OtherWebServer { child }
+    }
+}
+
+impl Drop for OtherWebServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn server_discovery_follows_srv_records_and_a_missing_or_corsless_well_known_fails() {
+    if !require_appliance()
+        || !common::require(
+            "dnsmasq",
+            std::path::Path::new(common::Dns::DNSMASQ).exists(),
+            "apt install dnsmasq-base",
+        )
+    {
+        return;
+    }
+    let lab = Lab::new("doctor-srv");
+    let _run = lab.start();
+    let fed = lab.federation_port;
+    // The server_name's web server is elsewhere (nothing at 127.0.0.2): no well-known, so a
+    // remote server looks up SRV records for the server_name (spec step 4).
+    let elsewhere = ["matrix.test=127.0.0.2"];
+    let run = |dns: &common::Dns, only: &str| {
+        let ns = dns.addr.to_string();
+        doctor(&lab, &["--only", only, "--nameserver", &ns], &elsewhere)
+    };
+
+    let dns = common::Dns::start(&[format!(
+        "_matrix-fed._tcp.matrix.test,matrix.matrix.test,{fed}"
+    )]);
+    let (code, text) = run(&dns, "delegation-server");
+    eprintln!("{text}");
+    assert_eq!(code, Some(0), "{text}");
+    let l = line(&text, "delegation-server");
+    assert!(
+        l.starts_with("✅")
+            && l.contains("no well-known")
+            && l.contains(&format!(
+                "SRV _matrix-fed._tcp.matrix.test → matrix.matrix.test:{fed}"
+            )),
+        "{text}"
+    );
+    // federation-in fetches the keys the same way: from the SRV target, for the server_name.
+    let (code, text) = run(&dns, "federation-in");
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        line(&text, "federation-in")
+            .contains(&format!("via matrix.matrix.test:{fed}; signed by our key")),
+        "{text}"
+    );
+    drop(dns);
+
+    // Only the deprecated _matrix._tcp record: followed, with a warning to rename it.
+    let dns = common::Dns::start(&[format!("_matrix._tcp.matrix.test,matrix.matrix.test,{fed}")]);
+    let (code, text) = run(&dns, "delegation-server");
+    assert_eq!(code, Some(0), "{text}");
+    let l = line(&text, "delegation-server");
+    assert!(
+        l.starts_with("⚠️") && l.contains("(a deprecated record)"),
+        "{text}"
+    );
+    assert!(
+        l.contains("fix: rename the SRV record to _matrix-fed._tcp.matrix.test"),
+        "{text}"
+    );
+    drop(dns);
+
+    // No well-known and no SRV record: the last resort, matrix.test on the federation port,
+    // does not answer; delegation-server fails and says to serve the well-known.
+    let dns = common::Dns::start(&[]);
+    let (code, text) = run(&dns, "delegation-server");
+    eprintln!("{text}");
+    assert_eq!(code, Some(1), "{text}");
+    let l = line(&text, "delegation-server");
+    assert!(
+        l.starts_with("❌")
+            && l.contains("no well-known")
+            && l.contains("no SRV record")
+            && l.contains(&format!(
+                "matrix.test:{fed} (127.0.0.2) does not answer federation"
+            )),
+        "{text}"
+    );
+    assert!(
+        l.contains("fix: serve {\"m.server\": ")
+            && l.contains("at https://matrix.test/.well-known/matrix/server"),
+        "{text}"
+    );
+
+    // The server_name's web server is another one, whose client well-known has no CORS
+    // header: delegation-client fails with the header to add.
+    let base = format!("https://{}:{}", lab.matrix_host(), lab.https_port);
+    let _web = OtherWebServer::start(
+        &lab,
+        "matrix.test",
+        "127.0.0.2",
+        lab.https_port,
+        &[(
+            ".well-known/matrix/client",
+            &format!("{{\"m.homeserver\": {{\"base_url\": \"{base}\"}}}}"),
+        )],
+    );
+    let (code, text) = run(&dns, "delegation-client");
+    eprintln!("{text}");
+    assert_eq!(code, Some(1), "{text}");
+    let l = line(&text, "delegation-client");
+    assert!(
+        l.starts_with("❌") && l.contains("has no CORS header"),
+        "{text}"
+    );
+    assert!(l.contains("with Access-Control-Allow-Origin: *"), "{text}");
+}

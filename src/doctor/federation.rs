@@ -92,15 +92,11 @@ pub async fn inbound(ctx: &Ctx<'_>, discovered: &Discovered) -> Check {
     let fix = format!(
         "remote servers cannot verify {sn}: fix the delegation-server and tls checks first; see `homelab-matrix status` for Synapse"
     );
-    let doc = match get_json(
-        ctx.net.http().get(&url),
-        NAME,
-        &format!("GET {url}"),
-        &fix,
-        &fix,
-    )
-    .await
-    {
+    let client = match target.client(&ctx.net).await {
+        Ok(c) => c,
+        Err(e) => return Check::fail(NAME, format!("{e:#}"), fix),
+    };
+    let doc = match get_json(client.get(&url), NAME, &format!("GET {url}"), &fix, &fix).await {
         Ok(v) => v,
         Err(c) => return c,
     };
@@ -160,10 +156,9 @@ pub async fn inbound(ctx: &Ctx<'_>, discovered: &Discovered) -> Check {
     Check::pass(
         NAME,
         format!(
-            "{} via {}:{}; {mine}, valid for {}",
+            "{} via {}; {mine}, valid for {}",
             url,
-            target.host,
-            target.port,
+            target.endpoint(),
             crate::units::human_duration(Duration::from_secs(valid_until - now_secs()))
         ),
     )

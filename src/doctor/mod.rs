@@ -17,6 +17,7 @@ mod federation;
 mod net;
 mod ports;
 mod services;
+mod srv;
 mod tls;
 mod turn;
 
@@ -115,6 +116,20 @@ pub struct Options {
     pub resolve: Vec<(String, IpAddr)>,
     /// The remote server for the outbound federation check and the clock estimate.
     pub remote: String,
+    /// The nameserver for server discovery's SRV lookups; None: /etc/resolv.conf's.
+    pub nameserver: Option<std::net::SocketAddr>,
+}
+
+impl Options {
+    /// A full run with the defaults, as the daily run and the bot's `doctor` make it.
+    pub fn full() -> Options {
+        Options {
+            only: None,
+            resolve: vec![],
+            remote: DEFAULT_REMOTE.into(),
+            nameserver: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -347,12 +362,7 @@ pub async fn daily(
             _ = tokio::time::sleep(wait) => {}
             _ = stop.changed() => return,
         }
-        let opts = Options {
-            only: None,
-            resolve: vec![],
-            remote: DEFAULT_REMOTE.into(),
-        };
-        let report = run(&cfg, &opts).await;
+        let report = run(&cfg, &Options::full()).await;
         tracing::info!(summary = %report.summary(), "daily doctor run");
         if let Err(e) = save(&cfg, &report) {
             tracing::warn!("keeping the doctor's report: {e:#}");

@@ -1014,3 +1014,52 @@ impl Drop for Firewall {
             .output();
     }
 }
+
+/// A DNS server for one test (dnsmasq on 127.0.0.1, its own port): authoritative for `.test`
+/// (unknown names there are NXDOMAIN), answering only the records given. Stopped on drop.
+pub struct Dns {
+    pub addr: std::net::SocketAddr,
+    child: Child,
+}
+
+impl Dns {
+    pub const DNSMASQ: &str = "/usr/sbin/dnsmasq";
+
+    /// `srv`: dnsmasq `--srv-host` values, `_service._proto.name,target,port`.
+    pub fn start(srv: &[String]) -> Dns {
+        let port = free_port();
+        let mut c = Command::new(Self::DNSMASQ);
+        c.args([
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            "--listen-address=127.0.0.1",
+            "--pid-file=",
+            "--local=/test/",
+        ])
+        .arg(format!("--port={port}"));
+        for s in srv {
+            c.arg(format!("--srv-host={s}"));
+        }
+        let child = c
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("running dnsmasq (apt install dnsmasq-base)");
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        // Listening once our own bind of the port fails.
+        wait_until("dnsmasq listening", Duration::from_secs(10), || {
+            std::net::UdpSocket::bind(addr).is_err()
+        });
+        Dns { addr, child }
+    }
+}
+
+impl Drop for Dns {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
