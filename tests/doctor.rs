@@ -194,6 +194,67 @@ fn a_correct_appliance_passes_and_each_break_is_caught_with_its_fix() {
     );
     assert!(l.contains("LC_COLLATE 'C'"), "the fix says how: {text}");
 
+    // A PostgreSQL below Synapse's floor, faked: in a copy of the database, a current_setting
+    // ahead of pg_catalog's on the search_path answers version 13 to the doctor's query.
+    let old_db = format!("{}_old", lab.db);
+    common::psql(&format!(
+        "CREATE DATABASE \"{old_db}\" OWNER \"{}\" ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
+        lab.db
+    ));
+    common::psql_in(
+        &old_db,
+        &format!(
+            "CREATE SCHEMA fake; GRANT USAGE ON SCHEMA fake TO \"{db}\"; \
+             CREATE FUNCTION fake.current_setting(text) RETURNS text LANGUAGE sql AS \
+             $$ SELECT CASE $1 WHEN 'server_version_num' THEN '130011' WHEN 'server_version' THEN '13.11' \
+             ELSE pg_catalog.current_setting($1) END $$; \
+             ALTER DATABASE \"{old_db}\" SET search_path = fake, pg_catalog, public",
+            db = lab.db
+        ),
+    );
+    fs::write(
+        &lab.config,
+        good_config.replace(
+            &format!("database = \"{}\"", lab.db),
+            &format!("database = \"{old_db}\""),
+        ),
+    )
+    .unwrap();
+    let (code, text) = doctor(&lab, &["--only", "postgres"], &[]);
+    fs::write(&lab.config, &good_config).unwrap();
+    common::psql(&format!("DROP DATABASE \"{old_db}\""));
+    assert_eq!(code, Some(1), "{text}");
+    let l = line(&text, "postgres");
+    assert!(
+        l.starts_with("❌")
+            && l.contains("PostgreSQL 13.11")
+            && l.contains("Synapse needs PostgreSQL 14 or newer"),
+        "{text}"
+    );
+    assert!(l.contains("fix: upgrade PostgreSQL"), "{text}");
+
+    // A full disk under the media store (a 2 MiB tmpfs, filled): disk:media fails, with the
+    // path; the database's disk is another and stays as it was.
+    let media = lab.state().join("synapse-data/media_store");
+    let mount = common::TmpfsMount::new(&media, "2m");
+    mount.fill("filler");
+    let (code, text) = doctor(&lab, &["--only", "disk"], &[]);
+    drop(mount);
+    assert_eq!(code, Some(1), "{text}");
+    let l = line(&text, "disk:media");
+    assert!(
+        l.starts_with("❌") && l.contains("0.0 GiB free of 0.0 GiB") && l.contains("almost full"),
+        "{text}"
+    );
+    assert!(
+        l.contains(&format!(
+            "fix: free space on the file system of {}",
+            media.display()
+        )),
+        "{text}"
+    );
+    assert!(!line(&text, "disk:database").starts_with("❌"), "{text}");
+
     // Synapse not answering (stopped, so the supervisor does not restart it under us).
     let pid = lab.synapse_status()["pid"].as_i64().unwrap() as i32;
     let pid = nix::unistd::Pid::from_raw(pid);
@@ -319,6 +380,36 @@ fn a_name_resolving_elsewhere_and_a_certificate_for_another_name_fail_with_their
         l.contains(&format!("{}/udp (TURN)", lab.turn_port)),
         "{text}"
     );
+
+    // The federation port closed by a firewall (a TCP reset, as a host firewall's REJECT):
+    // the ports check names it and says to open it.
+    if common::require(
+        "nft",
+        std::path::Path::new("/usr/sbin/nft").exists(),
+        "apt install nftables",
+    ) {
+        let fed = lab.federation_port;
+        let fw = common::Firewall::new(&[format!(
+            "ip daddr 127.0.0.1 tcp dport {fed} reject with tcp reset"
+        )]);
+        let (code, text) = doctor(&lab, &["--only", "ports"], &[]);
+        drop(fw);
+        assert_eq!(code, Some(1), "{text}");
+        let l = line(&text, "ports");
+        assert!(
+            l.starts_with("❌")
+                && l.contains(&format!("{fed}/tcp (federation): Connection refused")),
+            "{text}"
+        );
+        assert!(
+            l.contains(&format!(
+                "open: {}/tcp (http), {}/tcp (https)",
+                lab.http_port, lab.https_port
+            )),
+            "{text}"
+        );
+        assert!(l.contains("the local firewall open?"), "{text}");
+    }
 
     // A name resolving elsewhere is caught by its DNS check, which says where.
     let (code, text) = doctor(&lab, &["--only", "dns"], &["element.matrix.test=127.0.0.2"]);

@@ -130,12 +130,19 @@ pub fn free_port() -> u16 {
 
 /// Runs psql as the postgres OS user (peer authentication), returning trimmed stdout.
 pub fn psql(sql: &str) -> String {
+    psql_in("postgres", sql)
+}
+
+/// `psql` in database `db`.
+pub fn psql_in(db: &str, sql: &str) -> String {
     let out = Command::new("runuser")
         .args([
             "-u",
             "postgres",
             "--",
             "psql",
+            "-d",
+            db,
             "-v",
             "ON_ERROR_STOP=1",
             "-Atc",
@@ -1061,5 +1068,40 @@ impl Drop for Dns {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A small tmpfs mounted over `path` (e.g. a store, to make its disk full), unmounted on drop.
+pub struct TmpfsMount {
+    path: PathBuf,
+}
+
+impl TmpfsMount {
+    pub fn new(path: &Path, size: &str) -> TmpfsMount {
+        fs::create_dir_all(path).unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .status()
+            .expect("running mount");
+        assert!(st.success(), "mounting a tmpfs on {}", path.display());
+        TmpfsMount {
+            path: path.to_path_buf(),
+        }
+    }
+
+    /// Writes zeros into `name` until the file system is full.
+    pub fn fill(&self, name: &str) {
+        let _ = Command::new("dd")
+            .args(["if=/dev/zero", "bs=64k"])
+            .arg(format!("of={}", self.path.join(name).display()))
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.path).status();
     }
 }
