@@ -12,6 +12,7 @@
 pub mod element;
 pub mod nspawn;
 pub mod pebble;
+pub mod twohost;
 
 use std::fs;
 use std::io::Read;
