@@ -88,6 +88,11 @@ pub struct DoctorArgs {
     /// first nameserver in /etc/resolv.conf).
     #[arg(long, value_name = "ADDR")]
     pub nameserver: Option<String>,
+    /// This runs on another network than the appliance (with a copy of its config and state,
+    /// e.g. `--only ports`): a port that does not answer at the public address fails instead of
+    /// being put down to a router that does not loop back.
+    #[arg(long)]
+    pub outside: bool,
     /// Tests: resolve NAME to ADDR instead of asking DNS (like curl --resolve).
     #[arg(long, value_name = "NAME=ADDR", hide = true)]
     pub resolve: Vec<String>,
@@ -336,6 +341,7 @@ async fn doctor(cfg: &Config, args: DoctorArgs) -> i32 {
         resolve,
         remote: args.remote,
         nameserver,
+        outside: args.outside,
     };
     let report = crate::doctor::run(cfg, &opts).await;
     if opts.only.is_none()

@@ -11,6 +11,7 @@ mod common;
 use std::fs;
 use std::process::Output;
 
+use common::twohost::TwoHost;
 use common::{Lab, require_appliance};
 use serde_json::Value;
 
@@ -622,4 +623,104 @@ fn server_discovery_follows_srv_records_and_a_missing_or_corsless_well_known_fai
         "{text}"
     );
     assert!(l.contains("with Access-Control-Allow-Origin: *"), "{text}");
+}
+
+/// A's doctor, run on B: its config and state (shared by the file system), B's network.
+fn doctor_from(pair: &TwoHost, args: &[&str]) -> (Option<i32>, String) {
+    let out = pair
+        .b
+        .exec(common::bin())
+        .arg("--config")
+        .arg(&pair.a.lab.config)
+        .arg("doctor")
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("running homelab-matrix doctor");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code(), text)
+}
+
+#[test]
+fn from_another_host_the_ports_and_inbound_federation_are_seen_and_outbound_reaches_it() {
+    if !require_appliance()
+        || !common::require(
+            "nft",
+            std::path::Path::new("/usr/sbin/nft").exists(),
+            "apt install nftables",
+        )
+    {
+        return;
+    }
+    let mut pair = TwoHost::new("doctor2");
+    // A's public address is its address on the link (TURN itself stays off in the pair).
+    let a_ip = pair.a.ip.clone();
+    pair.a
+        .lab
+        .turn_extra
+        .replace(format!("enabled = false\nexternal_ip = \"{a_ip}\"\n"));
+    pair.start();
+
+    // From B: A's names resolve to A, its ports answer, and a remote server's path to A's keys
+    // (discovery, TLS, signature) works.
+    let (code, text) = doctor_from(&pair, &["--outside", "--only", "dns"]);
+    eprintln!("{text}");
+    assert_eq!(code, Some(0), "{text}");
+    assert_mark(&text, "dns:a.test", "✅");
+    let (code, text) = doctor_from(&pair, &["--outside", "--only", "ports"]);
+    eprintln!("{text}");
+    assert_eq!(code, Some(0), "{text}");
+    let l = line(&text, "ports");
+    assert!(
+        l.starts_with("✅")
+            && l.contains("80/tcp (http), 443/tcp (https), 8448/tcp (federation)")
+            && l.contains("seen from another network"),
+        "{text}"
+    );
+    let (code, text) = doctor_from(&pair, &["--only", "federation-in"]);
+    eprintln!("{text}");
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        line(&text, "federation-in")
+            .contains("https://matrix.a.test/_matrix/key/v2/server via matrix.a.test:443; signed by our key ed25519:"),
+        "{text}"
+    );
+
+    // On A, the outbound check pointed at B: A's Synapse fetches B's keys over federation.
+    let out = pair
+        .a
+        .cli(&["doctor", "--only", "federation-out", "--remote", "b.test"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("{text}");
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    let l = line(&text, "federation-out");
+    assert!(
+        l.starts_with("✅") && l.contains("Synapse fetched b.test's keys (ed25519:"),
+        "{text}"
+    );
+
+    // 8448 closed by A's firewall: B sees it, and with --outside that is a failure, not a
+    // router's missing loopback.
+    let fw = common::Firewall::new_in(
+        Some(&pair.a.ns),
+        &["tcp dport 8448 reject with tcp reset".to_string()],
+    );
+    let (code, text) = doctor_from(&pair, &["--outside", "--only", "ports"]);
+    drop(fw);
+    eprintln!("{text}");
+    assert_eq!(code, Some(1), "{text}");
+    let l = line(&text, "ports");
+    assert!(
+        l.starts_with("❌")
+            && l.contains("8448/tcp (federation): Connection refused")
+            && l.contains("open: 80/tcp (http), 443/tcp (https)"),
+        "{text}"
+    );
+    assert!(
+        l.contains("fix: open these ports to the internet"),
+        "{text}"
+    );
 }

@@ -176,11 +176,21 @@ pub async fn outbound(ctx: &Ctx<'_>) -> Check {
             ),
         );
     }
-    // Synapse's notary endpoint: it fetches (or has cached) the remote's keys over federation.
-    let url = format!(
-        "{}/_matrix/key/v2/query/{remote}",
-        ctx.cfg.synapse_local_url()
-    );
+    // Synapse's notary endpoint. Asked for all of a server's keys it answers only from its
+    // cache (synapse/rest/key/v2/remote_key_resource.py, query_keys: no fetch when no key id
+    // is named); asked for a key id it lacks, it fetches the server's keys over federation and
+    // stores them all. So: a key id no server has, to make it fetch; then all keys. (Synapse
+    // requires minimum_valid_until_ts in each criterion.)
+    let base = ctx.cfg.synapse_local_url();
+    let _ = ctx
+        .net
+        .http()
+        .post(format!("{base}/_matrix/key/v2/query"))
+        .json(&serde_json::json!({"server_keys": {remote.as_str(): {"ed25519:homelab-matrix-doctor": {"minimum_valid_until_ts": 0}}}}))
+        .timeout(Duration::from_secs(60))
+        .send()
+        .await;
+    let url = format!("{base}/_matrix/key/v2/query/{remote}");
     let doc = match get_json(
         ctx.net.http().get(&url).timeout(Duration::from_secs(60)),
         NAME,
@@ -212,7 +222,10 @@ pub async fn outbound(ctx: &Ctx<'_>) -> Check {
         ),
         _ => Check::fail(
             NAME,
-            format!("this host reaches {remote}, but Synapse could not fetch its keys"),
+            format!(
+                "this host reaches {remote}, but Synapse could not fetch its keys (it answered {})",
+                doc.to_string().chars().take(300).collect::<String>()
+            ),
             format!(
                 "Synapse's log says why (`journalctl -u homelab-matrix | grep -i {remote}`); outbound 443 and 8448 must be open, and DNS must resolve {remote}"
             ),

@@ -118,6 +118,9 @@ pub struct Options {
     pub remote: String,
     /// The nameserver for server discovery's SRV lookups; None: /etc/resolv.conf's.
     pub nameserver: Option<std::net::SocketAddr>,
+    /// The doctor runs on another network than the appliance (with its config and state): no
+    /// hairpin NAT is in between, so what does not answer at the public address fails.
+    pub outside: bool,
 }
 
 impl Options {
@@ -128,6 +131,7 @@ impl Options {
             resolve: vec![],
             remote: DEFAULT_REMOTE.into(),
             nameserver: None,
+            outside: false,
         }
     }
 }

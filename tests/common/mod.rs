@@ -970,12 +970,19 @@ impl Lab {
 /// test can close a port or block a range as a firewall in front of the host would.
 pub struct Firewall {
     table: String,
+    /// The network namespace whose firewall this is (None: this test's own).
+    netns: Option<String>,
 }
 
 impl Firewall {
     /// `rules`: nft rule bodies for an input-hook chain, e.g. `ip daddr 127.0.0.1 udp dport
     /// 10000-10019 drop`.
     pub fn new(rules: &[String]) -> Firewall {
+        Firewall::new_in(None, rules)
+    }
+
+    /// `Firewall::new` in network namespace `netns`.
+    pub fn new_in(netns: Option<&str>, rules: &[String]) -> Firewall {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let fw = Firewall {
             table: format!(
@@ -983,6 +990,7 @@ impl Firewall {
                 std::process::id(),
                 NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             ),
+            netns: netns.map(str::to_string),
         };
         let mut script = format!(
             "table inet {t} {{\n chain input {{\n  type filter hook input priority 0; policy accept;\n",
@@ -992,7 +1000,8 @@ impl Firewall {
             script.push_str(&format!("  {r}\n"));
         }
         script.push_str(" }\n}\n");
-        let mut child = Command::new("nft")
+        let mut child = fw
+            .nft()
             .args(["-f", "-"])
             .stdin(Stdio::piped())
             .stderr(Stdio::piped())
@@ -1015,9 +1024,23 @@ impl Firewall {
     }
 }
 
+impl Firewall {
+    fn nft(&self) -> Command {
+        match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "nft"]);
+                c
+            }
+            None => Command::new("nft"),
+        }
+    }
+}
+
 impl Drop for Firewall {
     fn drop(&mut self) {
-        let _ = Command::new("nft")
+        let _ = self
+            .nft()
             .args(["delete", "table", "inet", &self.table])
             .output();
     }
