@@ -240,6 +240,29 @@ pub struct Ctx<'a> {
     pub opts: &'a Options,
     /// `status` from the control socket; None when the service is not running.
     pub status: Option<Value>,
+    /// One PostgreSQL session as Synapse's role, made when a check first needs it (postgres,
+    /// disk), or why it could not be.
+    pg: tokio::sync::OnceCell<Result<tokio_postgres::Client, String>>,
+}
+
+impl Ctx<'_> {
+    /// The PostgreSQL session (src/postgres.rs logs in the way Synapse does).
+    pub async fn postgres(&self) -> Result<&tokio_postgres::Client, &str> {
+        self.pg
+            .get_or_init(|| async {
+                let password = crate::secrets::Secrets::open(&self.cfg.state_dir())
+                    .get(crate::secrets::Kind::PostgresPassword)
+                    .map_err(|e| format!("{e:#}"))?;
+                let req = crate::postgres::Request::from_config(self.cfg, &password);
+                crate::postgres::session_as_synapse(&req)
+                    .await
+                    .map(|(client, _)| client)
+                    .map_err(|e| delegation::error_chain(&e))
+            })
+            .await
+            .as_ref()
+            .map_err(String::as_str)
+    }
 }
 
 /// Runs the checks (all, or the `--only` ones) and returns the report.
@@ -253,6 +276,7 @@ pub async fn run(cfg: &Config, opts: &Options) -> Report {
         net: Net::new(cfg, &opts.resolve),
         opts,
         status,
+        pg: tokio::sync::OnceCell::new(),
     };
     let wanted = |family: &str| match &opts.only {
         None => true,
@@ -274,7 +298,8 @@ pub async fn run(cfg: &Config, opts: &Options) -> Report {
     let mut checks = vec![];
     for family in FAMILIES {
         // turn-relay needs turn's allocation: both come from one run of the turn family.
-        if !wanted(family) && !(*family == "turn" && wanted("turn-relay")) {
+        let runs = wanted(family) || (*family == "turn" && wanted("turn-relay"));
+        if !runs {
             continue;
         }
         let got = match *family {
