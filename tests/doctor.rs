@@ -54,6 +54,38 @@ fn line<'a>(text: &'a str, name: &str) -> &'a str {
     &text[begin..end]
 }
 
+/// The postgres check against another database `<lab db>_<suffix>` of the lab's role, made
+/// with `locale` (e.g. "LC_COLLATE 'C' LC_CTYPE 'C'") and then `setup` run in it; the config
+/// and the database are put back after.
+fn postgres_check_on(
+    lab: &Lab,
+    suffix: &str,
+    locale: &str,
+    setup: Option<&str>,
+) -> (Option<i32>, String) {
+    let other = format!("{}_{suffix}", lab.db);
+    common::psql(&format!(
+        "CREATE DATABASE \"{other}\" OWNER \"{}\" ENCODING 'UTF8' {locale} TEMPLATE template0",
+        lab.db
+    ));
+    if let Some(sql) = setup {
+        common::psql_in(&other, sql);
+    }
+    let good = fs::read_to_string(&lab.config).unwrap();
+    fs::write(
+        &lab.config,
+        good.replace(
+            &format!("database = \"{}\"", lab.db),
+            &format!("database = \"{other}\""),
+        ),
+    )
+    .unwrap();
+    let got = doctor(lab, &["--only", "postgres"], &[]);
+    fs::write(&lab.config, &good).unwrap();
+    common::psql(&format!("DROP DATABASE \"{other}\""));
+    got
+}
+
 fn assert_mark(text: &str, name: &str, mark: &str) {
     let l = line(text, name);
     assert!(
@@ -170,23 +202,8 @@ fn a_correct_appliance_passes_and_each_break_is_caught_with_its_fix() {
     );
 
     // A database with the wrong collation (Synapse refuses it: docs/postgres.md).
-    let bad = format!("{}_c", lab.db);
-    common::psql(&format!(
-        "CREATE DATABASE \"{bad}\" OWNER \"{}\" ENCODING 'UTF8' LC_COLLATE 'C.UTF-8' LC_CTYPE 'C.UTF-8' TEMPLATE template0",
-        lab.db
-    ));
-    let good_config = fs::read_to_string(&lab.config).unwrap();
-    fs::write(
-        &lab.config,
-        good_config.replace(
-            &format!("database = \"{}\"", lab.db),
-            &format!("database = \"{bad}\""),
-        ),
-    )
-    .unwrap();
-    let (code, text) = doctor(&lab, &["--only", "postgres"], &[]);
-    fs::write(&lab.config, &good_config).unwrap();
-    common::psql(&format!("DROP DATABASE \"{bad}\""));
+    let (code, text) =
+        postgres_check_on(&lab, "c", "LC_COLLATE 'C.UTF-8' LC_CTYPE 'C.UTF-8'", None);
     assert_eq!(code, Some(1), "{text}");
     let l = line(&text, "postgres");
     assert!(
@@ -197,33 +214,15 @@ fn a_correct_appliance_passes_and_each_break_is_caught_with_its_fix() {
 
     // A PostgreSQL below Synapse's floor, faked: in a copy of the database, a current_setting
     // ahead of pg_catalog's on the search_path answers version 13 to the doctor's query.
-    let old_db = format!("{}_old", lab.db);
-    common::psql(&format!(
-        "CREATE DATABASE \"{old_db}\" OWNER \"{}\" ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
-        lab.db
-    ));
-    common::psql_in(
-        &old_db,
-        &format!(
-            "CREATE SCHEMA fake; GRANT USAGE ON SCHEMA fake TO \"{db}\"; \
-             CREATE FUNCTION fake.current_setting(text) RETURNS text LANGUAGE sql AS \
-             $$ SELECT CASE $1 WHEN 'server_version_num' THEN '130011' WHEN 'server_version' THEN '13.11' \
-             ELSE pg_catalog.current_setting($1) END $$; \
-             ALTER DATABASE \"{old_db}\" SET search_path = fake, pg_catalog, public",
-            db = lab.db
-        ),
+    let fake = format!(
+        "CREATE SCHEMA fake; GRANT USAGE ON SCHEMA fake TO \"{db}\"; \
+         CREATE FUNCTION fake.current_setting(text) RETURNS text LANGUAGE sql AS \
+         $$ SELECT CASE $1 WHEN 'server_version_num' THEN '130011' WHEN 'server_version' THEN '13.11' \
+         ELSE pg_catalog.current_setting($1) END $$; \
+         ALTER DATABASE \"{db}_old\" SET search_path = fake, pg_catalog, public",
+        db = lab.db
     );
-    fs::write(
-        &lab.config,
-        good_config.replace(
-            &format!("database = \"{}\"", lab.db),
-            &format!("database = \"{old_db}\""),
-        ),
-    )
-    .unwrap();
-    let (code, text) = doctor(&lab, &["--only", "postgres"], &[]);
-    fs::write(&lab.config, &good_config).unwrap();
-    common::psql(&format!("DROP DATABASE \"{old_db}\""));
+    let (code, text) = postgres_check_on(&lab, "old", "LC_COLLATE 'C' LC_CTYPE 'C'", Some(&fake));
     assert_eq!(code, Some(1), "{text}");
     let l = line(&text, "postgres");
     assert!(
