@@ -76,7 +76,7 @@ pub struct DoctorArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
-    /// Run only this family of checks (dns, ports, tls, turn-tls, turn, delegation-server,
+    /// Run only this family of checks (dns, ports, tls, turn-tls, turn, turn-relay, delegation-server,
     /// delegation-client, federation-in, federation-out, synapse, postgres, disk, clock,
     /// element) or one check (e.g. tls:matrix.example.org, dns:matrix.example.org).
     #[arg(long, value_name = "NAME")]
@@ -84,6 +84,15 @@ pub struct DoctorArgs {
     /// The remote server for the outbound federation check and the clock estimate.
     #[arg(long, default_value = crate::doctor::DEFAULT_REMOTE)]
     pub remote: String,
+    /// The nameserver for server discovery's SRV lookups, ADDR or ADDR:PORT (default: the
+    /// first nameserver in /etc/resolv.conf).
+    #[arg(long, value_name = "ADDR")]
+    pub nameserver: Option<String>,
+    /// This runs on another network than the appliance (with a copy of its config and state,
+    /// e.g. `--only ports`): a port that does not answer at the public address fails instead of
+    /// being put down to a router that does not loop back.
+    #[arg(long)]
+    pub outside: bool,
     /// Tests: resolve NAME to ADDR instead of asking DNS (like curl --resolve).
     #[arg(long, value_name = "NAME=ADDR", hide = true)]
     pub resolve: Vec<String>,
@@ -304,6 +313,20 @@ async fn doctor(cfg: &Config, args: DoctorArgs) -> i32 {
             }
         }
     }
+    let nameserver = match args.nameserver.as_deref().map(|n| {
+        n.parse::<std::net::SocketAddr>()
+            .or_else(|_| n.parse::<std::net::IpAddr>().map(|ip| (ip, 53).into()))
+    }) {
+        None => None,
+        Some(Ok(a)) => Some(a),
+        Some(Err(_)) => {
+            eprintln!(
+                "--nameserver {:?}: use ADDR or ADDR:PORT, e.g. 192.0.2.53",
+                args.nameserver.unwrap_or_default()
+            );
+            return 2;
+        }
+    };
     if let Some(o) = &args.only
         && !crate::doctor::valid_only(cfg, o)
     {
@@ -317,6 +340,8 @@ async fn doctor(cfg: &Config, args: DoctorArgs) -> i32 {
         only: args.only,
         resolve,
         remote: args.remote,
+        nameserver,
+        outside: args.outside,
     };
     let report = crate::doctor::run(cfg, &opts).await;
     if opts.only.is_none()

@@ -332,7 +332,11 @@ async fn connect(
     Ok(client)
 }
 
-async fn login_as_synapse(req: &Request) -> Result<(), tokio_postgres::Error> {
+/// A session logged in the way Synapse logs in (TCP, its role's password), and the task that
+/// drives its connection (it ends once the client is dropped).
+pub async fn session_as_synapse(
+    req: &Request,
+) -> Result<(Client, tokio::task::JoinHandle<()>), tokio_postgres::Error> {
     let mut pg = tokio_postgres::Config::new();
     pg.host(&req.tcp_host)
         .port(req.tcp_port)
@@ -341,7 +345,14 @@ async fn login_as_synapse(req: &Request) -> Result<(), tokio_postgres::Error> {
         .dbname(&req.database)
         .connect_timeout(Duration::from_secs(10));
     let (client, conn) = pg.connect(NoTls).await?;
-    let task = tokio::spawn(conn);
+    let task = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok((client, task))
+}
+
+async fn login_as_synapse(req: &Request) -> Result<(), tokio_postgres::Error> {
+    let (client, task) = session_as_synapse(req).await?;
     client.simple_query("SELECT 1").await?;
     drop(client);
     let _ = task.await;

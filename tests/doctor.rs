@@ -11,6 +11,7 @@ mod common;
 use std::fs;
 use std::process::Output;
 
+use common::twohost::TwoHost;
 use common::{Lab, require_appliance};
 use serde_json::Value;
 
@@ -53,6 +54,46 @@ fn line<'a>(text: &'a str, name: &str) -> &'a str {
     &text[begin..end]
 }
 
+/// A full doctor run against another database `<lab db>_<suffix>` of the lab's role, made
+/// with `locale` (e.g. "LC_COLLATE 'C' LC_CTYPE 'C'") and then `setup` run in it; the config
+/// and the database are put back after.
+fn postgres_check_on(
+    lab: &Lab,
+    suffix: &str,
+    locale: &str,
+    setup: Option<&str>,
+) -> (Option<i32>, String) {
+    let other = format!("{}_{suffix}", lab.db);
+    common::psql(&format!(
+        "CREATE DATABASE \"{other}\" OWNER \"{}\" ENCODING 'UTF8' {locale} TEMPLATE template0",
+        lab.db
+    ));
+    if let Some(sql) = setup {
+        common::psql_in(&other, sql);
+    }
+    let good = fs::read_to_string(&lab.config).unwrap();
+    fs::write(
+        &lab.config,
+        good.replace(
+            &format!("database = \"{}\"", lab.db),
+            &format!("database = \"{other}\""),
+        ),
+    )
+    .unwrap();
+    let got = doctor(lab, &[], &[]);
+    fs::write(&lab.config, &good).unwrap();
+    common::psql(&format!("DROP DATABASE \"{other}\""));
+    got
+}
+
+/// The checks a report shows as failed (❌), in report order.
+fn failed(text: &str) -> Vec<&str> {
+    text.lines()
+        .filter(|l| l.starts_with("❌"))
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .collect()
+}
+
 fn assert_mark(text: &str, name: &str, mark: &str) {
     let l = line(text, name);
     assert!(
@@ -67,6 +108,9 @@ fn a_correct_appliance_passes_and_each_break_is_caught_with_its_fix() {
         return;
     }
     let lab = Lab::new("doctor");
+    // The test peer of turn-relay is this host, on loopback: coturn denies that unless allowed.
+    *lab.turn_extra.borrow_mut() = "allowed_peer_ips = [\"127.0.0.1\"]\n".into();
+    lab.write_config("[tls]\nmode = \"internal\"\n");
     let _run = lab.start();
 
     let (code, text) = doctor(&lab, &[], &[]);
@@ -86,6 +130,7 @@ fn a_correct_appliance_passes_and_each_break_is_caught_with_its_fix() {
     for name in [
         "turn-tls",
         "turn",
+        "turn-relay",
         "delegation-server",
         "delegation-client",
         "federation-in",
@@ -104,6 +149,10 @@ fn a_correct_appliance_passes_and_each_break_is_caught_with_its_fix() {
     );
     assert!(
         line(&text, "turn").contains("allocated relay 127.0.0.1:"),
+        "{text}"
+    );
+    assert!(
+        line(&text, "turn-relay").contains("went through relay 127.0.0.1:"),
         "{text}"
     );
     assert!(line(&text, "postgres").contains("collation C"), "{text}");
@@ -161,30 +210,61 @@ fn a_correct_appliance_passes_and_each_break_is_caught_with_its_fix() {
     );
 
     // A database with the wrong collation (Synapse refuses it: docs/postgres.md).
-    let bad = format!("{}_c", lab.db);
-    common::psql(&format!(
-        "CREATE DATABASE \"{bad}\" OWNER \"{}\" ENCODING 'UTF8' LC_COLLATE 'C.UTF-8' LC_CTYPE 'C.UTF-8' TEMPLATE template0",
-        lab.db
-    ));
-    let good_config = fs::read_to_string(&lab.config).unwrap();
-    fs::write(
-        &lab.config,
-        good_config.replace(
-            &format!("database = \"{}\"", lab.db),
-            &format!("database = \"{bad}\""),
-        ),
-    )
-    .unwrap();
-    let (code, text) = doctor(&lab, &["--only", "postgres"], &[]);
-    fs::write(&lab.config, &good_config).unwrap();
-    common::psql(&format!("DROP DATABASE \"{bad}\""));
+    let (code, text) =
+        postgres_check_on(&lab, "c", "LC_COLLATE 'C.UTF-8' LC_CTYPE 'C.UTF-8'", None);
     assert_eq!(code, Some(1), "{text}");
+    assert_eq!(failed(&text), ["postgres"], "{text}");
     let l = line(&text, "postgres");
     assert!(
         l.starts_with("❌") && l.contains("collation C.UTF-8"),
         "{text}"
     );
     assert!(l.contains("LC_COLLATE 'C'"), "the fix says how: {text}");
+
+    // A PostgreSQL below Synapse's floor, faked: in a copy of the database, a current_setting
+    // ahead of pg_catalog's on the search_path answers version 13 to the doctor's query.
+    let fake = format!(
+        "CREATE SCHEMA fake; GRANT USAGE ON SCHEMA fake TO \"{db}\"; \
+         CREATE FUNCTION fake.current_setting(text) RETURNS text LANGUAGE sql AS \
+         $$ SELECT CASE $1 WHEN 'server_version_num' THEN '130011' WHEN 'server_version' THEN '13.11' \
+         ELSE pg_catalog.current_setting($1) END $$; \
+         ALTER DATABASE \"{db}_old\" SET search_path = fake, pg_catalog, public",
+        db = lab.db
+    );
+    let (code, text) = postgres_check_on(&lab, "old", "LC_COLLATE 'C' LC_CTYPE 'C'", Some(&fake));
+    assert_eq!(code, Some(1), "{text}");
+    assert_eq!(failed(&text), ["postgres"], "{text}");
+    let l = line(&text, "postgres");
+    assert!(
+        l.starts_with("❌")
+            && l.contains("PostgreSQL 13.11")
+            && l.contains("Synapse needs PostgreSQL 14 or newer"),
+        "{text}"
+    );
+    assert!(l.contains("fix: upgrade PostgreSQL"), "{text}");
+
+    // A full disk under the media store (a 2 MiB tmpfs, filled): disk:media fails, with the
+    // path; the database's disk is another and stays as it was.
+    let media = lab.state().join("synapse-data/media_store");
+    let mount = common::TmpfsMount::new(&media, "2m");
+    mount.fill("filler");
+    let (code, text) = doctor(&lab, &[], &[]);
+    drop(mount);
+    assert_eq!(code, Some(1), "{text}");
+    assert_eq!(failed(&text), ["disk:media"], "{text}");
+    let l = line(&text, "disk:media");
+    assert!(
+        l.starts_with("❌") && l.contains("0.0 GiB free of 0.0 GiB") && l.contains("almost full"),
+        "{text}"
+    );
+    assert!(
+        l.contains(&format!(
+            "fix: free space on the file system of {}",
+            media.display()
+        )),
+        "{text}"
+    );
+    assert!(!line(&text, "disk:database").starts_with("❌"), "{text}");
 
     // Synapse not answering (stopped, so the supervisor does not restart it under us).
     let pid = lab.synapse_status()["pid"].as_i64().unwrap() as i32;
@@ -198,6 +278,34 @@ fn a_correct_appliance_passes_and_each_break_is_caught_with_its_fix() {
         l.starts_with("❌") && l.contains("does not answer") && l.contains("fix:"),
         "{text}"
     );
+
+    // The relay range blocked by a firewall: the allocation still works, the packet does not
+    // come through, and turn-relay alone says to open the range.
+    if common::require(
+        "nft",
+        std::path::Path::new("/usr/sbin/nft").exists(),
+        "apt install nftables",
+    ) {
+        let (lo, hi) = lab.relay_ports;
+        let fw = common::Firewall::new(&[format!("ip daddr 127.0.0.1 udp dport {lo}-{hi} drop")]);
+        let (code, text) = doctor(&lab, &[], &[]);
+        drop(fw);
+        assert_eq!(code, Some(1), "{text}");
+        assert_eq!(failed(&text), ["turn-relay"], "{text}");
+        let l = line(&text, "turn-relay");
+        assert!(
+            l.starts_with("❌") && l.contains("did not come through coturn"),
+            "{text}"
+        );
+        assert!(
+            l.contains(&format!("fix: open UDP {lo}-{hi} (turn.min_port..max_port")),
+            "{text}"
+        );
+        assert_mark(&text, "turn", "✅");
+    }
+
+    // The last full run, which the --only run below must leave in `status`.
+    let summary = lab.status()["doctor"]["summary"].clone();
 
     // coturn with another secret than Synapse's: the relay is refused, 401.
     let conf = walk(&lab.state(), "turnserver.conf").expect("coturn's rendered config");
@@ -282,6 +390,36 @@ fn a_name_resolving_elsewhere_and_a_certificate_for_another_name_fail_with_their
         "{text}"
     );
 
+    // The federation port closed by a firewall (a TCP reset, as a host firewall's REJECT):
+    // the ports check names it and says to open it.
+    if common::require(
+        "nft",
+        std::path::Path::new("/usr/sbin/nft").exists(),
+        "apt install nftables",
+    ) {
+        let fed = lab.federation_port;
+        let fw = common::Firewall::new(&[format!(
+            "ip daddr 127.0.0.1 tcp dport {fed} reject with tcp reset"
+        )]);
+        let (code, text) = doctor(&lab, &["--only", "ports"], &[]);
+        drop(fw);
+        assert_eq!(code, Some(1), "{text}");
+        let l = line(&text, "ports");
+        assert!(
+            l.starts_with("❌")
+                && l.contains(&format!("{fed}/tcp (federation): Connection refused")),
+            "{text}"
+        );
+        assert!(
+            l.contains(&format!(
+                "open: {}/tcp (http), {}/tcp (https)",
+                lab.http_port, lab.https_port
+            )),
+            "{text}"
+        );
+        assert!(l.contains("the local firewall open?"), "{text}");
+    }
+
     // A name resolving elsewhere is caught by its DNS check, which says where.
     let (code, text) = doctor(&lab, &["--only", "dns"], &["element.matrix.test=127.0.0.2"]);
     eprintln!("{text}");
@@ -326,4 +464,271 @@ fn walk(dir: &std::path::Path, name: &str) -> Option<std::path::PathBuf> {
         }
     }
     None
+}
+
+/// A web server that is not the appliance, at `ip`:`port` for `name` (certificate from the
+/// lab's internal CA, so that only what it serves is wrong): openssl's s_server serving the
+/// files under `files` as text/plain, without CORS headers.
+struct OtherWebServer {
+    child: std::process::Child,
+}
+
+impl OtherWebServer {
+    fn start(lab: &Lab, name: &str, ip: &str, port: u16, files: &[(&str, &str)]) -> OtherWebServer {
+        let d = lab.path(&format!("web-{name}"));
+        let www = d.join("www");
+        for (path, body) in files {
+            let f = www.join(path.trim_start_matches('/'));
+            fs::create_dir_all(f.parent().unwrap()).unwrap();
+            fs::write(f, body).unwrap();
+        }
+        fs::create_dir_all(&www).unwrap();
+        let ca = lab.state().join("ca");
+        let sh = format!(
+            "set -e; cd {d}; openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout key.pem -subj /CN={name} -out req.pem 2>/dev/null; \
+             printf 'subjectAltName=DNS:{name}\\n' > ext; \
+             openssl x509 -req -in req.pem -CA {ca}/root.pem -CAkey {ca}/root.key -CAcreateserial -days 2 -extfile ext -out cert.pem 2>/dev/null",
+            d = d.display(),
+            ca = ca.display()
+        );
+        let st = std::process::Command::new("sh")
+            .args(["-c", &sh])
+            .status()
+            .unwrap();
+        assert!(st.success(), "making a certificate for {name}");
+        let child = std::process::Command::new("openssl")
+            .args(["s_server", "-quiet", "-WWW", "-accept"])
+            .arg(format!("{ip}:{port}"))
+            .arg("-cert")
+            .arg(d.join("cert.pem"))
+            .arg("-key")
+            .arg(d.join("key.pem"))
+            .current_dir(&www)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("running openssl s_server");
+        let addr: std::net::SocketAddr = format!("{ip}:{port}").parse().unwrap();
+        common::wait_until(
+            "s_server listening",
+            std::time::Duration::from_secs(10),
+            || std::net::TcpStream::connect(addr).is_ok(),
+        );
+        OtherWebServer { child }
+    }
+}
+
+impl Drop for OtherWebServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn server_discovery_follows_srv_records_and_a_missing_or_corsless_well_known_fails() {
+    if !require_appliance()
+        || !common::require(
+            "dnsmasq",
+            std::path::Path::new(common::Dns::DNSMASQ).exists(),
+            "apt install dnsmasq-base",
+        )
+    {
+        return;
+    }
+    let lab = Lab::new("doctor-srv");
+    let _run = lab.start();
+    let fed = lab.federation_port;
+    // The server_name's web server is elsewhere (nothing at 127.0.0.2): no well-known, so a
+    // remote server looks up SRV records for the server_name (spec step 4).
+    let elsewhere = ["matrix.test=127.0.0.2"];
+    let run = |dns: &common::Dns, only: &str| {
+        let ns = dns.addr.to_string();
+        doctor(&lab, &["--only", only, "--nameserver", &ns], &elsewhere)
+    };
+
+    let dns = common::Dns::start(&[format!(
+        "_matrix-fed._tcp.matrix.test,matrix.matrix.test,{fed}"
+    )]);
+    let (code, text) = run(&dns, "delegation-server");
+    eprintln!("{text}");
+    assert_eq!(code, Some(0), "{text}");
+    let l = line(&text, "delegation-server");
+    assert!(
+        l.starts_with("✅")
+            && l.contains("no well-known")
+            && l.contains(&format!(
+                "SRV _matrix-fed._tcp.matrix.test → matrix.matrix.test:{fed}"
+            )),
+        "{text}"
+    );
+    // federation-in fetches the keys the same way: from the SRV target, for the server_name.
+    let (code, text) = run(&dns, "federation-in");
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        line(&text, "federation-in")
+            .contains(&format!("via matrix.matrix.test:{fed}; signed by our key")),
+        "{text}"
+    );
+    drop(dns);
+
+    // Only the deprecated _matrix._tcp record: followed, with a warning to rename it.
+    let dns = common::Dns::start(&[format!("_matrix._tcp.matrix.test,matrix.matrix.test,{fed}")]);
+    let (code, text) = run(&dns, "delegation-server");
+    assert_eq!(code, Some(0), "{text}");
+    let l = line(&text, "delegation-server");
+    assert!(
+        l.starts_with("⚠️") && l.contains("(a deprecated record)"),
+        "{text}"
+    );
+    assert!(
+        l.contains("fix: rename the SRV record to _matrix-fed._tcp.matrix.test"),
+        "{text}"
+    );
+    drop(dns);
+
+    // No well-known and no SRV record: the last resort, matrix.test on the federation port,
+    // does not answer; delegation-server fails and says to serve the well-known.
+    let dns = common::Dns::start(&[]);
+    let (code, text) = run(&dns, "delegation-server");
+    eprintln!("{text}");
+    assert_eq!(code, Some(1), "{text}");
+    let l = line(&text, "delegation-server");
+    assert!(
+        l.starts_with("❌")
+            && l.contains("no well-known")
+            && l.contains("no SRV record")
+            && l.contains(&format!(
+                "matrix.test:{fed} (127.0.0.2) does not answer federation"
+            )),
+        "{text}"
+    );
+    assert!(
+        l.contains("fix: serve {\"m.server\": ")
+            && l.contains("at https://matrix.test/.well-known/matrix/server"),
+        "{text}"
+    );
+
+    // The server_name's web server is another one, whose client well-known has no CORS
+    // header: delegation-client fails with the header to add.
+    let base = format!("https://{}:{}", lab.matrix_host(), lab.https_port);
+    let _web = OtherWebServer::start(
+        &lab,
+        "matrix.test",
+        "127.0.0.2",
+        lab.https_port,
+        &[(
+            ".well-known/matrix/client",
+            &format!("{{\"m.homeserver\": {{\"base_url\": \"{base}\"}}}}"),
+        )],
+    );
+    let (code, text) = run(&dns, "delegation-client");
+    eprintln!("{text}");
+    assert_eq!(code, Some(1), "{text}");
+    let l = line(&text, "delegation-client");
+    assert!(
+        l.starts_with("❌") && l.contains("has no CORS header"),
+        "{text}"
+    );
+    assert!(l.contains("with Access-Control-Allow-Origin: *"), "{text}");
+}
+
+/// A's doctor, run on B: its config and state (shared by the file system), B's network.
+fn doctor_from(pair: &TwoHost, args: &[&str]) -> (Option<i32>, String) {
+    let out = pair
+        .b
+        .exec(common::bin())
+        .arg("--config")
+        .arg(&pair.a.lab.config)
+        .arg("doctor")
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("running homelab-matrix doctor");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code(), text)
+}
+
+#[test]
+fn from_another_host_the_ports_and_inbound_federation_are_seen_and_outbound_reaches_it() {
+    if !require_appliance()
+        || !common::require(
+            "nft",
+            std::path::Path::new("/usr/sbin/nft").exists(),
+            "apt install nftables",
+        )
+    {
+        return;
+    }
+    let mut pair = TwoHost::new("doctor2");
+    // A's public address is its address on the link (TURN itself stays off in the pair).
+    let a_ip = pair.a.ip.clone();
+    pair.a
+        .lab
+        .turn_extra
+        .replace(format!("enabled = false\nexternal_ip = \"{a_ip}\"\n"));
+    pair.start();
+
+    // From B: A's names resolve to A, its ports answer, and a remote server's path to A's keys
+    // (discovery, TLS, signature) works.
+    let (code, text) = doctor_from(&pair, &["--outside", "--only", "dns"]);
+    eprintln!("{text}");
+    assert_eq!(code, Some(0), "{text}");
+    assert_mark(&text, "dns:a.test", "✅");
+    let (code, text) = doctor_from(&pair, &["--outside", "--only", "ports"]);
+    eprintln!("{text}");
+    assert_eq!(code, Some(0), "{text}");
+    let l = line(&text, "ports");
+    assert!(
+        l.starts_with("✅")
+            && l.contains("80/tcp (http), 443/tcp (https), 8448/tcp (federation)")
+            && l.contains("seen from another network"),
+        "{text}"
+    );
+    let (code, text) = doctor_from(&pair, &["--only", "federation-in"]);
+    eprintln!("{text}");
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        line(&text, "federation-in")
+            .contains("https://matrix.a.test/_matrix/key/v2/server via matrix.a.test:443; signed by our key ed25519:"),
+        "{text}"
+    );
+
+    // On A, the outbound check pointed at B: A's Synapse fetches B's keys over federation.
+    let out = pair
+        .a
+        .cli(&["doctor", "--only", "federation-out", "--remote", "b.test"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("{text}");
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    let l = line(&text, "federation-out");
+    assert!(
+        l.starts_with("✅") && l.contains("Synapse fetched b.test's keys (ed25519:"),
+        "{text}"
+    );
+
+    // 8448 closed by A's firewall: B sees it, and with --outside that is a failure, not a
+    // router's missing loopback.
+    let fw = common::Firewall::new_in(
+        Some(&pair.a.ns),
+        &["tcp dport 8448 reject with tcp reset".to_string()],
+    );
+    let (code, text) = doctor_from(&pair, &["--outside", "--only", "ports"]);
+    drop(fw);
+    eprintln!("{text}");
+    assert_eq!(code, Some(1), "{text}");
+    let l = line(&text, "ports");
+    assert!(
+        l.starts_with("❌")
+            && l.contains("8448/tcp (federation): Connection refused")
+            && l.contains("open: 80/tcp (http), 443/tcp (https)"),
+        "{text}"
+    );
+    assert!(
+        l.contains("fix: open these ports to the internet"),
+        "{text}"
+    );
 }

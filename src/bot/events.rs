@@ -443,12 +443,7 @@ impl Bot {
         };
         Ok(match cmd {
             Command::Doctor => {
-                let opts = crate::doctor::Options {
-                    only: None,
-                    resolve: vec![],
-                    remote: crate::doctor::DEFAULT_REMOTE.into(),
-                };
-                let report = crate::doctor::run(cfg, &opts).await;
+                let report = crate::doctor::run(cfg, &crate::doctor::Options::full()).await;
                 if let Err(e) = crate::doctor::save(cfg, &report) {
                     tracing::warn!("keeping the doctor's report: {e:#}");
                 }

@@ -42,6 +42,51 @@ pub struct Cert {
     pub source: Source,
 }
 
+/// What a leaf certificate says about itself: its DNS names, issuer and validity.
+#[derive(Debug, Clone)]
+pub struct Leaf {
+    /// subjectAltName DNS names, lowercase.
+    pub names: Vec<String>,
+    /// The issuer's distinguished name.
+    pub issuer: String,
+    /// The issuer's common name, or its distinguished name when it has none.
+    pub issuer_name: String,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+}
+
+impl Leaf {
+    pub fn parse(der: &[u8]) -> Result<Leaf> {
+        let (_, x) = x509_parser::parse_x509_certificate(der)
+            .map_err(|e| anyhow::anyhow!("parsing the certificate: {e}"))?;
+        let to_time = |t: x509_parser::time::ASN1Time| {
+            UNIX_EPOCH + Duration::from_secs(t.timestamp().max(0) as u64)
+        };
+        let mut names = vec![];
+        if let Ok(Some(san)) = x.subject_alternative_name() {
+            for n in &san.value.general_names {
+                if let x509_parser::extensions::GeneralName::DNSName(d) = n {
+                    names.push(d.to_ascii_lowercase());
+                }
+            }
+        }
+        let issuer = x.issuer().to_string();
+        let issuer_name = x
+            .issuer()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .map_or_else(|| issuer.clone(), str::to_string);
+        Ok(Leaf {
+            names,
+            issuer,
+            issuer_name,
+            not_before: to_time(x.validity().not_before),
+            not_after: to_time(x.validity().not_after),
+        })
+    }
+}
+
 impl Cert {
     /// Parses a PEM chain (leaf first) and its PEM private key.
     pub fn parse(chain_pem: &str, key_pem: &str, source: Source) -> Result<Cert> {
@@ -63,27 +108,15 @@ impl Cert {
         // The check rustls' from_der would do; done here because challenge certs skip it.
         ck.keys_match()
             .context("the private key does not belong to the certificate")?;
-        let (_, x) = x509_parser::parse_x509_certificate(leaf)
-            .map_err(|e| anyhow::anyhow!("parsing the certificate: {e}"))?;
-        let to_time = |t: x509_parser::time::ASN1Time| {
-            UNIX_EPOCH + Duration::from_secs(t.timestamp().max(0) as u64)
-        };
-        let mut names = vec![];
-        if let Ok(Some(san)) = x.subject_alternative_name() {
-            for n in &san.value.general_names {
-                if let x509_parser::extensions::GeneralName::DNSName(d) = n {
-                    names.push(d.to_ascii_lowercase());
-                }
-            }
-        }
+        let x = Leaf::parse(leaf)?;
         Ok(Cert {
             key: Arc::new(ck),
             chain_pem: chain_pem.to_string(),
             key_pem: key_pem.to_string(),
-            not_before: to_time(x.validity().not_before),
-            not_after: to_time(x.validity().not_after),
-            issuer: x.issuer().to_string(),
-            names,
+            not_before: x.not_before,
+            not_after: x.not_after,
+            issuer: x.issuer,
+            names: x.names,
             source,
         })
     }

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 
 use serde_json::Value;
 
-use super::{Check, Ctx};
+use super::{Check, Ctx, srv};
 
 /// Where a remote server sends federation traffic for our server_name.
 #[derive(Debug, Clone)]
@@ -14,6 +14,11 @@ pub struct Target {
     /// The name the certificate must be valid for (and the Host header's name).
     pub host: String,
     pub port: u16,
+    /// The SRV record's target, connected to instead of `host` (spec 3.3 and 4: the
+    /// certificate and the Host header stay `host`'s).
+    pub via: Option<String>,
+    /// Found only through the deprecated `_matrix._tcp` record.
+    pub deprecated: bool,
     /// How it was found, for the report.
     pub how: String,
 }
@@ -21,6 +26,23 @@ pub struct Target {
 impl Target {
     pub fn base(&self) -> String {
         crate::config::https_url(&self.host, self.port)
+    }
+
+    /// Where the connection goes: `host:port`, or the SRV target's.
+    pub fn endpoint(&self) -> String {
+        format!(
+            "{}:{}",
+            self.via.as_deref().unwrap_or(&self.host),
+            self.port
+        )
+    }
+
+    /// A client whose requests to `base()` reach this target.
+    pub async fn client(&self, net: &super::Net) -> anyhow::Result<reqwest::Client> {
+        match &self.via {
+            Some(via) => net.client_via(&self.host, via, self.port).await,
+            None => Ok(net.http().clone()),
+        }
     }
 }
 
@@ -42,63 +64,124 @@ fn split_host_port(s: &str) -> Option<(String, Option<u16>)> {
 }
 
 /// What server discovery found: the target, or what was seen when the well-known is there but
-/// broken, with the spec's fallback (port 8448) when there is one.
+/// broken, with the target the spec falls back to then.
 pub type Discovered = Result<Target, (String, Option<Target>)>;
 
-/// Server discovery for our server_name. Err: the well-known is there but broken, with what
-/// was seen (the spec has remote servers fall back to port 8448 then).
+/// Server discovery for our server_name, step by step as the Matrix spec's server-server API
+/// "Resolving server names" has a remote server do it. Err: the well-known is there but
+/// broken (a remote server falls back to step 4 then, which the Err carries).
 pub async fn discover(ctx: &Ctx<'_>) -> Discovered {
     let sn = &ctx.cfg.server_name;
+    let fed = ctx.net.federation_port;
+    let direct = |host: String, port: u16, how: String| Target {
+        host,
+        port,
+        via: None,
+        deprecated: false,
+        how,
+    };
+    // Steps 1 and 2: an IP literal, or an explicit port, is used as it is.
+    if let Some((host, port)) = split_host_port(sn)
+        && (host.parse::<IpAddr>().is_ok() || port.is_some())
+    {
+        let port = port.unwrap_or(fed);
+        return Ok(direct(host, port, format!("{sn} names its server itself")));
+    }
     let url = format!(
         "{}/.well-known/matrix/server",
         crate::config::https_url(sn, ctx.net.https_port)
     );
-    // Spec step 6: no usable well-known (and no SRV record): the server_name on 8448.
-    let fallback = Target {
-        host: sn.clone(),
-        port: ctx.net.federation_port,
-        how: format!(
-            "no delegation: {sn}:{} (SRV records are not looked up by the doctor)",
-            ctx.net.federation_port
-        ),
-    };
+    // Step 4 onwards: no usable well-known.
+    let fallback = |before: String| srv_or_default(ctx, sn.clone(), before);
     let resp = match ctx.net.http().get(&url).send().await {
         Ok(r) => r,
         Err(e) => {
-            return Err((
-                format!("GET {url} failed: {}", error_chain(&e)),
-                Some(fallback),
-            ));
+            return Ok(fallback(format!(
+                "no well-known (GET {url} failed: {})",
+                error_chain(&e)
+            ))
+            .await);
         }
     };
     let status = resp.status();
     if status == reqwest::StatusCode::NOT_FOUND {
-        return Ok(fallback);
+        return Ok(fallback(format!("no well-known ({url} answered 404)")).await);
     }
+    let broken = |seen: String| async move {
+        let t = fallback("the spec then falls back".into()).await;
+        Err((seen, Some(t)))
+    };
     if !status.is_success() {
-        return Err((format!("GET {url} answered {status}"), Some(fallback)));
+        return broken(format!("GET {url} answered {status}")).await;
     }
     let body: Value = match resp.json().await {
         Ok(v) => v,
-        Err(e) => return Err((format!("{url} is not JSON: {e}"), Some(fallback))),
+        Err(e) => return broken(format!("{url} is not JSON: {e}")).await,
     };
     let Some(m_server) = body["m.server"].as_str() else {
-        return Err((format!("{url} has no \"m.server\": {body}"), Some(fallback)));
+        return broken(format!("{url} has no \"m.server\": {body}")).await;
     };
     let Some((host, port)) = split_host_port(m_server) else {
-        return Err((
-            format!("{url}: \"m.server\" {m_server:?} is not host[:port]"),
-            Some(fallback),
-        ));
+        return broken(format!(
+            "{url}: \"m.server\" {m_server:?} is not host[:port]"
+        ))
+        .await;
     };
-    // Spec steps 3.3-3.5 (no port): SRV _matrix-fed._tcp, then 8448; SRV is not looked up
-    // here.
-    let port = port.unwrap_or(ctx.net.federation_port);
-    Ok(Target {
-        how: format!("{sn} delegates to {m_server} (well-known)"),
-        host,
-        port,
-    })
+    let how = format!("{sn} delegates to {m_server} (well-known)");
+    // Steps 3.1 and 3.2: an IP literal or an explicit port; else 3.3-3.5: SRV, then 8448.
+    match port {
+        Some(p) => Ok(direct(host, p, how)),
+        None if host.parse::<IpAddr>().is_ok() => Ok(direct(host, fed, how)),
+        None => Ok(srv_or_default(ctx, host, how).await),
+    }
+}
+
+/// Spec steps 3.3-3.5 (for the delegated host) and 4-6 (for the server_name): SRV
+/// `_matrix-fed._tcp.<name>`, then the deprecated `_matrix._tcp.<name>`, then `<name>:8448`.
+async fn srv_or_default(ctx: &Ctx<'_>, name: String, before: String) -> Target {
+    let fed = ctx.net.federation_port;
+    let mut notes = vec![];
+    match ctx.opts.nameserver.map_or_else(srv::system_nameserver, Ok) {
+        Err(e) => notes.push(format!("SRV not looked up: {e:#}")),
+        Ok(ns) => {
+            for (record, deprecated) in [("_matrix-fed._tcp", false), ("_matrix._tcp", true)] {
+                let q = format!("{record}.{name}");
+                match srv::lookup(ns, &q).await {
+                    Ok(r) if !r.is_empty() => {
+                        let (target, port) = (r[0].target.clone(), r[0].port);
+                        return Target {
+                            how: format!(
+                                "{before}; SRV {q} → {target}:{port}{}",
+                                if deprecated {
+                                    " (a deprecated record)"
+                                } else {
+                                    ""
+                                }
+                            ),
+                            host: name,
+                            port,
+                            via: Some(target),
+                            deprecated,
+                        };
+                    }
+                    Ok(_) => {}
+                    Err(e) => notes.push(format!("SRV {q}: {e:#}")),
+                }
+            }
+        }
+    }
+    let notes = if notes.is_empty() {
+        "no SRV record".to_string()
+    } else {
+        notes.join("; ")
+    };
+    Target {
+        how: format!("{before}; {notes}; so {name}:{fed}"),
+        host: name,
+        port: fed,
+        via: None,
+        deprecated: false,
+    }
 }
 
 pub async fn server(ctx: &Ctx<'_>, discovered: &Discovered) -> Check {
@@ -112,20 +195,33 @@ pub async fn server(ctx: &Ctx<'_>, discovered: &Discovered) -> Check {
         Err((seen, _)) => return Check::fail(NAME, seen.clone(), fix_wk),
     };
     let url = format!("{}/_matrix/federation/v1/version", target.base());
-    match ctx.net.http().get(&url).send().await {
+    let endpoint = target.endpoint();
+    let answer = match target.client(&ctx.net).await {
+        Ok(c) => c.get(&url).send().await.map_err(|e| error_chain(&e)),
+        Err(e) => Err(format!("{e:#}")),
+    };
+    match answer {
         Ok(r) if r.status().is_success() => {
             let v: Value = r.json().await.unwrap_or(Value::Null);
-            Check::pass(
-                NAME,
-                format!(
-                    "{}; {} {} answers at {}:{}",
-                    target.how,
-                    v["server"]["name"].as_str().unwrap_or("a server"),
-                    v["server"]["version"].as_str().unwrap_or(""),
-                    target.host,
-                    target.port
-                ),
-            )
+            let seen = format!(
+                "{}; {} {} answers at {endpoint}",
+                target.how,
+                v["server"]["name"].as_str().unwrap_or("a server"),
+                v["server"]["version"].as_str().unwrap_or(""),
+            );
+            if target.deprecated {
+                // Matrix spec v1.8 deprecated `_matrix._tcp` for `_matrix-fed._tcp`.
+                Check::warn(
+                    NAME,
+                    seen,
+                    format!(
+                        "rename the SRV record to _matrix-fed._tcp.{} (same target and port): newer servers may stop reading _matrix._tcp",
+                        target.host
+                    ),
+                )
+            } else {
+                Check::pass(NAME, seen)
+            }
         }
         Ok(r) => Check::fail(
             NAME,
@@ -133,9 +229,10 @@ pub async fn server(ctx: &Ctx<'_>, discovered: &Discovered) -> Check {
             "see `homelab-matrix status`: Synapse must be running behind the front door",
         ),
         Err(e) => {
+            let connect = target.via.as_deref().unwrap_or(&target.host);
             let addrs = ctx
                 .net
-                .resolve(&target.host)
+                .resolve(connect)
                 .await
                 .map(|a| {
                     a.iter()
@@ -144,19 +241,23 @@ pub async fn server(ctx: &Ctx<'_>, discovered: &Discovered) -> Check {
                         .join(", ")
                 })
                 .unwrap_or_else(|e| format!("{e:#}"));
+            // Without a well-known and an SRV record, the spec's last resort is the
+            // server_name itself on 8448: delegation is the usual fix.
+            let fix = if target.host == ctx.cfg.server_name && target.via.is_none() {
+                format!("{fix_wk}; or make {endpoint} reach this appliance (DNS, port forward)")
+            } else {
+                format!(
+                    "{connect} must resolve to this host and port {} be open to the internet (firewall, NAT port forward)",
+                    target.port
+                )
+            };
             Check::fail(
                 NAME,
                 format!(
-                    "{}; but {}:{} ({addrs}) does not answer federation: {}",
+                    "{}; but {endpoint} ({addrs}) does not answer federation: {e}",
                     target.how,
-                    target.host,
-                    target.port,
-                    error_chain(&e)
                 ),
-                format!(
-                    "{} must resolve to this host and port {} be open to the internet (firewall, NAT port forward)",
-                    target.host, target.port
-                ),
+                fix,
             )
         }
     }

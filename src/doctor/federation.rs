@@ -92,15 +92,11 @@ pub async fn inbound(ctx: &Ctx<'_>, discovered: &Discovered) -> Check {
     let fix = format!(
         "remote servers cannot verify {sn}: fix the delegation-server and tls checks first; see `homelab-matrix status` for Synapse"
     );
-    let doc = match get_json(
-        ctx.net.http().get(&url),
-        NAME,
-        &format!("GET {url}"),
-        &fix,
-        &fix,
-    )
-    .await
-    {
+    let client = match target.client(&ctx.net).await {
+        Ok(c) => c,
+        Err(e) => return Check::fail(NAME, format!("{e:#}"), fix),
+    };
+    let doc = match get_json(client.get(&url), NAME, &format!("GET {url}"), &fix, &fix).await {
         Ok(v) => v,
         Err(c) => return c,
     };
@@ -160,10 +156,9 @@ pub async fn inbound(ctx: &Ctx<'_>, discovered: &Discovered) -> Check {
     Check::pass(
         NAME,
         format!(
-            "{} via {}:{}; {mine}, valid for {}",
+            "{} via {}; {mine}, valid for {}",
             url,
-            target.host,
-            target.port,
+            target.endpoint(),
             crate::units::human_duration(Duration::from_secs(valid_until - now_secs()))
         ),
     )
@@ -181,11 +176,21 @@ pub async fn outbound(ctx: &Ctx<'_>) -> Check {
             ),
         );
     }
-    // Synapse's notary endpoint: it fetches (or has cached) the remote's keys over federation.
-    let url = format!(
-        "{}/_matrix/key/v2/query/{remote}",
-        ctx.cfg.synapse_local_url()
-    );
+    // Synapse's notary endpoint. Asked for all of a server's keys it answers only from its
+    // cache (synapse/rest/key/v2/remote_key_resource.py, query_keys: no fetch when no key id
+    // is named); asked for a key id it lacks, it fetches the server's keys over federation and
+    // stores them all. So: a key id no server has, to make it fetch; then all keys. (Synapse
+    // requires minimum_valid_until_ts in each criterion.)
+    let base = ctx.cfg.synapse_local_url();
+    let _ = ctx
+        .net
+        .http()
+        .post(format!("{base}/_matrix/key/v2/query"))
+        .json(&serde_json::json!({"server_keys": {remote.as_str(): {"ed25519:homelab-matrix-doctor": {"minimum_valid_until_ts": 0}}}}))
+        .timeout(Duration::from_secs(60))
+        .send()
+        .await;
+    let url = format!("{base}/_matrix/key/v2/query/{remote}");
     let doc = match get_json(
         ctx.net.http().get(&url).timeout(Duration::from_secs(60)),
         NAME,
@@ -217,7 +222,10 @@ pub async fn outbound(ctx: &Ctx<'_>) -> Check {
         ),
         _ => Check::fail(
             NAME,
-            format!("this host reaches {remote}, but Synapse could not fetch its keys"),
+            format!(
+                "this host reaches {remote}, but Synapse could not fetch its keys (it answered {})",
+                doc.to_string().chars().take(300).collect::<String>()
+            ),
             format!(
                 "Synapse's log says why (`journalctl -u homelab-matrix | grep -i {remote}`); outbound 443 and 8448 must be open, and DNS must resolve {remote}"
             ),

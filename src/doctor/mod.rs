@@ -17,6 +17,7 @@ mod federation;
 mod net;
 mod ports;
 mod services;
+mod srv;
 mod tls;
 mod turn;
 
@@ -94,6 +95,7 @@ pub const FAMILIES: &[&str] = &[
     "tls",
     "turn-tls",
     "turn",
+    "turn-relay",
     "delegation-server",
     "delegation-client",
     "federation-in",
@@ -114,6 +116,24 @@ pub struct Options {
     pub resolve: Vec<(String, IpAddr)>,
     /// The remote server for the outbound federation check and the clock estimate.
     pub remote: String,
+    /// The nameserver for server discovery's SRV lookups; None: /etc/resolv.conf's.
+    pub nameserver: Option<std::net::SocketAddr>,
+    /// The doctor runs on another network than the appliance (with its config and state): no
+    /// hairpin NAT is in between, so what does not answer at the public address fails.
+    pub outside: bool,
+}
+
+impl Options {
+    /// A full run with the defaults, as the daily run and the bot's `doctor` make it.
+    pub fn full() -> Options {
+        Options {
+            only: None,
+            resolve: vec![],
+            remote: DEFAULT_REMOTE.into(),
+            nameserver: None,
+            outside: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -220,6 +240,29 @@ pub struct Ctx<'a> {
     pub opts: &'a Options,
     /// `status` from the control socket; None when the service is not running.
     pub status: Option<Value>,
+    /// One PostgreSQL session as Synapse's role, made when a check first needs it (postgres,
+    /// disk), or why it could not be.
+    pg: tokio::sync::OnceCell<Result<tokio_postgres::Client, String>>,
+}
+
+impl Ctx<'_> {
+    /// The PostgreSQL session (src/postgres.rs logs in the way Synapse does).
+    pub async fn postgres(&self) -> Result<&tokio_postgres::Client, &str> {
+        self.pg
+            .get_or_init(|| async {
+                let password = crate::secrets::Secrets::open(&self.cfg.state_dir())
+                    .get(crate::secrets::Kind::PostgresPassword)
+                    .map_err(|e| format!("{e:#}"))?;
+                let req = crate::postgres::Request::from_config(self.cfg, &password);
+                crate::postgres::session_as_synapse(&req)
+                    .await
+                    .map(|(client, _)| client)
+                    .map_err(|e| delegation::error_chain(&e))
+            })
+            .await
+            .as_ref()
+            .map_err(String::as_str)
+    }
 }
 
 /// Runs the checks (all, or the `--only` ones) and returns the report.
@@ -233,6 +276,7 @@ pub async fn run(cfg: &Config, opts: &Options) -> Report {
         net: Net::new(cfg, &opts.resolve),
         opts,
         status,
+        pg: tokio::sync::OnceCell::new(),
     };
     let wanted = |family: &str| match &opts.only {
         None => true,
@@ -253,7 +297,9 @@ pub async fn run(cfg: &Config, opts: &Options) -> Report {
     };
     let mut checks = vec![];
     for family in FAMILIES {
-        if !wanted(family) {
+        // turn-relay needs turn's allocation: both come from one run of the turn family.
+        let runs = wanted(family) || (*family == "turn" && wanted("turn-relay"));
+        if !runs {
             continue;
         }
         let got = match *family {
@@ -262,8 +308,8 @@ pub async fn run(cfg: &Config, opts: &Options) -> Report {
             "tls" => tls::check(&ctx).await,
             "turn-tls" if cfg.turn.enabled => vec![tls::turn(&ctx).await],
             "turn-tls" => vec![],
-            "turn" if cfg.turn.enabled => vec![turn::check(&ctx).await],
-            "turn" => vec![],
+            "turn" if cfg.turn.enabled => turn::check(&ctx).await,
+            "turn" | "turn-relay" => vec![],
             "delegation-server" => vec![delegation::server(&ctx, &discovered).await],
             "delegation-client" => vec![delegation::client(&ctx).await],
             "federation-in" => vec![federation::inbound(&ctx, &discovered).await],
@@ -345,12 +391,7 @@ pub async fn daily(
             _ = tokio::time::sleep(wait) => {}
             _ = stop.changed() => return,
         }
-        let opts = Options {
-            only: None,
-            resolve: vec![],
-            remote: DEFAULT_REMOTE.into(),
-        };
-        let report = run(&cfg, &opts).await;
+        let report = run(&cfg, &Options::full()).await;
         tracing::info!(summary = %report.summary(), "daily doctor run");
         if let Err(e) = save(&cfg, &report) {
             tracing::warn!("keeping the doctor's report: {e:#}");

@@ -32,6 +32,7 @@ pub struct Net {
     /// The internal CA's root, when it exists.
     pub internal: Option<(PathBuf, Arc<RootCertStore>)>,
     http: reqwest::Client,
+    tls: rustls::ClientConfig,
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -74,25 +75,49 @@ impl Net {
             .expect("ring supports the default TLS versions")
             .with_root_certificates(trusted)
             .with_no_client_auth();
-        let mut b = reqwest::Client::builder()
-            .use_preconfigured_tls(tls)
-            .no_proxy()
-            .user_agent(concat!("homelab-matrix-doctor/", env!("CARGO_PKG_VERSION")))
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(TIMEOUT)
-            .timeout(TIMEOUT);
-        for (name, ip) in overrides {
-            // Port 0: the URL's port is used.
-            b = b.resolve(name, SocketAddr::new(*ip, 0));
-        }
-        Net {
+        let mut net = Net {
             overrides: overrides.to_vec(),
             https_port: port_of(&cfg.listen.https, 443),
             federation_port: port_of(&cfg.listen.federation, 8448),
             system,
             internal,
-            http: b.build().expect("building the doctor's HTTP client"),
+            http: reqwest::Client::new(),
+            tls,
+        };
+        net.http = net.client(&[]);
+        net
+    }
+
+    /// An HTTP client trusting what a client of the appliance trusts, with the `--resolve`
+    /// overrides and then `extra` (a name sent to another address, e.g. an SRV target's).
+    fn client(&self, extra: &[(&str, SocketAddr)]) -> reqwest::Client {
+        let mut b = reqwest::Client::builder()
+            .use_preconfigured_tls(self.tls.clone())
+            .no_proxy()
+            .user_agent(concat!("homelab-matrix-doctor/", env!("CARGO_PKG_VERSION")))
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(TIMEOUT)
+            .timeout(TIMEOUT);
+        for (name, ip) in &self.overrides {
+            // Port 0: the URL's port is used.
+            b = b.resolve(name, SocketAddr::new(*ip, 0));
         }
+        for (name, addr) in extra {
+            b = b.resolve(name, *addr);
+        }
+        b.build().expect("building the doctor's HTTP client")
+    }
+
+    /// A client whose requests for `name` go to `connect`'s addresses instead (server
+    /// discovery's SRV case: the certificate and Host stay `name`'s).
+    pub async fn client_via(
+        &self,
+        name: &str,
+        connect: &str,
+        port: u16,
+    ) -> Result<reqwest::Client> {
+        let ip = self.resolve(connect).await?[0];
+        Ok(self.client(&[(name, SocketAddr::new(ip, port))]))
     }
 
     pub fn http(&self) -> &reqwest::Client {

@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 use super::{Check, Ctx};
 
 /// Is `ip` one of this host's own addresses (no NAT in between)?
-fn is_local(ip: IpAddr) -> bool {
+pub(super) fn is_local(ip: IpAddr) -> bool {
     std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
 }
 
@@ -73,13 +73,19 @@ pub async fn check(ctx: &Ctx<'_>, public: &Result<(IpAddr, String), String>) -> 
         .iter()
         .filter_map(|(l, r)| r.as_ref().err().map(|e| format!("{l}: {e}")))
         .collect();
-    let relay = format!(
-        "the relay range {}-{}/udp is not probed (it needs a peer on another network)",
-        ctx.cfg.turn.min_port, ctx.cfg.turn.max_port
-    );
+    let relay = if ctx.cfg.turn.enabled {
+        format!(
+            "; the relay range {}-{}/udp: see turn-relay",
+            ctx.cfg.turn.min_port, ctx.cfg.turn.max_port
+        )
+    } else {
+        String::new()
+    };
     let local = is_local(*ip);
     if closed.is_empty() {
-        let caveat = if local {
+        let caveat = if ctx.opts.outside {
+            "seen from another network"
+        } else if local {
             "seen from this host: a firewall in front of it cannot be seen"
         } else {
             "through the NAT's loopback"
@@ -87,7 +93,7 @@ pub async fn check(ctx: &Ctx<'_>, public: &Result<(IpAddr, String), String>) -> 
         return Check::pass(
             NAME,
             format!(
-                "{ip} ({how}) answers on {} ({caveat}); {relay}",
+                "{ip} ({how}) answers on {} ({caveat}){relay}",
                 open.join(", ")
             ),
         );
@@ -101,7 +107,13 @@ pub async fn check(ctx: &Ctx<'_>, public: &Result<(IpAddr, String), String>) -> 
             open.join(", ")
         }
     );
-    if local {
+    if ctx.opts.outside {
+        Check::fail(
+            NAME,
+            format!("{seen} (seen from another network)"),
+            "open these ports to the internet: the firewall of the host, and on a router the port forwards to this host; and check that homelab-matrix listens there (`homelab-matrix status`, [listen] in the config)",
+        )
+    } else if local {
         Check::fail(
             NAME,
             seen,

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use super::delegation::error_chain;
 use super::{Check, Ctx, now_secs};
-use crate::secrets::{Kind, Secrets};
 use crate::synapse::Layout;
 use crate::units::human_duration;
 
@@ -63,22 +62,6 @@ pub async fn synapse(ctx: &Ctx<'_>) -> Check {
     }
 }
 
-async fn pg_connect(ctx: &Ctx<'_>) -> anyhow::Result<tokio_postgres::Client> {
-    let secrets = Secrets::open(&ctx.cfg.state_dir());
-    let password = secrets.get(Kind::PostgresPassword)?;
-    let p = &ctx.cfg.postgres;
-    let mut pg = tokio_postgres::Config::new();
-    pg.host(&p.host)
-        .port(p.port)
-        .user(&p.user)
-        .password(password.expose().as_bytes())
-        .dbname(&p.database)
-        .connect_timeout(Duration::from_secs(10));
-    let (client, conn) = pg.connect(tokio_postgres::NoTls).await?;
-    tokio::spawn(conn);
-    Ok(client)
-}
-
 /// What a database Synapse runs on must be (Synapse's docs/postgres.md "Set up database"):
 /// at least the floor, UTF8, collation and ctype C.
 pub fn judge_postgres(
@@ -120,18 +103,14 @@ pub fn judge_postgres(
 
 pub async fn postgres(ctx: &Ctx<'_>) -> Check {
     let p = &ctx.cfg.postgres;
-    let client = match pg_connect(ctx).await {
+    let client = match ctx.postgres().await {
         Ok(c) => c,
         Err(e) => {
             return Check::fail(
                 "postgres",
                 format!(
-                    "cannot log in to {}:{} as {} (database {}): {}",
-                    p.host,
-                    p.port,
-                    p.user,
-                    p.database,
-                    error_chain(e.as_ref())
+                    "cannot log in to {}:{} as {} (database {}): {e}",
+                    p.host, p.port, p.user, p.database,
                 ),
                 "is PostgreSQL running (`systemctl status postgresql`)? `homelab-matrix provision-db` creates the role and database",
             );
@@ -195,7 +174,7 @@ pub async fn disk(ctx: &Ctx<'_>) -> Vec<Check> {
     // The database's data directory: only a superuser (or pg_read_all_settings) may ask; the
     // Debian default is the fallback.
     let mut db_dir = PathBuf::from("/var/lib/postgresql");
-    if let Ok(c) = pg_connect(ctx).await
+    if let Ok(c) = ctx.postgres().await
         && let Ok(r) = c.query_one("SHOW data_directory", &[]).await
     {
         db_dir = PathBuf::from(r.get::<_, String>(0));

@@ -3,9 +3,8 @@
 //! reports. Also the TURN TLS listener, which must present the TURN host's current
 //! certificate (coturn reads an exported copy: DESIGN.md §8).
 
-use rustls::pki_types::CertificateDer;
+use crate::certs::Leaf;
 use serde_json::Value;
-use x509_parser::prelude::*;
 
 use super::net::{verify, why};
 use super::{Check, Ctx, now_secs};
@@ -13,36 +12,6 @@ use crate::units::human_duration;
 
 /// A certificate this close to its end that is not being renewed is a failure in waiting.
 const WARN_DAYS: i64 = 14;
-
-struct Leaf {
-    names: Vec<String>,
-    issuer: String,
-    not_after: i64,
-}
-
-fn leaf(der: &CertificateDer<'_>) -> Option<Leaf> {
-    let (_, c) = X509Certificate::from_der(der.as_ref()).ok()?;
-    let mut names = vec![];
-    if let Ok(Some(san)) = c.subject_alternative_name() {
-        for n in &san.value.general_names {
-            if let GeneralName::DNSName(d) = n {
-                names.push(d.to_string());
-            }
-        }
-    }
-    let issuer = c
-        .issuer()
-        .iter_common_name()
-        .next()
-        .and_then(|cn| cn.as_str().ok())
-        .map(str::to_string)
-        .unwrap_or_else(|| c.issuer().to_string());
-    Some(Leaf {
-        names,
-        issuer,
-        not_after: c.validity().not_after.timestamp(),
-    })
-}
 
 /// RFC 6125 §6.4: exact (case-insensitive), or a wildcard for exactly one left-most label.
 fn name_matches(pattern: &str, name: &str) -> bool {
@@ -108,10 +77,10 @@ async fn one(ctx: &Ctx<'_>, name: &str) -> Check {
             );
         }
     };
-    let Some(l) = leaf(&chain[0]) else {
+    let Ok(l) = Leaf::parse(&chain[0]) else {
         return Check::fail(id, "the certificate cannot be parsed", "replace it");
     };
-    let days = (l.not_after - now_secs() as i64) / 86_400;
+    let days = (crate::units::unix(l.not_after) as i64 - now_secs() as i64) / 86_400;
     let (state, last_error) = renewal(&ctx.status, name);
     let mode = ctx.cfg.tls.mode.as_str();
     let fix_source = match mode {
@@ -135,12 +104,12 @@ async fn one(ctx: &Ctx<'_>, name: &str) -> Check {
                 } else {
                     l.names.join(", ")
                 },
-                l.issuer
+                l.issuer_name
             ),
             fix_source,
         );
     }
-    let seen = format!("issuer {}, {days} days left, {state}", l.issuer);
+    let seen = format!("issuer {}, {days} days left, {state}", l.issuer_name);
     match verify(&ctx.net.system, &chain, name) {
         Ok(()) if days < WARN_DAYS && last_error.is_some() => {
             Check::warn(id, seen, last_error.unwrap_or_default())

@@ -494,6 +494,12 @@ impl Admin {
         }
     }
 
+    /// The session's access token, for a request made as this account outside these calls
+    /// (the doctor asks `/voip/turnServer` through the front door as a client would).
+    pub fn token(&self) -> &Secret {
+        &self.token
+    }
+
     fn authed(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
         rb.bearer_auth(self.token.expose())
     }

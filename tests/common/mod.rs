@@ -131,12 +131,19 @@ pub fn free_port() -> u16 {
 
 /// Runs psql as the postgres OS user (peer authentication), returning trimmed stdout.
 pub fn psql(sql: &str) -> String {
+    psql_in("postgres", sql)
+}
+
+/// `psql` in database `db`.
+pub fn psql_in(db: &str, sql: &str) -> String {
     let out = Command::new("runuser")
         .args([
             "-u",
             "postgres",
             "--",
             "psql",
+            "-d",
+            db,
             "-v",
             "ON_ERROR_STOP=1",
             "-Atc",
@@ -958,5 +965,169 @@ impl Lab {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         )
+    }
+}
+
+/// Packet-filter rules for one test, in their own nftables table (removed on drop), so that a
+/// test can close a port or block a range as a firewall in front of the host would.
+pub struct Firewall {
+    table: String,
+    /// The network namespace whose firewall this is (None: this test's own).
+    netns: Option<String>,
+}
+
+impl Firewall {
+    /// `rules`: nft rule bodies for an input-hook chain, e.g. `ip daddr 127.0.0.1 udp dport
+    /// 10000-10019 drop`.
+    pub fn new(rules: &[String]) -> Firewall {
+        Firewall::new_in(None, rules)
+    }
+
+    /// `Firewall::new` in network namespace `netns`.
+    pub fn new_in(netns: Option<&str>, rules: &[String]) -> Firewall {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let fw = Firewall {
+            table: format!(
+                "hmtest{}_{}",
+                std::process::id(),
+                NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ),
+            netns: netns.map(str::to_string),
+        };
+        let mut script = format!(
+            "table inet {t} {{\n chain input {{\n  type filter hook input priority 0; policy accept;\n",
+            t = fw.table
+        );
+        for r in rules {
+            script.push_str(&format!("  {r}\n"));
+        }
+        script.push_str(" }\n}\n");
+        let mut child = fw
+            .nft()
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("running nft (apt install nftables)");
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(script.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "nft -f: {}\n{script}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        fw
+    }
+}
+
+impl Firewall {
+    fn nft(&self) -> Command {
+        match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "nft"]);
+                c
+            }
+            None => Command::new("nft"),
+        }
+    }
+}
+
+impl Drop for Firewall {
+    fn drop(&mut self) {
+        let _ = self
+            .nft()
+            .args(["delete", "table", "inet", &self.table])
+            .output();
+    }
+}
+
+/// A DNS server for one test (dnsmasq on 127.0.0.1, its own port): authoritative for `.test`
+/// (unknown names there are NXDOMAIN), answering only the records given. Stopped on drop.
+pub struct Dns {
+    pub addr: std::net::SocketAddr,
+    child: Child,
+}
+
+impl Dns {
+    pub const DNSMASQ: &str = "/usr/sbin/dnsmasq";
+
+    /// `srv`: dnsmasq `--srv-host` values, `_service._proto.name,target,port`.
+    pub fn start(srv: &[String]) -> Dns {
+        let port = free_port();
+        let mut c = Command::new(Self::DNSMASQ);
+        c.args([
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            "--listen-address=127.0.0.1",
+            "--pid-file=",
+            "--local=/test/",
+        ])
+        .arg(format!("--port={port}"));
+        for s in srv {
+            c.arg(format!("--srv-host={s}"));
+        }
+        let child = c
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("running dnsmasq (apt install dnsmasq-base)");
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        // Listening once our own bind of the port fails.
+        wait_until("dnsmasq listening", Duration::from_secs(10), || {
+            std::net::UdpSocket::bind(addr).is_err()
+        });
+        Dns { addr, child }
+    }
+}
+
+impl Drop for Dns {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A small tmpfs mounted over `path` (e.g. a store, to make its disk full), unmounted on drop.
+pub struct TmpfsMount {
+    path: PathBuf,
+}
+
+impl TmpfsMount {
+    pub fn new(path: &Path, size: &str) -> TmpfsMount {
+        fs::create_dir_all(path).unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .status()
+            .expect("running mount");
+        assert!(st.success(), "mounting a tmpfs on {}", path.display());
+        TmpfsMount {
+            path: path.to_path_buf(),
+        }
+    }
+
+    /// Writes zeros into `name` until the file system is full.
+    pub fn fill(&self, name: &str) {
+        let _ = Command::new("dd")
+            .args(["if=/dev/zero", "bs=64k"])
+            .arg(format!("of={}", self.path.join(name).display()))
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.path).status();
     }
 }
