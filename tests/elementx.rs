@@ -179,6 +179,31 @@ async fn wait_message(
     }
 }
 
+/// `doctor --only matrixrtc --json`'s one check, the lab's names resolved to `ip`.
+fn doctor_matrixrtc(lab: &Lab, ip: Ipv4Addr) -> Value {
+    let mut args = vec![
+        "doctor".to_string(),
+        "--json".into(),
+        "--only".into(),
+        "matrixrtc".into(),
+    ];
+    for n in [lab.server_name.clone(), lab.matrix_host()] {
+        args.extend(["--resolve".to_string(), format!("{n}={ip}")]);
+    }
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = lab.run_cmd(&refs);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "doctor --json: {e}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let checks = v["checks"].as_array().unwrap();
+    assert_eq!(checks.len(), 1, "{v}");
+    checks[0].clone()
+}
+
 fn add_user(lab: &Lab, name: &str) -> String {
     let pw = format!("{name}-password-1");
     let file = lab.path(&format!("{name}.pw"));
@@ -210,13 +235,29 @@ fn element_x_path_through_the_front_door() {
         return;
     }
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let ip = own_loopback();
+    let ip = own_loopback(1);
     let mut lab = Lab::new("elementx");
     lab.write_config_on_443(ip, "[tls]\nmode = \"internal\"\n");
     let _log = LogOnPanic(lab.path("run.log"));
     let _run = lab.start();
     let alice_pw = add_user(&lab, "alice");
     let bob_pw = add_user(&lab, "bob");
+    // `status` and `doctor` say what group calls need.
+    let status = lab.ok(&["status"]);
+    assert!(
+        status.contains("CALLS: group calls in Element X and Element Call need a LiveKit server"),
+        "{status}"
+    );
+    assert_eq!(lab.status()["matrixrtc"]["configured"], false);
+    let rtc = doctor_matrixrtc(&lab, ip);
+    assert_eq!(rtc["status"], "warn", "{rtc}");
+    assert!(
+        rtc["seen"]
+            .as_str()
+            .unwrap()
+            .contains("no LiveKit server configured"),
+        "{rtc}"
+    );
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
@@ -415,4 +456,264 @@ fn element_x_path_through_the_front_door() {
             p.sync.stop().await;
         }
     });
+}
+
+/// A stand-in for the LiveKit server's HTTP side: answers every request "OK" as LiveKit does
+/// at `/` (no SFU is available here). Returns its port.
+fn livekit_stand_in(ip: Ipv4Addr) -> u16 {
+    let l = std::net::TcpListener::bind((ip, 0)).unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            use std::io::{Read, Write};
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let _ =
+                s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nOK");
+        }
+    });
+    port
+}
+
+/// Unpadded base64 of the SHA-256 of `json`: how lk-jwt-service names LiveKit rooms and
+/// identities, computed here independently of the appliance's code.
+fn lk_hash(json: &str) -> String {
+    use base64::Engine as _;
+    let d = ring::digest::digest(&ring::digest::SHA256, json.as_bytes());
+    base64::engine::general_purpose::STANDARD_NO_PAD.encode(d.as_ref())
+}
+
+async fn post(http: &reqwest::Client, url: &str, body: Value) -> (u16, Value) {
+    let resp = http
+        .post(url)
+        .json(&body)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("POST {url}: {e}"));
+    let st = resp.status().as_u16();
+    (st, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// MatrixRTC (issue #17 item 4) with `[matrixrtc]` configured: the focus is advertised in the
+/// well-known and by Synapse, and the appliance's authorization service exchanges a Matrix
+/// OpenID token for a LiveKit access token whose signature and claims are checked here with
+/// the livekit-api crate; forged, foreign and mismatched tokens are refused. No SFU is
+/// available here: the LiveKit URL points at a stand-in that only answers HTTP.
+#[test]
+fn matrixrtc_authorization_service() {
+    use livekit_api::access_token::TokenVerifier;
+    if !require_appliance() {
+        return;
+    }
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ip = own_loopback(2);
+    let mut lab = Lab::new("matrixrtc");
+    let (key, secret) = ("APIhomelabTest", "a-secret-of-forty-characters-for-hs256ok");
+    let (key_file, secret_file) = (lab.path("livekit.key"), lab.path("livekit.secret"));
+    std::fs::write(&key_file, format!("{key}\n")).unwrap();
+    std::fs::write(&secret_file, format!("{secret}\n")).unwrap();
+    let livekit_url = format!("ws://{ip}:{}", livekit_stand_in(ip));
+    lab.write_config_on_443(
+        ip,
+        &format!(
+            "[tls]\nmode = \"internal\"\n[matrixrtc]\nlivekit_url = \"{livekit_url}\"\napi_key_file = \"{}\"\napi_secret_file = \"{}\"\n",
+            key_file.display(),
+            secret_file.display()
+        ),
+    );
+    let _log = LogOnPanic(lab.path("run.log"));
+    let _run = lab.start();
+    let alice_pw = add_user(&lab, "alice");
+    let bob_pw = add_user(&lab, "bob");
+    let service = format!("https://{}/livekit/jwt", lab.matrix_host());
+    let focus = serde_json::json!({"type": "livekit", "livekit_service_url": service});
+
+    let st = lab.status()["matrixrtc"].clone();
+    assert_eq!(st["configured"], true, "{st}");
+    assert_eq!(st["service_url"], service.as_str());
+    let text = lab.ok(&["status"]);
+    assert!(
+        text.contains(&format!("CALLS: MatrixRTC with LiveKit at {livekit_url}")),
+        "{text}"
+    );
+    let rtc = doctor_matrixrtc(&lab, ip);
+    assert_eq!(rtc["status"], "pass", "{rtc}");
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let real_token = rt.block_on(async {
+        let http = http_client(&lab, ip);
+        // Advertised where clients look: the well-known and Synapse's MSC4143 endpoint.
+        let (st, body) = get(
+            &http,
+            &format!("https://{}/.well-known/matrix/client", lab.server_name),
+            None,
+        )
+        .await;
+        assert_eq!(st, 200);
+        let wk: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(wk["org.matrix.msc4143.rtc_foci"], serde_json::json!([focus]), "{wk}");
+        let login = |user: &str, pw: &str| {
+            let (http, url, user, pw) = (
+                http.clone(),
+                format!("https://{}/_matrix/client/v3/login", lab.matrix_host()),
+                user.to_string(),
+                pw.to_string(),
+            );
+            async move {
+                let (st, v) = post(
+                    &http,
+                    &url,
+                    serde_json::json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": user}, "password": pw}),
+                )
+                .await;
+                assert_eq!(st, 200, "{v}");
+                v["access_token"].as_str().unwrap().to_string()
+            }
+        };
+        let alice = login("alice", &alice_pw).await;
+        let bob = login("bob", &bob_pw).await;
+        let (st, body) = get(
+            &http,
+            &format!(
+                "https://{}/_matrix/client/unstable/org.matrix.msc4143/rtc/transports",
+                lab.matrix_host()
+            ),
+            Some(&alice),
+        )
+        .await;
+        assert_eq!(st, 200, "{}", String::from_utf8_lossy(&body));
+        let t: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(t["rtc_transports"], serde_json::json!([focus]), "{t}");
+
+        // A real OpenID token from Synapse (Matrix spec, client-server API "OpenID").
+        let openid = |who: &str, token: &str| {
+            let (http, url, token) = (
+                http.clone(),
+                format!(
+                    "https://{}/_matrix/client/v3/user/@{who}:{}/openid/request_token",
+                    lab.matrix_host(),
+                    lab.server_name
+                ),
+                token.to_string(),
+            );
+            async move {
+                let resp = http
+                    .post(&url)
+                    .bearer_auth(&token)
+                    .json(&serde_json::json!({}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(resp.status(), 200);
+                resp.json::<Value>().await.unwrap()
+            }
+        };
+        let alice_openid = openid("alice", &alice).await;
+        assert_eq!(alice_openid["matrix_server_name"], lab.server_name.as_str());
+        let room = "!call:matrix.test";
+        let ask = |openid: &Value, claimed: &str| {
+            serde_json::json!({
+                "room_id": room,
+                "slot_id": "m.call#ROOM",
+                "openid_token": openid,
+                "member": {"id": "member-1", "claimed_user_id": claimed, "claimed_device_id": "PHONE1"},
+            })
+        };
+        let (st, v) = post(
+            &http,
+            &format!("{service}/get_token"),
+            ask(&alice_openid, "@alice:matrix.test"),
+        )
+        .await;
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(v["url"], livekit_url.as_str());
+        let jwt = v["jwt"].as_str().unwrap();
+        // The signature and claims, checked with the crate LiveKit's Rust SDK uses.
+        let claims = TokenVerifier::with_api_key(key, secret)
+            .verify(jwt)
+            .unwrap_or_else(|e| panic!("the minted token does not verify: {e:?}"));
+        assert_eq!(claims.iss, key);
+        assert_eq!(
+            claims.sub,
+            lk_hash(r#"["@alice:matrix.test","PHONE1","member-1"]"#)
+        );
+        let alias = lk_hash(r#"["!call:matrix.test","m.call#ROOM"]"#);
+        assert_eq!(claims.video.room, alias);
+        assert!(claims.video.room_join && claims.video.room_create);
+        assert_eq!(claims.video.can_publish, Some(true));
+        assert_eq!(claims.video.can_subscribe, Some(true));
+        assert!(!claims.video.room_admin && !claims.video.room_list);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as usize;
+        assert!(claims.nbf <= now + 5 && claims.exp > now + 3500 && claims.exp <= now + 3605);
+        assert!(
+            TokenVerifier::with_api_key(key, "another-secret-of-forty-characters-here")
+                .verify(jwt)
+                .is_err(),
+            "a token verifies with the wrong secret"
+        );
+
+        // The older request Element Call sends (lk-jwt-service's /sfu/get): same room.
+        let (st, v) = post(
+            &http,
+            &format!("{service}/sfu/get"),
+            serde_json::json!({"room": room, "openid_token": alice_openid, "device_id": "PHONE1"}),
+        )
+        .await;
+        assert_eq!(st, 200, "{v}");
+        let claims = TokenVerifier::with_api_key(key, secret)
+            .verify(v["jwt"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(claims.sub, "@alice:matrix.test:PHONE1");
+        assert_eq!(claims.video.room, alias);
+
+        // Refused: a forged OpenID token, a real one claimed for someone else, one from
+        // another server, a delegation this server cannot carry out.
+        let mut forged = alice_openid.clone();
+        forged["access_token"] = "QmFkVG9rZW5Gb3JnZWRCeUF0dGFja2Vy".into();
+        let (st, v) = post(&http, &format!("{service}/get_token"), ask(&forged, "@alice:matrix.test")).await;
+        assert_eq!((st, v["errcode"].as_str()), (401, Some("M_UNAUTHORIZED")), "{v}");
+        assert!(v.get("jwt").is_none());
+        let bob_openid = openid("bob", &bob).await;
+        let (st, v) = post(&http, &format!("{service}/get_token"), ask(&bob_openid, "@alice:matrix.test")).await;
+        assert_eq!(st, 401, "bob's token passed as alice's: {v}");
+        let mut foreign = bob_openid.clone();
+        foreign["matrix_server_name"] = "evil.example".into();
+        let (st, v) = post(&http, &format!("{service}/get_token"), ask(&foreign, "@bob:evil.example")).await;
+        assert_eq!((st, v["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "{v}");
+        let mut delegated = ask(&bob_openid, "@bob:matrix.test");
+        delegated["delay_id"] = "syd_abc".into();
+        delegated["delay_timeout"] = 10000.into();
+        delegated["delay_cs_api_url"] = format!("https://{}", lab.matrix_host()).into();
+        let (st, v) = post(&http, &format!("{service}/get_token"), delegated).await;
+        assert_eq!(st, 400, "{v}");
+
+        // Element Call asks from its own origin: the preflight is answered.
+        let resp = http
+            .request(reqwest::Method::OPTIONS, format!("{service}/get_token"))
+            .header("Origin", "https://call.example")
+            .header("Access-Control-Request-Method", "POST")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["access-control-allow-origin"], "*");
+        alice_openid["access_token"].as_str().unwrap().to_string()
+    });
+    // No OpenID token reaches the log (the appliance's lines and Synapse's, which redacts
+    // access_token in the URIs it logs).
+    let log = std::fs::read_to_string(lab.path("run.log")).unwrap();
+    assert!(
+        log.contains("MatrixRTC: LiveKit token issued"),
+        "no issue logged"
+    );
+    for t in [real_token.as_str(), "QmFkVG9rZW5Gb3JnZWRCeUF0dGFja2Vy"] {
+        assert!(!log.contains(t), "an OpenID token is in the log");
+    }
 }

@@ -958,12 +958,12 @@ impl Lab {
     }
 }
 
-/// A loopback address of this test process's own (127.0.x.1), where a lab can listen on the
-/// standard ports clients assume without colliding with other processes' labs: server
+/// A loopback address of this test process's own (127.0.x.`host`), where a lab can listen on
+/// the standard ports clients assume without colliding with other processes' labs: server
 /// discovery (`https://<server_name>/.well-known/matrix/client`, Matrix spec client-server API
-/// "Server Discovery") has no port, so it needs 443.
-pub fn own_loopback() -> std::net::Ipv4Addr {
-    std::net::Ipv4Addr::new(127, 0, (std::process::id() % 250) as u8 + 2, 1)
+/// "Server Discovery") has no port, so it needs 443. Tests in one process pick distinct hosts.
+pub fn own_loopback(host: u8) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::new(127, 0, (std::process::id() % 250) as u8 + 2, host)
 }
 
 impl Lab {
