@@ -218,6 +218,22 @@ fn add_user(lab: &Lab, name: &str) -> String {
     pw
 }
 
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The server name's `/.well-known/matrix/client`, as a client fetches it first.
+async fn well_known(http: &reqwest::Client, lab: &Lab) -> Value {
+    let url = format!("https://{}/.well-known/matrix/client", lab.server_name);
+    let (st, body) = get(http, &url, None).await;
+    assert_eq!(st, 200, "{url}");
+    serde_json::from_slice(&body).unwrap()
+}
+
 /// GET through the front door; status and body.
 async fn get(http: &reqwest::Client, url: &str, token: Option<&str>) -> (u16, Vec<u8>) {
     let mut rb = http.get(url);
@@ -259,23 +275,11 @@ fn element_x_path_through_the_front_door() {
         "{rtc}"
     );
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    runtime().block_on(async {
         let http = http_client(&lab, ip);
         // What Element X reads first. No MatrixRTC focus is advertised while none is
         // configured (an advertised but absent focus breaks calls in clients).
-        let (st, body) = get(
-            &http,
-            &format!("https://{}/.well-known/matrix/client", lab.server_name),
-            None,
-        )
-        .await;
-        assert_eq!(st, 200);
-        let wk: Value = serde_json::from_slice(&body).unwrap();
+        let wk = well_known(&http, &lab).await;
         assert_eq!(
             wk["m.homeserver"]["base_url"],
             format!("https://{}", lab.matrix_host())
@@ -539,22 +543,10 @@ fn matrixrtc_authorization_service() {
     let rtc = doctor_matrixrtc(&lab, ip);
     assert_eq!(rtc["status"], "pass", "{rtc}");
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let real_token = rt.block_on(async {
+    let real_token = runtime().block_on(async {
         let http = http_client(&lab, ip);
         // Advertised where clients look: the well-known and Synapse's MSC4143 endpoint.
-        let (st, body) = get(
-            &http,
-            &format!("https://{}/.well-known/matrix/client", lab.server_name),
-            None,
-        )
-        .await;
-        assert_eq!(st, 200);
-        let wk: Value = serde_json::from_slice(&body).unwrap();
+        let wk = well_known(&http, &lab).await;
         assert_eq!(wk["org.matrix.msc4143.rtc_foci"], serde_json::json!([focus]), "{wk}");
         let login = |user: &str, pw: &str| {
             let (http, url, user, pw) = (
