@@ -388,6 +388,7 @@ async fn status(cfg: &Config, json: bool) -> Result<()> {
             "failed": d.failing(),
         });
     }
+    v["matrixrtc"] = crate::matrixrtc::status(cfg);
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -415,6 +416,7 @@ async fn status(cfg: &Config, json: bool) -> Result<()> {
         let uris: Vec<&str> = uris.iter().filter_map(|u| u.as_str()).collect();
         println!("TURN: {}", uris.join("  "));
     }
+    println!("{}", crate::matrixrtc::status_line(&v["matrixrtc"]));
     let el = &v["element"];
     println!(
         "Element: {}{}",

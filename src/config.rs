@@ -30,6 +30,7 @@ pub struct Config {
     pub bot: Bot,
     pub state: State,
     pub supervisor: Supervisor,
+    pub matrixrtc: MatrixRtc,
 }
 
 /// Empty host names are derived from `server_name` (`matrix.<server_name>` and so on).
@@ -184,6 +185,82 @@ pub struct State {
     pub dir: String,
     /// Runtime files (the control socket). systemd's RuntimeDirectory= creates it.
     pub run_dir: String,
+}
+
+/// Where the front door serves MatrixRTC's authorization service on the matrix host.
+pub const MATRIXRTC_PATH: &str = "/livekit/jwt";
+
+/// MatrixRTC (MSC4143), what Element X and Element Call hold group calls with: a LiveKit SFU
+/// the operator runs elsewhere (or a hosted one), and the authorization service the appliance
+/// serves itself at `https://<matrix host>/livekit/jwt`. All empty: no focus is advertised.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct MatrixRtc {
+    /// The SFU's WebSocket URL clients connect to, e.g. "wss://livekit.example.com".
+    pub livekit_url: String,
+    /// Files holding the LiveKit API key and its secret (first line of each; root-readable).
+    pub api_key_file: String,
+    pub api_secret_file: String,
+}
+
+impl MatrixRtc {
+    pub fn enabled(&self) -> bool {
+        !self.livekit_url.is_empty()
+    }
+
+    /// The focus (MSC4143 "transport") clients are told about, in the well-known's
+    /// `org.matrix.msc4143.rtc_foci` and Synapse's `matrix_rtc.transports`: LiveKit, through
+    /// the authorization service under `matrix_base` (MSC4195). None when not configured:
+    /// an advertised focus that is not there breaks calls in clients.
+    pub fn focus(&self, matrix_base: &str) -> Option<serde_json::Value> {
+        self.enabled().then(|| {
+            serde_json::json!({
+                "type": "livekit",
+                "livekit_service_url": format!("{}{MATRIXRTC_PATH}", matrix_base.trim_end_matches('/')),
+            })
+        })
+    }
+
+    fn validate(&self, p: &mut Vec<Problem>) {
+        let set = [
+            ("matrixrtc.livekit_url", &self.livekit_url),
+            ("matrixrtc.api_key_file", &self.api_key_file),
+            ("matrixrtc.api_secret_file", &self.api_secret_file),
+        ];
+        if set.iter().all(|(_, v)| v.is_empty()) {
+            return;
+        }
+        for (key, v) in set {
+            if v.is_empty() {
+                p.push(Problem {
+                    key: key.into(),
+                    message: "is missing: group calls need the LiveKit URL, API key file and API secret file together".into(),
+                    fix: "set all three keys of [matrixrtc], or remove the table to run without group calls".into(),
+                });
+            }
+        }
+        if !self.livekit_url.is_empty()
+            && !["wss://", "ws://"]
+                .iter()
+                .any(|s| self.livekit_url.starts_with(s))
+        {
+            p.push(Problem {
+                key: "matrixrtc.livekit_url".into(),
+                message: format!("{:?} is not a ws:// or wss:// URL", self.livekit_url),
+                fix: "use the WebSocket URL clients connect to LiveKit with, e.g. \"wss://livekit.example.com\"".into(),
+            });
+        }
+        for (key, v) in &set[1..] {
+            if !v.is_empty() && !Path::new(v).is_absolute() {
+                p.push(Problem {
+                    key: (*key).into(),
+                    message: format!("{v:?} is not an absolute path"),
+                    fix: "name the file by its full path, e.g. /etc/homelab-matrix/livekit.key"
+                        .into(),
+                });
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -380,6 +457,7 @@ impl Config {
         };
         cfg.derive();
         cfg.validate(&mut problems);
+        cfg.matrixrtc.validate(&mut problems);
         if problems.is_empty() {
             Ok(cfg)
         } else {
@@ -805,6 +883,18 @@ impl Config {
 /// `check-config` can tell the operator before they start the service.
 pub fn environment_problems(cfg: &Config) -> Vec<Problem> {
     let mut out = vec![];
+    for (key, file) in [
+        ("matrixrtc.api_key_file", &cfg.matrixrtc.api_key_file),
+        ("matrixrtc.api_secret_file", &cfg.matrixrtc.api_secret_file),
+    ] {
+        if !file.is_empty() && first_line(Path::new(file)).is_none() {
+            out.push(Problem {
+                key: key.into(),
+                message: format!("{file} cannot be read or is empty"),
+                fix: "write the LiveKit API key and secret (from LiveKit's config `keys:`, or your provider) into these files, one each, readable by root".into(),
+            });
+        }
+    }
     if !Path::new(&cfg.synapse.python).exists() {
         out.push(Problem {
             key: "synapse.python".into(),
@@ -1030,9 +1120,39 @@ pub fn parse_cidr(s: &str) -> Option<(IpAddr, u8)> {
     (len <= max).then_some((addr, len))
 }
 
+/// The first line of a key file, trimmed; None when it cannot be read or is empty.
+pub fn first_line(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let line = text.lines().next()?.trim();
+    (!line.is_empty()).then(|| line.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn matrixrtc_needs_all_three_keys_and_a_websocket_url() {
+        let keys = |p: Vec<Problem>| p.into_iter().map(|p| p.key).collect::<Vec<_>>();
+        let base = "server_name = \"example.com\"\n[matrixrtc]\n";
+        let p = Config::from_toml(&format!("{base}livekit_url = \"https://lk.example.com\"\n"))
+            .unwrap_err();
+        assert_eq!(
+            keys(p),
+            [
+                "matrixrtc.api_key_file",
+                "matrixrtc.api_secret_file",
+                "matrixrtc.livekit_url"
+            ]
+        );
+        let p = Config::from_toml(&format!(
+            "{base}livekit_url = \"wss://lk.example.com\"\napi_key_file = \"key\"\napi_secret_file = \"/s\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(keys(p), ["matrixrtc.api_key_file"]);
+        let c = Config::from_toml("server_name = \"example.com\"\n").unwrap();
+        assert!(!c.matrixrtc.enabled() && c.matrixrtc.focus("https://m").is_none());
+    }
 
     #[test]
     fn minimal_config_takes_defaults() {

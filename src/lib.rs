@@ -19,6 +19,7 @@ pub mod fdlimit;
 pub mod fsutil;
 pub mod http;
 pub mod logging;
+pub mod matrixrtc;
 pub mod notify;
 pub mod postgres;
 pub mod secrets;

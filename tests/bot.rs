@@ -13,7 +13,7 @@ mod sdk;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Lab, Matrix, Running, require, require_appliance, wait_until};
+use common::{Lab, LogOnPanic, Matrix, Running, require, require_appliance, wait_until};
 use matrix_sdk::ruma::api::client::room::create_room;
 use matrix_sdk::ruma::events::room::member::{MembershipState, StrippedRoomMemberEvent};
 use matrix_sdk::ruma::events::room::message::{ReplacementMetadata, RoomMessageEventContent};
@@ -551,23 +551,6 @@ fn registration_bot_end_to_end() {
         let st = run2.signal_and_wait(Signal::SIGTERM, Duration::from_secs(20));
         assert_eq!(st.code(), Some(0), "{}", run2.log_tail());
     });
-}
-
-/// Prints the end of the appliance's log when the test fails, before the lab is removed.
-struct LogOnPanic(std::path::PathBuf);
-
-impl Drop for LogOnPanic {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            let text = std::fs::read_to_string(&self.0).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            eprintln!(
-                "--- the last lines of {} ---\n{}",
-                self.0.display(),
-                lines[lines.len().saturating_sub(120)..].join("\n")
-            );
-        }
-    }
 }
 
 /// Kills `child` each time the supervisor restarts it, until it is flagged as a crash loop.

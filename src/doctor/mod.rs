@@ -14,6 +14,7 @@ use crate::config::Config;
 mod delegation;
 mod dns;
 mod federation;
+mod matrixrtc;
 mod net;
 mod ports;
 mod services;
@@ -105,6 +106,7 @@ pub const FAMILIES: &[&str] = &[
     "disk",
     "clock",
     "element",
+    "matrixrtc",
 ];
 
 #[derive(Debug, Clone)]
@@ -319,6 +321,7 @@ pub async fn run(cfg: &Config, opts: &Options) -> Report {
             "disk" => services::disk(&ctx).await,
             "clock" => vec![services::clock(&ctx).await],
             "element" => vec![services::element(&ctx)],
+            "matrixrtc" => vec![matrixrtc::check(&ctx).await],
             _ => unreachable!("FAMILIES lists only these"),
         };
         checks.extend(got.into_iter().filter(|c| {

@@ -169,6 +169,7 @@ pub struct FrontDoor {
     /// The clock that connection times are counted from.
     epoch: Instant,
     element: Option<Arc<Element>>,
+    matrixrtc: Option<Arc<crate::matrixrtc::Service>>,
 }
 
 /// The open connections: counted in all and per address, and each one's activity, so that an
@@ -247,6 +248,11 @@ impl FrontDoor {
             conns: Mutex::new(Conns::default()),
             epoch: Instant::now(),
             element,
+            matrixrtc: crate::matrixrtc::Service::from_config(
+                cfg,
+                &https_url(&cfg.hosts.matrix, https_port),
+            )
+            .map(Arc::new),
         })
     }
 
@@ -520,12 +526,13 @@ impl FrontDoor {
             Route::WellKnownClient => {
                 // Matrix spec, client-server API "Well-known URI"; clients fetch it
                 // cross-origin, so CORS is required.
-                let mut r = full(
-                    StatusCode::OK,
-                    "application/json",
-                    json!({"m.homeserver": {"base_url": self.base_url(&self.hosts.matrix)}})
-                        .to_string(),
-                );
+                let mut wk =
+                    json!({"m.homeserver": {"base_url": self.base_url(&self.hosts.matrix)}});
+                // MSC4143: only a focus that is there (an empty one breaks clients' calls).
+                if let Some(rtc) = &self.matrixrtc {
+                    wk["org.matrix.msc4143.rtc_foci"] = json!([rtc.focus()]);
+                }
+                let mut r = full(StatusCode::OK, "application/json", wk.to_string());
                 r.headers_mut().insert(
                     header::ACCESS_CONTROL_ALLOW_ORIGIN,
                     header::HeaderValue::from_static("*"),
@@ -562,6 +569,14 @@ impl FrontDoor {
                     ),
                 )
             }
+            Route::MatrixRtc => match &self.matrixrtc {
+                Some(rtc) => matrixrtc_answer(rtc, req, &path).await,
+                None => matrix_error(
+                    StatusCode::NOT_FOUND,
+                    "M_UNRECOGNIZED",
+                    "no MatrixRTC focus here: group calls need a LiveKit server ([matrixrtc] in the config)",
+                ),
+            },
             Route::NotFound => {
                 if path.starts_with("/_matrix/") {
                     matrix_error(StatusCode::NOT_FOUND, "M_UNRECOGNIZED", "not served here")
@@ -601,6 +616,44 @@ impl FrontDoor {
         }
         r
     }
+}
+
+/// MatrixRTC's authorization service: a small JSON body in, JSON out, CORS open (Element
+/// Call asks from its own origin, as lk-jwt-service allows).
+async fn matrixrtc_answer(
+    rtc: &crate::matrixrtc::Service,
+    req: Request<Incoming>,
+    path: &str,
+) -> Response<Body> {
+    const MAX_BODY: usize = 64 * 1024;
+    let method = req.method().clone();
+    let sub = path
+        .strip_prefix(config::MATRIXRTC_PATH)
+        .unwrap_or_default();
+    let body = match http_body_util::Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return matrix_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "M_TOO_LARGE",
+                "the request body is over 64 KiB",
+            );
+        }
+    };
+    let a = rtc.answer(&method, sub, &body).await;
+    let mut r = full(a.status, "application/json", a.body.to_string());
+    for (name, value) in [
+        (header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"),
+        (header::ACCESS_CONTROL_ALLOW_METHODS, "GET, POST, OPTIONS"),
+        (header::ACCESS_CONTROL_ALLOW_HEADERS, "Accept, Content-Type"),
+    ] {
+        r.headers_mut()
+            .insert(name, header::HeaderValue::from_static(value));
+    }
+    r
 }
 
 fn page(title: &str, body: &str) -> String {

@@ -30,6 +30,8 @@ pub enum Route {
     Element,
     Landing,
     NotFound,
+    /// MatrixRTC's authorization service (`config::MATRIXRTC_PATH`; 404 unless configured).
+    MatrixRtc,
 }
 
 /// The host names the front door serves.
@@ -258,6 +260,9 @@ fn route_on(
                 }
                 if under(path, "/_synapse") {
                     return synapse();
+                }
+                if under(path, crate::config::MATRIXRTC_PATH) {
+                    return Route::MatrixRtc;
                 }
             }
             if host == hosts.element {

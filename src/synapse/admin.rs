@@ -325,6 +325,32 @@ impl Synapse {
         })
     }
 
+    /// Whose OpenID token `token` is (Matrix spec, server-server API "OpenID":
+    /// `GET /_matrix/federation/v1/openid/userinfo`), or None when Synapse does not know it
+    /// (made up, or expired: Synapse's tokens live an hour).
+    pub async fn openid_userinfo(&self, token: &str) -> Result<Option<String>, AdminError> {
+        // Percent-encoded (RFC 3986 §2.3: all but the unreserved characters): the token is
+        // whatever the caller sent.
+        let token: String = token
+            .bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                    char::from(b).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect();
+        let req = self.http.get(self.url(&format!(
+            "/_matrix/federation/v1/openid/userinfo?access_token={token}"
+        )));
+        match self.call("OpenID userinfo", req).await {
+            Ok((_, v)) => Ok(v["sub"].as_str().map(str::to_string)),
+            Err(AdminError::Api { status, .. }) if status == StatusCode::UNAUTHORIZED => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Registers a user with the shared secret (no existing admin needed).
     pub async fn register_with_secret(
         &self,

@@ -146,6 +146,25 @@ pub fn homeserver_config(cfg: &Config, l: &Layout) -> Value {
         o.insert("turn_user_lifetime".into(), json!("1d"));
         o.insert("turn_allow_guests".into(), json!(cfg.turn.allow_guests));
     }
+    // MatrixRTC only with a LiveKit SFU configured: Synapse's MSC4143 endpoint
+    // (`/_matrix/client/unstable/org.matrix.msc4143/rtc/transports`) stays off otherwise, so no
+    // client is sent to a focus that is not there. Synapse docs, config "matrix_rtc".
+    if let Some(focus) = cfg
+        .matrixrtc
+        .focus(&format!("https://{}", cfg.hosts.matrix))
+    {
+        let o = v.as_object_mut().expect("an object");
+        o.insert(
+            "experimental_features".into(),
+            // msc4222: `state_after` in /sync, which Element Call needs to track call
+            // memberships reliably (Element Call's self-hosting guide).
+            json!({"msc4143_enabled": true, "msc4222_enabled": true}),
+        );
+        o.insert("matrix_rtc".into(), json!({"transports": [focus]}));
+        // MSC4140 delayed events: a call member's leave event, sent by Synapse if the device
+        // stops refreshing it (a phone that lost its network leaves the call).
+        o.insert("max_event_delay_duration".into(), json!("24h"));
+    }
     v
 }
 
@@ -317,6 +336,32 @@ pub fn child_spec(cfg: &Config, run_as: RunAs) -> ChildSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn matrixrtc_only_when_a_livekit_server_is_configured() {
+        let l = Layout::new(Path::new("/var/lib/homelab-matrix"));
+        let off = homeserver_config(
+            &Config::from_toml("server_name = \"example.com\"\n").unwrap(),
+            &l,
+        );
+        for k in [
+            "experimental_features",
+            "matrix_rtc",
+            "max_event_delay_duration",
+        ] {
+            assert!(off.get(k).is_none(), "{k} without [matrixrtc]");
+        }
+        let cfg = Config::from_toml(
+            "server_name = \"example.com\"\n[matrixrtc]\nlivekit_url = \"wss://lk.example.com\"\napi_key_file = \"/k\"\napi_secret_file = \"/s\"\n",
+        )
+        .unwrap();
+        let on = homeserver_config(&cfg, &l);
+        assert_eq!(on["experimental_features"]["msc4143_enabled"], true);
+        assert_eq!(
+            on["matrix_rtc"]["transports"],
+            json!([{"type": "livekit", "livekit_service_url": "https://matrix.example.com/livekit/jwt"}])
+        );
+    }
 
     #[test]
     fn config_has_what_synapse_needs() {

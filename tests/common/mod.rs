@@ -1131,3 +1131,37 @@ impl Drop for TmpfsMount {
         let _ = Command::new("umount").arg(&self.path).status();
     }
 }
+
+/// A loopback address of this test process's own (127.0.x.`host`), where a lab can listen on
+/// the standard ports clients assume without colliding with other processes' labs: server
+/// discovery (`https://<server_name>/.well-known/matrix/client`, Matrix spec client-server API
+/// "Server Discovery") has no port, so it needs 443. Tests in one process pick distinct hosts.
+pub fn own_loopback(host: u8) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::new(127, 0, (std::process::id() % 250) as u8 + 2, host)
+}
+
+impl Lab {
+    /// Puts this lab's https listener on `ip`:443 (the other listeners on `ip` at their
+    /// ports), as `write_config_on` with `extra`.
+    pub fn write_config_on_443(&mut self, ip: std::net::Ipv4Addr, extra: &str) {
+        self.https_port = 443;
+        self.write_config_on(&ip.to_string(), extra);
+    }
+}
+
+/// Prints the last lines of a log when the test panics (dropped while unwinding).
+pub struct LogOnPanic(pub PathBuf);
+
+impl Drop for LogOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let text = fs::read_to_string(&self.0).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            eprintln!(
+                "--- the last lines of {} ---\n{}",
+                self.0.display(),
+                lines[lines.len().saturating_sub(120)..].join("\n")
+            );
+        }
+    }
+}
