@@ -311,12 +311,12 @@ impl Bot {
                 let t = self.admin.create_token(None, uses, expiry).await?;
                 tracing::info!(user = %sender, uses = ?uses, "created a registration token");
                 Reply::new(format!(
-                    "**New token:** `{}`\n\n{}. Register at https://{} and enter it when asked.",
+                    "**New token:** `{}`\n\n{}. Send this invite link, where anyone can sign up with it: {}",
                     t.token,
                     commands::token_line(&t, now)
                         .split_once(": ")
                         .map_or("", |(_, rest)| rest),
-                    cfg.hosts.element
+                    crate::invite::link(cfg, &t.token)
                 ))
             }
             Command::Delete(tokens) => {

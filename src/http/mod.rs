@@ -169,6 +169,7 @@ pub struct FrontDoor {
     /// The clock that connection times are counted from.
     epoch: Instant,
     element: Option<Arc<Element>>,
+    invite: crate::invite::Invite,
 }
 
 /// The open connections: counted in all and per address, and each one's activity, so that an
@@ -247,6 +248,7 @@ impl FrontDoor {
             conns: Mutex::new(Conns::default()),
             epoch: Instant::now(),
             element,
+            invite: crate::invite::Invite::new(cfg, https_port),
         })
     }
 
@@ -548,6 +550,15 @@ impl FrontDoor {
                 }
                 None => full(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
             },
+            Route::Invite => {
+                let method = req.method().clone();
+                let (parts, body) = self
+                    .invite
+                    .serve(&method, &path, req.into_body())
+                    .await
+                    .into_parts();
+                Response::from_parts(parts, full_body(body))
+            }
             Route::Landing => {
                 let element = self.base_url(&self.hosts.element);
                 full(
