@@ -136,7 +136,7 @@ fn redact_query(line: &str) -> std::borrow::Cow<'_, str> {
             && let Some(start) = hit(i + 1)
         {
             let end = line[start..]
-                .find(|c: char| matches!(c, '&' | '#' | '"' | '\'' | ' ' | '\t'))
+                .find(['&', '#', '"', '\'', ' ', '\t'])
                 .map_or(line.len(), |e| start + e);
             if end > start {
                 let o = out.get_or_insert_with(String::new);
