@@ -1,7 +1,7 @@
 //! Invite links end to end (issue #17 items 1 and 3): `token create --json` gives a link, a
 //! real headless Chromium opens it through the front door, checks the token, sees username
 //! availability as typed and signs up through Synapse's token flow; the new account then logs
-//! in with matrix-sdk and syncs. Used, expired and made-up tokens each get their message, the
+//! in with matrix-sdk and sliding-syncs (matrix-sdk-ui's SyncService, as Element X does). Used, expired and made-up tokens each get their message, the
 //! page passes axe-core with no violation, and no token reaches a log line.
 
 #![cfg(feature = "bot")]
@@ -12,11 +12,12 @@ mod common;
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{Lab, Matrix, require, require_appliance};
 use matrix_sdk::Client;
-use matrix_sdk::config::SyncSettings;
+use matrix_sdk::ruma::OwnedRoomId;
+use matrix_sdk_ui::{room_list_service, sync_service, sync_service::SyncService};
 use serde_json::Value;
 
 /// Where packaging/install-test-deps puts playwright-core and axe-core (tests/invite/package.json).
@@ -164,7 +165,17 @@ fn an_invite_link_signs_a_friend_up_in_a_real_browser() {
     );
     assert_eq!(up["focused"], "done-title", "focus moves to the result");
 
-    // The new account is real: matrix-sdk logs in and syncs.
+    // The new account is real: matrix-sdk logs in and sliding-syncs (MSC4186) with the
+    // SyncService/RoomListService that Element X is built on, and sees a room it made elsewhere.
+    let other_device = Matrix::new(&lab.synapse_url()).login("friend", password);
+    let (st, made) = Matrix::new(&lab.synapse_url()).req(
+        "POST",
+        "/_matrix/client/v3/createRoom",
+        Some(&other_device),
+        Some(serde_json::json!({"name": "made on another device"})),
+    );
+    assert_eq!(st, 200, "{made}");
+    let room_id = OwnedRoomId::try_from(made["room_id"].as_str().unwrap()).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let store = tempfile::tempdir().unwrap();
@@ -183,11 +194,30 @@ fn an_invite_link_signs_a_friend_up_in_a_real_browser() {
             .await
             .expect("the account made on the invite page logs in");
         assert_eq!(client.user_id().unwrap().as_str(), mxid);
-        let r = client
-            .sync_once(SyncSettings::default().timeout(Duration::from_secs(1)))
+        let sync = SyncService::builder(client.clone())
+            .build()
             .await
-            .expect("the new account syncs");
-        assert!(!r.next_batch.is_empty());
+            .expect("a sliding sync service");
+        let rooms = sync.room_list_service();
+        sync.start().await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let sync_service::State::Error(e) = sync.state().get() {
+                panic!("sliding sync failed: {e}");
+            }
+            if matches!(rooms.state().get(), room_list_service::State::Running)
+                && rooms.room(&room_id).is_ok()
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sliding sync did not bring {room_id} within 60 s (room list: {:?})",
+                rooms.state().get()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        sync.stop().await;
     });
 
     // Each dead token says what is wrong with it.

@@ -125,7 +125,7 @@ impl Invite {
         }
     }
 
-    /// `POST /invite/check {"token": T}` -> `{"state": "valid"|"used"|"expired"|"unknown"}`.
+    /// `POST /invite/check {"token": T}` -> `{"state": "used"|"expired"|"unknown"}`.
     async fn check<B>(&self, body: B) -> Response<Bytes>
     where
         B: hyper::body::Body,
@@ -150,7 +150,13 @@ impl Invite {
             Err(e) => Err(e),
         };
         match tokens {
-            Ok(list) => json_answer(TokenState::of(&list, &token, now_ms())),
+            // A live token reads "unknown" here: Synapse rate-limits its validity endpoint
+            // against guessing (`rc_registration_token_validity`), and this one must not be
+            // a way around that. Dead tokens register no one, so naming them gives nothing away.
+            Ok(list) => json_answer(match TokenState::of(&list, &token, now_ms()) {
+                TokenState::Valid => TokenState::Unknown,
+                dead => dead,
+            }),
             Err(e) => {
                 tracing::warn!(
                     "invite page: cannot read the registration tokens: {e:#}; check that Synapse runs (homelab-matrix status)"
