@@ -68,21 +68,7 @@ impl Person {
     /// the bot opens).
     async fn login(hs: &str, user: &str, password: &str, bot: &UserId) -> Person {
         let store = tempfile::tempdir().unwrap();
-        let client = Client::builder()
-            .homeserver_url(hs)
-            // Synapse's login answer names its public URL, which only the front door serves.
-            .respect_login_well_known(false)
-            .sqlite_store(store.path(), None)
-            .build()
-            .await
-            .unwrap();
-        client
-            .matrix_auth()
-            .login_username(user, password)
-            .initial_device_display_name("bot test")
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("login {user}: {e}"));
+        let client = common::sdk_login(hs, store.path(), user, password, "bot test").await;
         let user_id = client.user_id().unwrap().to_owned();
         let inbox: Arc<Mutex<Vec<Msg>>> = Arc::default();
         let sink = inbox.clone();

@@ -15,7 +15,6 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{Lab, Matrix, require, require_appliance};
-use matrix_sdk::Client;
 use matrix_sdk::ruma::OwnedRoomId;
 use matrix_sdk_ui::{room_list_service, sync_service, sync_service::SyncService};
 use serde_json::Value;
@@ -179,20 +178,15 @@ fn an_invite_link_signs_a_friend_up_in_a_real_browser() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let store = tempfile::tempdir().unwrap();
-        let client = Client::builder()
-            .homeserver_url(lab.synapse_url())
-            .respect_login_well_known(false)
-            .sqlite_store(store.path(), None)
-            .build()
-            .await
-            .unwrap();
-        client
-            .matrix_auth()
-            .login_username("friend", password)
-            .initial_device_display_name("invite test")
-            .send()
-            .await
-            .expect("the account made on the invite page logs in");
+        // The account made on the invite page logs in.
+        let client = common::sdk_login(
+            &lab.synapse_url(),
+            store.path(),
+            "friend",
+            password,
+            "invite test",
+        )
+        .await;
         assert_eq!(client.user_id().unwrap().as_str(), mxid);
         let sync = SyncService::builder(client.clone())
             .build()
