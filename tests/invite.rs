@@ -1,8 +1,9 @@
 //! Invite links end to end (issue #17 items 1 and 3): `token create --json` gives a link, a
 //! real headless Chromium opens it through the front door, checks the token, sees username
 //! availability as typed and signs up through Synapse's token flow; the new account then logs
-//! in with matrix-sdk and sliding-syncs (matrix-sdk-ui's SyncService, as Element X does). Used, expired and made-up tokens each get their message, the
-//! page passes axe-core with no violation, and no token reaches a log line.
+//! in with matrix-sdk and sliding-syncs (matrix-sdk-ui's SyncService, as Element X does). Used,
+//! expired and made-up tokens each get their message, the page passes axe-core with no
+//! violation, and no token reaches a log line.
 
 #![cfg(feature = "bot")]
 // This test process drives the binary and node from outside: std's process API is right here.

@@ -5,10 +5,10 @@
 //! registration token itself, so this page is how a friend joins.
 //!
 //! The token stays in the URL fragment, which browsers never send. The page asks Synapse's
-//! validity endpoint (the token then is in a query string: see `supervisor::redact`), and only
-//! when Synapse says "invalid" it asks `POST /invite/check` why: used up, expired or unknown,
-//! which the public API does not tell. That check reads the admin API's token list, so the
-//! token is in no URL of ours or Synapse's.
+//! validity endpoint (the token then is in a query string, which Synapse logs: see
+//! `supervisor::output::redact_secrets`), and only when Synapse says "invalid" it asks
+//! `POST /invite/check` why: used up, expired or unknown, which the public API does not tell.
+//! That check reads the admin API's token list, so it puts the token in no URL.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
