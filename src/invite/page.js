@@ -53,7 +53,7 @@
       return;
     }
     if (r.status === 200 && r.data.valid === true) {
-      say("Your invite is valid. Pick a username and a password.");
+      say("Your invite is valid.");
       form.hidden = false;
       return;
     }

@@ -10,6 +10,12 @@ const { chromium } = require("playwright-core");
 const [mode, url, hostRules, ...rest] = process.argv.slice(2);
 const axeSource = fs.readFileSync(require.resolve("axe-core/axe.min.js"), "utf8");
 
+// INVITE_SCREENSHOTS=DIR keeps a phone-sized picture of each state (for a person to look at).
+async function shot(page, name) {
+  const dir = process.env.INVITE_SCREENSHOTS;
+  if (dir) await page.screenshot({ path: `${dir}/${mode}-${name}.png`, fullPage: true });
+}
+
 async function axe(page) {
   // page.evaluate runs through the DevTools protocol, so the page's CSP does not stop it.
   await page.evaluate(axeSource);
@@ -43,18 +49,21 @@ async function axe(page) {
     if (mode === "nojs") {
       // Without JavaScript only what the HTML shows (axe itself needs JavaScript).
       out.text = await page.evaluate(() => document.body.innerText);
+      await shot(page, "page");
     } else if (mode === "axe") {
       out.violations = await axe(page);
     } else if (mode === "message") {
       await page.waitForSelector("#status.problem");
       out.text = await page.textContent("#status");
       out.formVisible = await page.isVisible("#signup");
+      await shot(page, String(Date.now()));
       out.violations = await axe(page);
     } else if (mode === "signup") {
       const [taken, user, password] = rest;
       await page.waitForSelector("#signup", { state: "visible" });
       out.status = await page.textContent("#status");
       out.violations.push(...(await axe(page)));
+      await shot(page, "form");
       // As typed: a taken name is named taken, a free one available.
       await page.type("#username", taken, { delay: 20 });
       await page.waitForFunction(() => /taken/.test(document.getElementById("username-note").textContent));
@@ -78,6 +87,7 @@ async function axe(page) {
       out.done = await page.textContent("#done");
       out.elementHref = await page.getAttribute("#element-link", "href");
       out.focused = await page.evaluate(() => document.activeElement && document.activeElement.id);
+      await shot(page, "done");
       out.violations.push(...(await axe(page)));
     } else {
       throw new Error(`unknown mode ${mode}`);
