@@ -155,6 +155,9 @@ pub struct CreateArgs {
     /// Choose the token yourself (A-Z a-z 0-9 . _ ~ -, at most 64); default: Synapse picks one.
     #[arg(long)]
     pub token: Option<String>,
+    /// Print the token, its limits and its invite link as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Parses the command line and runs it; returns the process exit code.
@@ -537,12 +540,18 @@ async fn token(cfg: &Config, cmd: TokenCmd) -> Result<()> {
             let t = session
                 .create_token(a.token.as_deref(), uses, expiry)
                 .await?;
-            println!("{}", t.token);
-            eprintln!(
-                "{}; register at https://{} with this token",
-                describe(&t),
-                cfg.hosts.element
-            );
+            let link = crate::invite::link(cfg, &t.token);
+            if a.json {
+                let mut v = serde_json::to_value(&t)?;
+                v["link"] = link.into();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{}", t.token);
+                eprintln!(
+                    "{}; send this invite link, where anyone can sign up with it: {link}",
+                    describe(&t)
+                );
+            }
         }
         TokenCmd::List { json } => {
             let tokens = session.list_tokens().await?;

@@ -877,6 +877,14 @@ impl Config {
     pub fn synapse_local_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.synapse.port)
     }
+
+    /// The port of `listen.https` (443 when it names none): what links to this server use.
+    pub fn public_https_port(&self) -> u16 {
+        self.listen
+            .https
+            .parse::<std::net::SocketAddr>()
+            .map_or(443, |a| a.port())
+    }
 }
 
 /// Checks for things outside the file that `run` would trip on (a missing Synapse), so that

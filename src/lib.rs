@@ -18,6 +18,7 @@ pub mod element;
 pub mod fdlimit;
 pub mod fsutil;
 pub mod http;
+pub mod invite;
 pub mod logging;
 pub mod matrixrtc;
 pub mod notify;

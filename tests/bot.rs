@@ -268,6 +268,9 @@ fn registration_bot_end_to_end() {
         let m = alice.ask(&room, &bot, "create 2 1d").await;
         assert!(!m.encrypted);
         let t1 = code_span(&m.body);
+        // The answer carries the invite link (tests/invite.rs drives the page).
+        let link = format!("{}/invite#{t1}", lab.https_base());
+        assert!(m.body.contains(&link), "no invite link {link} in {m:?}");
         let shown = token_json(&lab, &t1).expect("the token exists");
         assert_eq!(shown["uses_allowed"], 2, "{shown}");
         let expiry = shown["expiry_time"].as_i64().unwrap();

@@ -34,7 +34,7 @@ fn doctor(lab: &Lab, args: &[&str], overrides: &[&str]) -> (Option<i32>, String)
     let refs: Vec<&str> = all.iter().map(String::as_str).collect();
     let out: Output = lab.run_cmd(&refs);
     let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        String::from_utf8_lossy(&out.stdout).into_owned() + &*String::from_utf8_lossy(&out.stderr);
     (out.status.code(), text)
 }
 

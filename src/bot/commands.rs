@@ -327,6 +327,16 @@ pub fn token_line(t: &RegistrationToken, now_ms: i64) -> String {
     format!("`{}`: {}{expiry}{state}", t.token, t.describe(now_ms))
 }
 
+/// The answer to `create`: the token, its limits, and the invite link to send.
+pub fn created(t: &RegistrationToken, now_ms: i64, link: &str) -> Reply {
+    let line = token_line(t, now_ms);
+    let limits = line.split_once(": ").map_or("", |(_, rest)| rest);
+    Reply::new(format!(
+        "**New token:** `{}`\n\n{limits}. Send this invite link, where anyone can sign up with it (Element X too): {link}",
+        t.token
+    ))
+}
+
 /// One account as a Markdown line: the ID in a code span, then what is known about it.
 pub fn user_line(u: &UserInfo) -> String {
     let mut parts = vec![];
@@ -694,6 +704,9 @@ mod tests {
         };
         assert!(token_line(&used, 0).ends_with("(used up)"));
         assert!(token_line(&t, 1_767_225_600_001).ends_with("(expired)"));
+        let c = created(&t, 1_767_139_200_000, "https://m.example.com/invite#AbC_1").plain();
+        assert!(c.starts_with("New token: `AbC_1`\n\nused 0 of 2"), "{c}");
+        assert!(c.ends_with(": https://m.example.com/invite#AbC_1"), "{c}");
         let r = Reply::new(format!("**Created:** {line}"));
         assert!(r.plain().starts_with("Created: `AbC_1`"), "{}", r.plain());
         assert!(

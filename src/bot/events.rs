@@ -310,14 +310,7 @@ impl Bot {
                 let expiry = expires_in.map(|d| now + d.as_millis() as i64);
                 let t = self.admin.create_token(None, uses, expiry).await?;
                 tracing::info!(user = %sender, uses = ?uses, "created a registration token");
-                Reply::new(format!(
-                    "**New token:** `{}`\n\n{}. Register at https://{} and enter it when asked.",
-                    t.token,
-                    commands::token_line(&t, now)
-                        .split_once(": ")
-                        .map_or("", |(_, rest)| rest),
-                    cfg.hosts.element
-                ))
+                commands::created(&t, now, &crate::invite::link(cfg, &t.token))
             }
             Command::Delete(tokens) => {
                 let mut lines = vec![];

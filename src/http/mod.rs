@@ -170,6 +170,7 @@ pub struct FrontDoor {
     epoch: Instant,
     element: Option<Arc<Element>>,
     matrixrtc: Option<Arc<crate::matrixrtc::Service>>,
+    invite: crate::invite::Invite,
 }
 
 /// The open connections: counted in all and per address, and each one's activity, so that an
@@ -253,6 +254,7 @@ impl FrontDoor {
                 &https_url(&cfg.hosts.matrix, https_port),
             )
             .map(Arc::new),
+            invite: crate::invite::Invite::new(cfg, https_port),
         })
     }
 
@@ -555,6 +557,15 @@ impl FrontDoor {
                 }
                 None => full(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
             },
+            Route::Invite => {
+                let method = req.method().clone();
+                let (parts, body) = self
+                    .invite
+                    .serve(&method, &path, req.into_body())
+                    .await
+                    .into_parts();
+                Response::from_parts(parts, full_body(body))
+            }
             Route::Landing => {
                 let element = self.base_url(&self.hosts.element);
                 full(

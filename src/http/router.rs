@@ -28,6 +28,8 @@ pub enum Route {
     /// `/_synapse/admin` from outside the allowed networks.
     AdminForbidden,
     Element,
+    /// The invite page (`crate::invite`), on the matrix host.
+    Invite,
     Landing,
     NotFound,
     /// MatrixRTC's authorization service (`config::MATRIXRTC_PATH`; 404 unless configured).
@@ -264,6 +266,9 @@ fn route_on(
                 if under(path, crate::config::MATRIXRTC_PATH) {
                     return Route::MatrixRtc;
                 }
+                if under(path, crate::invite::PATH) {
+                    return Route::Invite;
+                }
             }
             if host == hosts.element {
                 return Route::Element;
@@ -444,6 +449,30 @@ mod tests {
         assert_eq!(go("/.well-known/matrix/client"), Route::WellKnownClient);
         assert_eq!(go("/"), Route::Element);
         assert_eq!(go("/_synapse/admin/v1/x"), Route::AdminForbidden);
+        assert_eq!(go("/invite"), Route::Invite);
+    }
+
+    #[test]
+    fn the_invite_page_is_on_the_matrix_host() {
+        for p in ["/invite", "/invite/", "/invite/invite.js", "/invite/check"] {
+            assert_eq!(
+                r(Listener::Https, "matrix.example.com", p, OUT),
+                Route::Invite,
+                "{p}"
+            );
+        }
+        assert_eq!(
+            r(Listener::Https, "matrix.example.com", "/invitex", OUT),
+            Route::Landing
+        );
+        assert_eq!(
+            r(Listener::Https, "element.example.com", "/invite", OUT),
+            Route::Element
+        );
+        assert_eq!(
+            r(Listener::Federation, "matrix.example.com", "/invite", OUT),
+            Route::NotFound
+        );
     }
 
     #[test]

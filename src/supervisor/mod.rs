@@ -373,6 +373,7 @@ pub async fn http_get_ok(port: u16, path: &str) -> bool {
 /// Each line a child writes becomes a tracing event with `child=<name>`, so journald can
 /// filter by child. Python logging's level names map to tracing levels. The pipes are read as
 /// bytes to EOF (`output::forward`): invalid UTF-8 or an endless line never ends the reading.
+/// Secrets in URLs (a registration token in a query string) are redacted first (`output::redact_secrets`).
 fn forward_output(name: &str, child: &mut process::Spawned) {
     let (out, err) = (
         std::mem::replace(&mut child.stdout, dummy_pipe()),
@@ -399,6 +400,7 @@ fn dummy_pipe() -> tokio::net::unix::pipe::Receiver {
 }
 
 fn log_child_line(name: &str, line: &str) {
+    let line = &*output::redact_secrets(line);
     match child_line_level(line) {
         tracing::Level::ERROR => tracing::error!(target: "child", child = %name, "{line}"),
         tracing::Level::WARN => tracing::warn!(target: "child", child = %name, "{line}"),

@@ -91,9 +91,105 @@ pub async fn forward(mut pipe: impl AsyncRead + Unpin, mut emit: impl FnMut(&str
     lines.finish(&mut emit);
 }
 
+/// Query parameters whose values are secrets and must not reach the journal. Synapse's access
+/// log redacts `access_token` and `client_secret` itself (`synapse.http.redact_uri`) but logs
+/// the registration token that the invite page's validity check carries
+/// (`GET /_matrix/client/v1/register/m.login.registration_token/validity?token=...`).
+const SECRET_PARAMS: [&str; 2] = ["token", "access_token"];
+
+/// Synapse logs the completed UIA stages with their credentials at INFO
+/// (synapse/handlers/auth.py, `check_ui_auth`: "Auth completed with creds: %r"), a Python dict
+/// whose registration-token stage holds the token itself.
+const SECRET_REPR: &str = "'m.login.registration_token': '";
+
+/// The line with secrets replaced by `<redacted>`: the value of every [`SECRET_PARAMS`] query
+/// parameter (after `?` or `&`, up to the next `&`, `#`, quote or blank), and the quoted value
+/// after [`SECRET_REPR`].
+pub fn redact_secrets(line: &str) -> std::borrow::Cow<'_, str> {
+    use std::borrow::Cow;
+    let line = match redact_query(line) {
+        Cow::Borrowed(_) => Cow::Borrowed(line),
+        Cow::Owned(o) => Cow::Owned(o),
+    };
+    let Some(at) = line.find(SECRET_REPR) else {
+        return line;
+    };
+    let start = at + SECRET_REPR.len();
+    let end = line[start..].find('\'').map_or(line.len(), |e| start + e);
+    Cow::Owned(format!("{}<redacted>{}", &line[..start], &line[end..]))
+}
+
+fn redact_query(line: &str) -> std::borrow::Cow<'_, str> {
+    use std::borrow::Cow;
+    let hit = |at: usize| {
+        SECRET_PARAMS
+            .iter()
+            .find(|p| line[at..].starts_with(**p) && line[at + p.len()..].starts_with('='))
+            .map(|p| at + p.len() + 1)
+    };
+    let mut out: Option<String> = None;
+    let mut copied = 0;
+    let mut i = 0;
+    let b = line.as_bytes();
+    while i < b.len() {
+        if matches!(b[i], b'?' | b'&')
+            && let Some(start) = hit(i + 1)
+        {
+            let end = line[start..]
+                .find(['&', '#', '"', '\'', ' ', '\t'])
+                .map_or(line.len(), |e| start + e);
+            if end > start {
+                let o = out.get_or_insert_with(String::new);
+                o.push_str(&line[copied..start]);
+                o.push_str("<redacted>");
+                copied = end;
+            }
+            i = end;
+            continue;
+        }
+        i += 1;
+    }
+    match out {
+        None => Cow::Borrowed(line),
+        Some(mut o) => {
+            o.push_str(&line[copied..]);
+            Cow::Owned(o)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secret_query_parameters_are_redacted() {
+        let l = r#"synapse.access.http.8008 - 123 - INFO - GET-4 - ::1 - 8008 - {None} Processed request: 0.003sec 200 14B 200 "GET /_matrix/client/v1/register/m.login.registration_token/validity?token=Ab.C_1~-z HTTP/1.1" "Mozilla/5.0""#;
+        let r = redact_secrets(l);
+        assert!(!r.contains("Ab.C_1"), "{r}");
+        assert!(r.contains("validity?token=<redacted> HTTP/1.1"), "{r}");
+        assert_eq!(
+            redact_secrets("/x?a=1&token=s3cret&b=2 /y?access_token=t#f"),
+            "/x?a=1&token=<redacted>&b=2 /y?access_token=<redacted>#f"
+        );
+        let creds = "Auth completed with creds: {'m.login.registration_token': 'j.1Vq~x', 'm.login.dummy': True}.";
+        assert_eq!(
+            redact_secrets(creds),
+            "Auth completed with creds: {'m.login.registration_token': '<redacted>', 'm.login.dummy': True}."
+        );
+        // Other parameters, a bare word and empty values stay.
+        for same in [
+            "/x?tokens=1&mytoken=2",
+            "a token=3 here",
+            "/x?token=&y",
+            "no query at all",
+        ] {
+            assert!(
+                matches!(redact_secrets(same), std::borrow::Cow::Borrowed(_)),
+                "{same}"
+            );
+        }
+    }
 
     fn split(max: usize, pieces: &[&[u8]]) -> Vec<(String, bool)> {
         let mut out = vec![];

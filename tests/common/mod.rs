@@ -633,6 +633,33 @@ impl Matrix {
     }
 }
 
+/// A matrix-sdk client with its sqlite store in `store`, logged in with a password.
+/// `hs` is Synapse's own URL: its login answer names the public URL, which only the front
+/// door serves, so the login's well-known is not followed.
+pub async fn sdk_login(
+    hs: &str,
+    store: &Path,
+    user: &str,
+    password: &str,
+    device: &str,
+) -> matrix_sdk::Client {
+    let client = matrix_sdk::Client::builder()
+        .homeserver_url(hs)
+        .respect_login_well_known(false)
+        .sqlite_store(store, None)
+        .build()
+        .await
+        .unwrap();
+    client
+        .matrix_auth()
+        .login_username(user, password)
+        .initial_device_display_name(device)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("login {user}: {e}"));
+    client
+}
+
 /// A second "host": a network namespace joined to this one by a veth pair, so requests come
 /// from a real non-loopback address (10.231.k.2) to ours (10.231.k.1). Removed on drop.
 pub struct NetNs {

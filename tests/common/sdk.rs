@@ -42,22 +42,8 @@ impl SdkUser {
     /// Logs in as `user` on `hs` (a Synapse URL). Add event handlers, then `start_sync`.
     pub async fn login(hs: &str, user: &str, password: &str, device_name: &str) -> SdkUser {
         let store = tempfile::tempdir().unwrap();
-        let client = Client::builder()
-            .homeserver_url(hs)
-            // Synapse's login answer names its public URL, which only the front door serves;
-            // the tests talk to Synapse's loopback listener.
-            .respect_login_well_known(false)
-            .sqlite_store(store.path(), None)
-            .build()
-            .await
-            .unwrap();
-        client
-            .matrix_auth()
-            .login_username(user, password)
-            .initial_device_display_name(device_name)
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("login {user} on {hs}: {e}"));
+        let client =
+            crate::common::sdk_login(hs, store.path(), user, password, device_name).await;
         let inbox: Arc<Mutex<Vec<Msg>>> = Arc::default();
         let sink = inbox.clone();
         client.add_event_handler(
