@@ -42,8 +42,7 @@ impl SdkUser {
     /// Logs in as `user` on `hs` (a Synapse URL). Add event handlers, then `start_sync`.
     pub async fn login(hs: &str, user: &str, password: &str, device_name: &str) -> SdkUser {
         let store = tempfile::tempdir().unwrap();
-        let client =
-            crate::common::sdk_login(hs, store.path(), user, password, device_name).await;
+        let client = crate::common::sdk_login(hs, store.path(), user, password, device_name).await;
         let inbox: Arc<Mutex<Vec<Msg>>> = Arc::default();
         let sink = inbox.clone();
         client.add_event_handler(
