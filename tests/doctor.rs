@@ -646,7 +646,7 @@ fn doctor_from(pair: &TwoHost, args: &[&str]) -> (Option<i32>, String) {
         .output()
         .expect("running homelab-matrix doctor");
     let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        String::from_utf8_lossy(&out.stdout).into_owned() + &*String::from_utf8_lossy(&out.stderr);
     (out.status.code(), text)
 }
 
