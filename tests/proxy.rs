@@ -234,9 +234,11 @@ async fn door(upstream_port: u16, limits: Limits, listen_ip: &str) -> Door {
         store.publish(&n, cert.clone());
     }
     let bound = Bound::bind(&cfg).await.unwrap();
-    let front = FrontDoor::new(&cfg, store.clone(), s, limits, None);
+    let routes = homelab_matrix::app::routes(&cfg, &store, s, &limits, None);
+    let front = FrontDoor::new(routes, s);
+    let tls = homelab_matrix::tls::acceptor(store.clone());
     let (stop, rx) = watch::channel(false);
-    tokio::spawn(front.serve(bound, rx, Duration::from_secs(1)));
+    tokio::spawn(front.serve(bound, tls, limits, rx, Duration::from_secs(1)));
     Door {
         https: s,
         http: h,
@@ -1043,6 +1045,8 @@ async fn ipv6_clients_in_one_64_share_one_limit() {
 async fn over_the_upstream_cap_clients_get_503_with_retry_after() {
     let (rec, d) = door_with(Limits {
         upstream_max_connections: 2,
+        // One client address here: the per-address share is another test's.
+        upstream_max_per_addr: Some(2),
         ..Limits::default()
     })
     .await;
@@ -1095,6 +1099,99 @@ async fn over_the_upstream_cap_clients_get_503_with_retry_after() {
     let _ = d.stop.send(true);
 }
 
+/// Returning clients resume instead of repeating the full handshake: with a session ticket
+/// (TLS 1.2 and 1.3) and, for TLS 1.2 clients without tickets, from the session cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_sessions_resume_from_tickets_and_from_the_cache() {
+    let (_rec, d) = door_with(Limits::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = d.https;
+    let ca = d.ca.clone();
+    let sess = dir.path().join("sess.pem");
+    let handshake = move |extra: &[&str], resume: bool| {
+        let mut c = Command::new("openssl");
+        c.args(["s_client", "-connect"])
+            .arg(format!("127.0.0.1:{port}"))
+            .args(["-servername", HOST, "-CAfile"])
+            .arg(&ca)
+            .args(extra)
+            .arg(if resume { "-sess_in" } else { "-sess_out" })
+            .arg(&sess)
+            .stdin(std::process::Stdio::null());
+        run(c).0
+    };
+    tokio::task::spawn_blocking(move || {
+        for (what, extra) in [
+            ("TLS 1.3 ticket", &["-tls1_3"][..]),
+            ("TLS 1.2 ticket", &["-tls1_2"][..]),
+            ("TLS 1.2 session cache", &["-tls1_2", "-no_ticket"][..]),
+        ] {
+            let first = handshake(extra, false);
+            assert!(first.contains("New, TLSv1."), "{what}: {first}");
+            if what.contains("ticket") {
+                assert!(
+                    first.contains("TLS session ticket lifetime hint"),
+                    "{what}: no session ticket was issued: {first}"
+                );
+            }
+            let again = handshake(extra, true);
+            assert!(
+                again.contains("Reused, TLSv1."),
+                "{what}: the session was not resumed: {again}"
+            );
+        }
+    })
+    .await
+    .unwrap();
+    let _ = d.stop.send(true);
+}
+
+/// Long-polls (`/sync` with a timeout) wait, they do not make Synapse work: they are held
+/// beyond the cap on ordinary requests (5,000 idle clients are 5,000 long-polls), and while
+/// they are, ordinary requests still have their own places.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_polls_are_held_beyond_the_request_cap_and_leave_it_free() {
+    const CAP: usize = 2;
+    const POLLS: usize = 12;
+    let (rec, d) = door_with(Limits {
+        upstream_max_connections: CAP,
+        upstream_max_per_addr: Some(CAP),
+        ..Limits::default()
+    })
+    .await;
+    let (h2, _) = common::h2_connect(d.https, HOST, &d.ca_pem).await;
+    let polls: Vec<_> = (0..POLLS)
+        .map(|i| {
+            let mut h2 = h2.clone();
+            let req = get(
+                d.https,
+                &format!("/_matrix/client/v3/sync?since=s{i}&timeout=3000&delay=2500"),
+            );
+            tokio::spawn(async move { h2.send_request(req).await.unwrap().status() })
+        })
+        .collect();
+    rec.wait_seen(POLLS).await;
+    // Every long-poll is at the upstream at once; an ordinary request still gets through.
+    let mut h = h2.clone();
+    let resp = h
+        .send_request(get(d.https, "/_matrix/client/versions"))
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        200,
+        "an ordinary request while {POLLS} long-polls were held"
+    );
+    for p in polls {
+        assert_eq!(
+            p.await.unwrap(),
+            200,
+            "a long-poll over the cap of {CAP} on ordinary requests was refused"
+        );
+    }
+    let _ = d.stop.send(true);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_upstream_answer_times_out_but_a_long_poll_gets_its_timeout() {
     let (_rec, d) = door_with(Limits {
@@ -1135,6 +1232,8 @@ async fn a_rapid_reset_flood_keeps_upstream_connections_under_the_cap() {
     const CAP: usize = 8;
     let (rec, d) = door_with(Limits {
         upstream_max_connections: CAP,
+        // One client address here: the per-address share is another test's.
+        upstream_max_per_addr: Some(CAP),
         ..Limits::default()
     })
     .await;
