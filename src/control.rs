@@ -121,21 +121,11 @@ pub async fn serve(listener: UnixListener, status: StatusFn, requests: mpsc::Sen
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => {
-                let errors = backoff.succeeded();
-                if errors > 0 {
-                    tracing::info!(errors, "the control socket accepts connections again");
-                }
+                backoff.recovered("the control socket");
                 stream
             }
             Err(e) => {
-                let (pause, log) = backoff.failed();
-                if log {
-                    tracing::warn!(
-                        "the control socket cannot accept connections ({e}); retrying with pauses up to {}s. If this is EMFILE, something holds many connections open, or raise LimitNOFILE= in the unit",
-                        AcceptBackoff::MAX.as_secs()
-                    );
-                }
-                tokio::time::sleep(pause).await;
+                backoff.pause("the control socket", &e).await;
                 continue;
             }
         };

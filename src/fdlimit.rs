@@ -77,6 +77,27 @@ impl AcceptBackoff {
     pub fn succeeded(&mut self) -> u32 {
         std::mem::take(&mut self.failures)
     }
+
+    /// Waits out an `accept` error on `what` ("the control socket"), logging the first of a
+    /// run.
+    pub async fn pause(&mut self, what: &str, e: &std::io::Error) {
+        let (pause, log) = self.failed();
+        if log {
+            tracing::warn!(
+                "{what} cannot accept connections ({e}); retrying with pauses up to {}s. If this is EMFILE, something holds many connections open: raise LimitNOFILE= for homelab-matrix (systemctl edit homelab-matrix) and restart",
+                Self::MAX.as_secs()
+            );
+        }
+        tokio::time::sleep(pause).await;
+    }
+
+    /// After a successful `accept`: logs the end of a run of errors on `what`.
+    pub fn recovered(&mut self, what: &str) {
+        let errors = self.succeeded();
+        if errors > 0 {
+            tracing::info!(errors, "{what} accepts connections again");
+        }
+    }
 }
 
 #[cfg(test)]

@@ -825,6 +825,24 @@ fn get(port: u16, p: &str) -> http::Request<http_body_util::Full<bytes::Bytes>> 
         .unwrap()
 }
 
+type H2 = hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>;
+
+/// GETs every path at once, each on its own stream of `h2`; their statuses as they come.
+fn get_all(
+    h2: &H2,
+    port: u16,
+    paths: impl IntoIterator<Item = String>,
+) -> Vec<tokio::task::JoinHandle<http::StatusCode>> {
+    paths
+        .into_iter()
+        .map(|p| {
+            let mut h2 = h2.clone();
+            let req = get(port, &p);
+            tokio::spawn(async move { h2.send_request(req).await.unwrap().status() })
+        })
+        .collect()
+}
+
 /// Reads one HTTP/1.1 response head (and a short body) from `s`; "" if the server closed.
 fn read_response(s: &mut TcpStream) -> String {
     let mut buf = [0u8; 4096];
@@ -1052,13 +1070,11 @@ async fn over_the_upstream_cap_clients_get_503_with_retry_after() {
     .await;
     let ca = &d.ca_pem;
     let (h2, _) = common::h2_connect(d.https, HOST, ca).await;
-    let slow: Vec<_> = (0..2)
-        .map(|_| {
-            let mut h2 = h2.clone();
-            let req = get(d.https, "/_matrix/client/v3/rooms?delay=3000");
-            tokio::spawn(async move { h2.send_request(req).await.unwrap().status() })
-        })
-        .collect();
+    let slow = get_all(
+        &h2,
+        d.https,
+        (0..2).map(|_| "/_matrix/client/v3/rooms?delay=3000".to_string()),
+    );
     rec.wait_seen(2).await;
     let mut h = h2.clone();
     let resp = h
@@ -1160,16 +1176,11 @@ async fn long_polls_are_held_beyond_the_request_cap_and_leave_it_free() {
     })
     .await;
     let (h2, _) = common::h2_connect(d.https, HOST, &d.ca_pem).await;
-    let polls: Vec<_> = (0..POLLS)
-        .map(|i| {
-            let mut h2 = h2.clone();
-            let req = get(
-                d.https,
-                &format!("/_matrix/client/v3/sync?since=s{i}&timeout=3000&delay=2500"),
-            );
-            tokio::spawn(async move { h2.send_request(req).await.unwrap().status() })
-        })
-        .collect();
+    let polls = get_all(
+        &h2,
+        d.https,
+        (0..POLLS).map(|i| format!("/_matrix/client/v3/sync?since=s{i}&timeout=3000&delay=2500")),
+    );
     rec.wait_seen(POLLS).await;
     // Every long-poll is at the upstream at once; an ordinary request still gets through.
     let mut h = h2.clone();
@@ -1539,13 +1550,11 @@ async fn one_address_cannot_take_every_place_to_synapse() {
             .unwrap();
     let (rec, d) = door_with(Limits::from_config(&cfg)).await;
     let (h2, _) = common::h2_connect(d.https, HOST, &d.ca_pem).await;
-    let slow: Vec<_> = (0..8)
-        .map(|_| {
-            let mut h2 = h2.clone();
-            let req = get(d.https, "/_matrix/client/v3/rooms?delay=4000");
-            tokio::spawn(async move { h2.send_request(req).await.unwrap().status() })
-        })
-        .collect();
+    let slow = get_all(
+        &h2,
+        d.https,
+        (0..8).map(|_| "/_matrix/client/v3/rooms?delay=4000".to_string()),
+    );
     rec.wait_seen(2).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     // Another address is still served while those wait.

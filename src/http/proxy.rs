@@ -90,10 +90,12 @@ impl Class {
 impl Upstream {
     pub fn new(port: u16, max_body: u64, limits: &Limits) -> Upstream {
         Upstream {
+            // Half the places kept open between requests: 160 streams in flight (h2load
+            // -c 16 -m 10) over 64 idle connections closed and reopened connections all the time.
             ordinary: Class::new(
                 limits.upstream_max_connections,
                 limits.upstream_share_per_addr(),
-                64,
+                limits.upstream_max_connections.div_ceil(2),
             ),
             // As many long-polls as client connections (and per address, as many as one
             // address may hold connections): one /sync per client is what clients do.
@@ -411,6 +413,9 @@ impl hyper::rt::Write for CappedIo {
 /// RFC 9110 §7.6.1: Connection and the fields it names are for one hop only, as are the
 /// classic hop-by-hop fields (RFC 2616 §13.5.1).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if !HOP_BY_HOP.iter().any(|h| headers.contains_key(*h)) {
+        return; // the common case: one pass of lookups, nothing removed
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -421,20 +426,22 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for n in named {
         headers.remove(n);
     }
-    for h in [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "transfer-encoding",
-        "te",
-        "trailer",
-        "upgrade",
-        "proxy-authorization",
-        "proxy-authenticate",
-    ] {
+    for h in HOP_BY_HOP {
         headers.remove(h);
     }
 }
+
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+];
 
 #[cfg(test)]
 mod tests {

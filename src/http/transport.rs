@@ -260,24 +260,15 @@ impl<A: App> Transport<A> {
     ) {
         // EMFILE and friends leave the connection queued: pace the retries, log once a run.
         let mut backoff = AcceptBackoff::default();
+        let what = format!("the {kind:?} listener");
         loop {
             let (tcp, peer) = match listener.accept().await {
                 Ok(x) => {
-                    let errors = backoff.succeeded();
-                    if errors > 0 {
-                        tracing::info!(errors, "the {kind:?} listener accepts connections again");
-                    }
+                    backoff.recovered(&what);
                     x
                 }
                 Err(e) => {
-                    let (pause, log) = backoff.failed();
-                    if log {
-                        tracing::warn!(
-                            "the {kind:?} listener cannot accept connections ({e}); retrying with pauses up to {}s. If this is EMFILE, raise LimitNOFILE= for homelab-matrix (systemctl edit homelab-matrix) and restart",
-                            AcceptBackoff::MAX.as_secs()
-                        );
-                    }
-                    tokio::time::sleep(pause).await;
+                    backoff.pause(&what, &e).await;
                     continue;
                 }
             };
@@ -385,7 +376,14 @@ impl<A: App> Transport<A> {
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let limits = self.limits;
-        let mut builder = auto::Builder::new(TokioExecutor::new());
+        // ALPN chose the protocol (RFC 9113 §3.2: h2 over TLS only through ALPN; :80 is
+        // HTTP/1.x), so hyper need not read ahead for the h2 preface first.
+        let builder = auto::Builder::new(TokioExecutor::new());
+        let mut builder = if h1 {
+            builder.http1_only()
+        } else {
+            builder.http2_only()
+        };
         // hyper's header_read_timeout also runs while a keep-alive connection waits for its
         // next request (hyper PR #3828), which would cut idle connections at 30 s: ours
         // (`Activity::head_since`) runs only while a head is being read.
