@@ -1133,8 +1133,21 @@ async fn tls_sessions_resume_from_tickets_and_from_the_cache() {
             .args(extra)
             .arg(if resume { "-sess_in" } else { "-sess_out" })
             .arg(&sess)
-            .stdin(std::process::Stdio::null());
-        run(c).0
+            // A request, read to the server's close: TLS 1.3 tickets come after the
+            // handshake, and s_client must still be reading when they do.
+            .arg("-ign_eof")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped());
+        let mut child = c.spawn().expect("running openssl s_client");
+        let req = format!("GET / HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(req.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
     };
     tokio::task::spawn_blocking(move || {
         for (what, extra) in [
