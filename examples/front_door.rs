@@ -224,9 +224,18 @@ async fn run(args: Args) -> Result<()> {
     let https_port = bound.https_port();
     let element = element(&args, &cfg, https_port).await?;
     let serves_element = element.is_some();
-    let front = FrontDoor::new(&cfg, certs, https_port, Limits::default(), element);
+    // The load generators all come from 127.0.0.1: one address may take every place to the
+    // upstream here, or its share (a quarter) answers 503 to h2load's 160 streams.
+    let defaults = Limits::default();
+    let limits = Limits {
+        upstream_max_per_addr: Some(defaults.upstream_max_connections),
+        ..defaults
+    };
+    let routes = homelab_matrix::app::routes(&cfg, &certs, https_port, &limits, element.as_ref());
+    let front = FrontDoor::new(routes, https_port);
+    let tls = homelab_matrix::tls::acceptor(certs);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let serving = tokio::spawn(front.serve(bound, stop_rx, DRAIN));
+    let serving = tokio::spawn(front.serve(bound, tls, limits, stop_rx, DRAIN));
     eprintln!(
         "front_door: https://{}:{https_port}/ -> http://127.0.0.1:{} (pid {})",
         cfg.hosts.matrix,

@@ -24,7 +24,7 @@ use crate::config::{self, Config, ConfigError};
 use crate::control::{self, Status};
 use crate::element::{self, Element};
 use crate::fsutil::{Owner, ensure_dir};
-use crate::http::{Bound, FrontDoor, Limits};
+use crate::http::{self as front, Bound, FrontDoor, Limits, Router, Slot};
 use crate::notify::notify;
 use crate::postgres;
 use crate::secrets::{Kind, Secrets};
@@ -113,14 +113,13 @@ pub async fn run(config_path: &Path) -> Result<(), RunError> {
         alerts.clone(),
     )?;
     tokio::spawn(element.clone().maintain(stop_rx.clone()));
+    let limits = Limits::from_config(&cfg).fit_descriptors(nofile);
     let front = FrontDoor::new(
-        &cfg,
-        certs.clone(),
+        routes(&cfg, &certs, https_port, &limits, Some(&element)),
         https_port,
-        Limits::from_config(&cfg).fit_descriptors(nofile),
-        Some(element.clone()),
     );
-    let front_task = tokio::spawn(front.serve(bound, stop_rx.clone(), DRAIN));
+    let tls = crate::tls::acceptor(certs.clone());
+    let front_task = tokio::spawn(front.serve(bound, tls, limits, stop_rx.clone(), DRAIN));
     let acme = (cfg.tls.mode == "acme").then(|| {
         let a = Acme::new(acme_settings(&cfg), &state.join("acme"), certs.clone());
         for name in cfg.served_names() {
@@ -342,6 +341,161 @@ async fn stop(
     control_task.abort();
     let _ = std::fs::remove_file(app.cfg.control_socket());
     tracing::info!("stopped");
+}
+
+/// What answers each route of the front door (DESIGN.md §2). A new page or endpoint is one
+/// `.mount(Site::Matrix, "/path", handler)` line here. Without Element (tests), its host
+/// answers 404.
+pub fn routes(
+    cfg: &Config,
+    certs: &Arc<CertStore>,
+    https_port: u16,
+    limits: &Limits,
+    element: Option<&Arc<Element>>,
+) -> Router {
+    use front::handlers;
+    use front::layers::{AdminGuard, BodyLimit, ForwardedHeaders};
+    let hosts = front::Hosts {
+        server_name: cfg.server_name.clone(),
+        matrix: cfg.hosts.matrix.clone(),
+        element: cfg.hosts.element.clone(),
+    };
+    let upstream = Arc::new(front::proxy::Upstream::new(
+        cfg.synapse.port,
+        cfg.max_upload_bytes(),
+        limits,
+    ));
+    let synapse_layers: Vec<Arc<dyn front::layers::Layer>> = vec![
+        Arc::new(BodyLimit {
+            max: cfg.max_upload_bytes(),
+        }),
+        Arc::new(ForwardedHeaders),
+    ];
+    let rtc = crate::matrixrtc::Service::from_config(
+        cfg,
+        &crate::config::https_url(&hosts.matrix, https_port),
+    )
+    .map(Arc::new);
+    let router = Router::new(hosts.clone(), AdminGuard::new(cfg.http.admin_networks()))
+        .on(
+            Slot::AcmeChallenge,
+            vec![],
+            handlers::acme_http01(certs.clone()),
+        )
+        .on(
+            Slot::WellKnownServer,
+            vec![],
+            handlers::well_known_server(&hosts.matrix, https_port),
+        )
+        .on(
+            Slot::WellKnownClient,
+            vec![],
+            handlers::well_known_client(&hosts.matrix, https_port, rtc.as_ref().map(|r| r.focus())),
+        )
+        .on(Slot::Synapse, synapse_layers, upstream.handler())
+        .on(Slot::Landing, vec![], handlers::landing(&hosts, https_port))
+        .mount(
+            front::Site::Matrix,
+            crate::invite::PATH,
+            invite_handler(Arc::new(crate::invite::Invite::new(cfg, https_port))),
+        )
+        .mount(
+            front::Site::Matrix,
+            crate::config::MATRIXRTC_PATH,
+            matrixrtc_handler(rtc),
+        );
+    match element {
+        Some(e) => router.on(Slot::Element, vec![], element_handler(e.clone())),
+        None => router,
+    }
+}
+
+/// Element Web on its host, through the front door.
+fn element_handler(element: Arc<Element>) -> front::Handler {
+    front::handler(move |req, _cx| {
+        let element = element.clone();
+        async move {
+            let (parts, body) = element
+                .serve(req.method(), req.uri().path(), req.headers())
+                .await
+                .into_parts();
+            http::Response::from_parts(parts, front::full_body(body))
+        }
+    })
+}
+
+/// The invite page (`/invite` on the matrix host), through the front door.
+fn invite_handler(invite: Arc<crate::invite::Invite>) -> front::Handler {
+    front::handler(move |req, _cx| {
+        let invite = invite.clone();
+        async move {
+            let (parts, body) = req.into_parts();
+            let Some(body) = front::read_body(body, crate::invite::MAX_BODY).await else {
+                return front::matrix_error(
+                    http::StatusCode::PAYLOAD_TOO_LARGE,
+                    "M_TOO_LARGE",
+                    "the request body is too large for the invite page",
+                );
+            };
+            let (parts, body) = invite
+                .serve(
+                    &parts.method,
+                    parts.uri.path(),
+                    http_body_util::Full::new(body),
+                )
+                .await
+                .into_parts();
+            http::Response::from_parts(parts, front::full_body(body))
+        }
+    })
+}
+
+/// MatrixRTC's authorization service (`/livekit/jwt` on the matrix host): a small JSON body
+/// in, JSON out, CORS open (Element Call asks from its own origin, as lk-jwt-service allows).
+/// Without `[matrixrtc]` it says what is missing.
+fn matrixrtc_handler(rtc: Option<Arc<crate::matrixrtc::Service>>) -> front::Handler {
+    use http::StatusCode;
+    use http::header::{self, HeaderValue};
+    const MAX_BODY: usize = 64 * 1024;
+    front::handler(move |req, _cx| {
+        let rtc = rtc.clone();
+        async move {
+            let Some(rtc) = rtc else {
+                return front::matrix_error(
+                    StatusCode::NOT_FOUND,
+                    "M_UNRECOGNIZED",
+                    "no MatrixRTC focus here: group calls need a LiveKit server ([matrixrtc] in the config)",
+                );
+            };
+            let (parts, body) = req.into_parts();
+            let sub = parts
+                .uri
+                .path()
+                .strip_prefix(crate::config::MATRIXRTC_PATH)
+                .unwrap_or_default();
+            let body = match front::read_body(body, MAX_BODY).await {
+                Some(b) => b,
+                None => {
+                    return front::matrix_error(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "M_TOO_LARGE",
+                        "the request body is over 64 KiB",
+                    );
+                }
+            };
+            let a = rtc.answer(&parts.method, sub, &body).await;
+            let mut r = front::full(a.status, "application/json", a.body.to_string());
+            for (name, value) in [
+                (header::ACCESS_CONTROL_ALLOW_ORIGIN, "*"),
+                (header::ACCESS_CONTROL_ALLOW_METHODS, "GET, POST, OPTIONS"),
+                (header::ACCESS_CONTROL_ALLOW_HEADERS, "Accept, Content-Type"),
+            ] {
+                r.headers_mut()
+                    .insert(name, HeaderValue::from_static(value));
+            }
+            r
+        }
+    })
 }
 
 /// Element requests can take minutes (a download); they run beside the main loop.

@@ -104,6 +104,13 @@ impl Http {
     pub fn upstream_timeout(&self) -> Duration {
         parse_duration(&self.upstream_timeout).expect("validated in Config::validate")
     }
+    /// `admin_allow` as (network, prefix length) pairs.
+    pub fn admin_networks(&self) -> Vec<(IpAddr, u8)> {
+        self.admin_allow
+            .iter()
+            .filter_map(|n| parse_cidr(n))
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -1061,10 +1068,7 @@ fn is_loopback_authority(rest: &str) -> bool {
     if authority.contains('@') {
         return false;
     }
-    let host = match authority.strip_prefix('[') {
-        Some(v6) => v6.split(']').next().unwrap_or(""),
-        None => authority.split(':').next().unwrap_or(""),
-    };
+    let host = crate::uri::host_only(authority);
     host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 

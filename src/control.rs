@@ -99,32 +99,7 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
     Ok(listener)
 }
 
-/// Paces `accept` after errors: EMFILE/ENFILE leave the pending connection in the queue, so
-/// accepting again at once fails again at once, a busy loop. The first error of a run is
-/// logged, the rest only counted, and the pause doubles up to `MAX`.
-#[derive(Debug, Default)]
-pub struct AcceptBackoff {
-    failures: u32,
-}
-
-impl AcceptBackoff {
-    const FIRST: Duration = Duration::from_millis(10);
-    const MAX: Duration = Duration::from_secs(1);
-
-    /// Records an error; returns how long to pause and whether this error should be logged.
-    pub fn failed(&mut self) -> (Duration, bool) {
-        self.failures = self.failures.saturating_add(1);
-        let delay = Self::FIRST
-            .saturating_mul(1 << (self.failures - 1).min(16))
-            .min(Self::MAX);
-        (delay, self.failures == 1)
-    }
-
-    /// Records a success; returns how many errors came before it (to log the recovery).
-    pub fn succeeded(&mut self) -> u32 {
-        std::mem::take(&mut self.failures)
-    }
-}
+pub use crate::fdlimit::AcceptBackoff;
 
 /// Logs at most one refusal a minute: a local user knocking in a loop must not fill the journal.
 fn log_refusal(uid: u32, pid: Option<i32>) {
@@ -146,21 +121,11 @@ pub async fn serve(listener: UnixListener, status: StatusFn, requests: mpsc::Sen
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => {
-                let errors = backoff.succeeded();
-                if errors > 0 {
-                    tracing::info!(errors, "the control socket accepts connections again");
-                }
+                backoff.recovered("the control socket");
                 stream
             }
             Err(e) => {
-                let (pause, log) = backoff.failed();
-                if log {
-                    tracing::warn!(
-                        "the control socket cannot accept connections ({e}); retrying with pauses up to {}s. If this is EMFILE, something holds many connections open, or raise LimitNOFILE= in the unit",
-                        AcceptBackoff::MAX.as_secs()
-                    );
-                }
-                tokio::time::sleep(pause).await;
+                backoff.pause("the control socket", &e).await;
                 continue;
             }
         };
@@ -272,26 +237,6 @@ pub async fn request(path: &PathBuf, what: &str) -> Result<serde_json::Value> {
 mod tests {
     use super::*;
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
-
-    #[test]
-    fn accept_backoff_grows_caps_logs_once_and_resets() {
-        let mut b = AcceptBackoff::default();
-        let steps: Vec<(Duration, bool)> = (0..10).map(|_| b.failed()).collect();
-        assert_eq!(steps[0], (Duration::from_millis(10), true));
-        assert_eq!(steps[1], (Duration::from_millis(20), false));
-        assert_eq!(steps[2], (Duration::from_millis(40), false));
-        assert!(steps.iter().skip(1).all(|(_, log)| !log), "logged once");
-        assert_eq!(steps[9].0, AcceptBackoff::MAX);
-        for _ in 0..100 {
-            assert_eq!(b.failed().0, AcceptBackoff::MAX);
-        }
-        assert_eq!(b.succeeded(), 110);
-        assert_eq!(
-            b.failed(),
-            (Duration::from_millis(10), true),
-            "a new run logs again"
-        );
-    }
 
     /// While `bind` runs again and again, a watcher lists the directory: every socket it can
     /// see is 0600, and the only other entries are root's 0700 staging directories.

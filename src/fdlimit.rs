@@ -7,6 +7,7 @@
 //! idle connections at the cap never ran.
 
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 
@@ -51,9 +52,77 @@ pub fn connections_that_fit(nofile: u64, upstream: u64, wanted: u64) -> u64 {
     wanted.min(room.max(MIN_CONNECTIONS))
 }
 
+/// Paces `accept` after errors: EMFILE/ENFILE leave the pending connection in the queue, so
+/// accepting again at once fails again at once, a busy loop. The first error of a run is
+/// logged, the rest only counted, and the pause doubles up to `MAX`.
+#[derive(Debug, Default)]
+pub struct AcceptBackoff {
+    failures: u32,
+}
+
+impl AcceptBackoff {
+    pub const FIRST: Duration = Duration::from_millis(10);
+    pub const MAX: Duration = Duration::from_secs(1);
+
+    /// Records an error; returns how long to pause and whether this error should be logged.
+    pub fn failed(&mut self) -> (Duration, bool) {
+        self.failures = self.failures.saturating_add(1);
+        let delay = Self::FIRST
+            .saturating_mul(1 << (self.failures - 1).min(16))
+            .min(Self::MAX);
+        (delay, self.failures == 1)
+    }
+
+    /// Records a success; returns how many errors came before it (to log the recovery).
+    pub fn succeeded(&mut self) -> u32 {
+        std::mem::take(&mut self.failures)
+    }
+
+    /// Waits out an `accept` error on `what` ("the control socket"), logging the first of a
+    /// run.
+    pub async fn pause(&mut self, what: &str, e: &std::io::Error) {
+        let (pause, log) = self.failed();
+        if log {
+            tracing::warn!(
+                "{what} cannot accept connections ({e}); retrying with pauses up to {}s. If this is EMFILE, something holds many connections open: raise LimitNOFILE= for homelab-matrix (systemctl edit homelab-matrix) and restart",
+                Self::MAX.as_secs()
+            );
+        }
+        tokio::time::sleep(pause).await;
+    }
+
+    /// After a successful `accept`: logs the end of a run of errors on `what`.
+    pub fn recovered(&mut self, what: &str) {
+        let errors = self.succeeded();
+        if errors > 0 {
+            tracing::info!(errors, "{what} accepts connections again");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn accept_backoff_grows_caps_logs_once_and_resets() {
+        let mut b = AcceptBackoff::default();
+        let steps: Vec<(Duration, bool)> = (0..10).map(|_| b.failed()).collect();
+        assert_eq!(steps[0], (Duration::from_millis(10), true));
+        assert_eq!(steps[1], (Duration::from_millis(20), false));
+        assert_eq!(steps[2], (Duration::from_millis(40), false));
+        assert!(steps.iter().skip(1).all(|(_, log)| !log), "logged once");
+        assert_eq!(steps[9].0, AcceptBackoff::MAX);
+        for _ in 0..100 {
+            assert_eq!(b.failed().0, AcceptBackoff::MAX);
+        }
+        assert_eq!(b.succeeded(), 110);
+        assert_eq!(
+            b.failed(),
+            (Duration::from_millis(10), true),
+            "a new run logs again"
+        );
+    }
 
     #[test]
     fn connections_are_capped_by_the_descriptors_left() {

@@ -1,7 +1,7 @@
 //! homelab-matrix: one supervisor that turns a Debian host into a private Matrix server.
 //!
 //! Layering (DESIGN.md §11): `app` and `cli` wire feature modules (`synapse`, `postgres`,
-//! `control`) on top of foundations (`supervisor`, `config`, `secrets`, `fsutil`, `fdlimit`, `units`).
+//! `control`) on top of foundations (`supervisor`, `config`, `secrets`, `fsutil`, `fdlimit`, `units`, `uri`).
 //! Only `supervisor` creates processes.
 
 pub mod acme;
@@ -29,5 +29,6 @@ pub mod supervisor;
 pub mod synapse;
 pub mod tls;
 pub mod units;
+pub mod uri;
 
 pub use logging::init as init_tracing;

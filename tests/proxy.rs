@@ -234,9 +234,11 @@ async fn door(upstream_port: u16, limits: Limits, listen_ip: &str) -> Door {
         store.publish(&n, cert.clone());
     }
     let bound = Bound::bind(&cfg).await.unwrap();
-    let front = FrontDoor::new(&cfg, store.clone(), s, limits, None);
+    let routes = homelab_matrix::app::routes(&cfg, &store, s, &limits, None);
+    let front = FrontDoor::new(routes, s);
+    let tls = homelab_matrix::tls::acceptor(store.clone());
     let (stop, rx) = watch::channel(false);
-    tokio::spawn(front.serve(bound, rx, Duration::from_secs(1)));
+    tokio::spawn(front.serve(bound, tls, limits, rx, Duration::from_secs(1)));
     Door {
         https: s,
         http: h,
@@ -823,6 +825,24 @@ fn get(port: u16, p: &str) -> http::Request<http_body_util::Full<bytes::Bytes>> 
         .unwrap()
 }
 
+type H2 = hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>;
+
+/// GETs every path at once, each on its own stream of `h2`; their statuses as they come.
+fn get_all(
+    h2: &H2,
+    port: u16,
+    paths: impl IntoIterator<Item = String>,
+) -> Vec<tokio::task::JoinHandle<http::StatusCode>> {
+    paths
+        .into_iter()
+        .map(|p| {
+            let mut h2 = h2.clone();
+            let req = get(port, &p);
+            tokio::spawn(async move { h2.send_request(req).await.unwrap().status() })
+        })
+        .collect()
+}
+
 /// Reads one HTTP/1.1 response head (and a short body) from `s`; "" if the server closed.
 fn read_response(s: &mut TcpStream) -> String {
     let mut buf = [0u8; 4096];
@@ -1043,18 +1063,18 @@ async fn ipv6_clients_in_one_64_share_one_limit() {
 async fn over_the_upstream_cap_clients_get_503_with_retry_after() {
     let (rec, d) = door_with(Limits {
         upstream_max_connections: 2,
+        // One client address here: the per-address share is another test's.
+        upstream_max_per_addr: Some(2),
         ..Limits::default()
     })
     .await;
     let ca = &d.ca_pem;
     let (h2, _) = common::h2_connect(d.https, HOST, ca).await;
-    let slow: Vec<_> = (0..2)
-        .map(|_| {
-            let mut h2 = h2.clone();
-            let req = get(d.https, "/_matrix/client/v3/rooms?delay=3000");
-            tokio::spawn(async move { h2.send_request(req).await.unwrap().status() })
-        })
-        .collect();
+    let slow = get_all(
+        &h2,
+        d.https,
+        (0..2).map(|_| "/_matrix/client/v3/rooms?delay=3000".to_string()),
+    );
     rec.wait_seen(2).await;
     let mut h = h2.clone();
     let resp = h
@@ -1092,6 +1112,105 @@ async fn over_the_upstream_cap_clients_get_503_with_retry_after() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
+    let _ = d.stop.send(true);
+}
+
+/// Returning clients resume instead of repeating the full handshake: with a session ticket
+/// (TLS 1.2 and 1.3) and, for TLS 1.2 clients without tickets, from the session cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_sessions_resume_from_tickets_and_from_the_cache() {
+    let (_rec, d) = door_with(Limits::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = d.https;
+    let ca = d.ca.clone();
+    let sess = dir.path().join("sess.pem");
+    let handshake = move |extra: &[&str], resume: bool| {
+        let mut c = Command::new("openssl");
+        c.args(["s_client", "-connect"])
+            .arg(format!("127.0.0.1:{port}"))
+            .args(["-servername", HOST, "-CAfile"])
+            .arg(&ca)
+            .args(extra)
+            .arg(if resume { "-sess_in" } else { "-sess_out" })
+            .arg(&sess)
+            // A request, read to the server's close: TLS 1.3 tickets come after the
+            // handshake, and s_client must still be reading when they do.
+            .arg("-ign_eof")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped());
+        let mut child = c.spawn().expect("running openssl s_client");
+        let req = format!("GET / HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(req.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    tokio::task::spawn_blocking(move || {
+        for (what, extra) in [
+            ("TLS 1.3 ticket", &["-tls1_3"][..]),
+            ("TLS 1.2 ticket", &["-tls1_2"][..]),
+            ("TLS 1.2 session cache", &["-tls1_2", "-no_ticket"][..]),
+        ] {
+            let first = handshake(extra, false);
+            assert!(first.contains("New, TLSv1."), "{what}: {first}");
+            if what.contains("ticket") {
+                assert!(
+                    first.contains("TLS session ticket lifetime hint"),
+                    "{what}: no session ticket was issued: {first}"
+                );
+            }
+            let again = handshake(extra, true);
+            assert!(
+                again.contains("Reused, TLSv1."),
+                "{what}: the session was not resumed: {again}"
+            );
+        }
+    })
+    .await
+    .unwrap();
+    let _ = d.stop.send(true);
+}
+
+/// Long-polls (`/sync` with a timeout) wait, they do not make Synapse work: they are held
+/// beyond the cap on ordinary requests (5,000 idle clients are 5,000 long-polls), and while
+/// they are, ordinary requests still have their own places.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_polls_are_held_beyond_the_request_cap_and_leave_it_free() {
+    const CAP: usize = 2;
+    const POLLS: usize = 12;
+    let (rec, d) = door_with(Limits {
+        upstream_max_connections: CAP,
+        upstream_max_per_addr: Some(CAP),
+        ..Limits::default()
+    })
+    .await;
+    let (h2, _) = common::h2_connect(d.https, HOST, &d.ca_pem).await;
+    let polls = get_all(
+        &h2,
+        d.https,
+        (0..POLLS).map(|i| format!("/_matrix/client/v3/sync?since=s{i}&timeout=3000&delay=2500")),
+    );
+    rec.wait_seen(POLLS).await;
+    // Every long-poll is at the upstream at once; an ordinary request still gets through.
+    let versions = get_all(&h2, d.https, ["/_matrix/client/versions".to_string()]);
+    for v in versions {
+        assert_eq!(
+            v.await.unwrap(),
+            200,
+            "an ordinary request while {POLLS} long-polls were held"
+        );
+    }
+    for p in polls {
+        assert_eq!(
+            p.await.unwrap(),
+            200,
+            "a long-poll over the cap of {CAP} on ordinary requests was refused"
+        );
+    }
     let _ = d.stop.send(true);
 }
 
@@ -1135,6 +1254,8 @@ async fn a_rapid_reset_flood_keeps_upstream_connections_under_the_cap() {
     const CAP: usize = 8;
     let (rec, d) = door_with(Limits {
         upstream_max_connections: CAP,
+        // One client address here: the per-address share is another test's.
+        upstream_max_per_addr: Some(CAP),
         ..Limits::default()
     })
     .await;
@@ -1440,13 +1561,11 @@ async fn one_address_cannot_take_every_place_to_synapse() {
             .unwrap();
     let (rec, d) = door_with(Limits::from_config(&cfg)).await;
     let (h2, _) = common::h2_connect(d.https, HOST, &d.ca_pem).await;
-    let slow: Vec<_> = (0..8)
-        .map(|_| {
-            let mut h2 = h2.clone();
-            let req = get(d.https, "/_matrix/client/v3/rooms?delay=4000");
-            tokio::spawn(async move { h2.send_request(req).await.unwrap().status() })
-        })
-        .collect();
+    let slow = get_all(
+        &h2,
+        d.https,
+        (0..8).map(|_| "/_matrix/client/v3/rooms?delay=4000".to_string()),
+    );
     rec.wait_seen(2).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     // Another address is still served while those wait.

@@ -64,6 +64,10 @@ free_port() { # variable: sets it to a free port, none of them twice
 
 # --- CPU and memory accounting ---------------------------------------------------------------
 CLK_TCK=$(getconf CLK_TCK)
+# Command prefixes that pin the load generator and the server to CPUs of their own (taskset),
+# set by a bench script; empty: not pinned.
+GEN=()
+SRV=()
 NCPU=$(nproc)
 tree() { # pid: it and its children (nginx master + workers; homelab-matrix + Synapse)
   echo "$1"
@@ -114,6 +118,9 @@ usage_end() {
   a1=$(usage_others) k1=$(client_ticks) h1=$(host_ticks) t1=$(date +%s.%N)
   x1=$(kernel_ticks)
   U_DROPS=$(($(listen_drops) - U_D0))
+  # The load generator's CPU, in % of one CPU: near 100 with it pinned to one CPU, the load
+  # generator (not the server) is the ceiling.
+  U_GEN=$(awk -v k=$((k1 - U_K0)) -v a="$U_T0" -v b="$t1" -v hz="$CLK_TCK" 'BEGIN {printf "%.0f", k / hz / (b - a) * 100}')
   U_SRV=$((s1 - U_S0))
   U_OTHER=$(awk -v h=$((h1 - U_H0)) -v k=$((U_SRV + a1 - U_A0 + k1 - U_K0 + x1 - U_X0)) -v a="$U_T0" -v b="$t1" \
     -v hz="$CLK_TCK" -v n="$NCPU" 'BEGIN {o = (h - k) / hz / (b - a) / n * 100; printf "%.0f", (o < 0 ? 0 : o)}')
@@ -135,7 +142,7 @@ us_per() { # ticks count: microseconds of CPU per unit
 run_h2load() { # url logfile [h2load args: -n/-D, -m, -H...]; -c is H2_C
   local url=$1 logf=$2 out
   shift 2
-  out=$(timeout "$RUN_LIMIT" h2load -c "$H2_C" -t 1 --log-file="$logf" "$@" "$url" 2>&1) ||
+  out=$(timeout "$RUN_LIMIT" "${GEN[@]}" h2load -c "$H2_C" -t 1 --log-file="$logf" "$@" "$url" 2>&1) ||
     die "h2load failed: $out"
   R_RPS=$(sed -n 's/^finished in [^,]*, \([0-9.]*\) req\/s.*/\1/p' <<<"$out")
   R_REQS=$(sed -n 's/^requests: .* \([0-9]*\) succeeded.*/\1/p' <<<"$out")
@@ -167,7 +174,7 @@ wrk_bytes() { # "1.23MB" (wrk's binary units, 3 significant digits) -> bytes
 run_wrk() { # url duration [wrk args: -H...]; -t/-c are WRK_T/WRK_C
   local url=$1 dur=$2 out
   shift 2
-  out=$(timeout "$RUN_LIMIT" wrk -t"$WRK_T" -c"$WRK_C" -d"$dur" --latency "$@" "$url" 2>&1) ||
+  out=$(timeout "$RUN_LIMIT" "${GEN[@]}" wrk -t"$WRK_T" -c"$WRK_C" -d"$dur" --latency "$@" "$url" 2>&1) ||
     die "wrk failed: $out"
   R_RPS=$(awk '/^Requests\/sec:/ {print $2}' <<<"$out")
   R_P99=$(wrk_ms "$(awk '$1 == "99%" {print $2}' <<<"$out")")

@@ -863,7 +863,7 @@ fn jitter(base: Duration) -> Duration {
 /// The `config.json` Element gets: the homeserver it belongs to, plus choices a private
 /// server wants (element-web docs/config.md), deep-merged with the operator's element.json.
 pub fn client_config(cfg: &Config, https_port: u16, overrides: Option<Value>) -> Value {
-    let base_url = crate::http::https_url(&cfg.hosts.matrix, https_port);
+    let base_url = crate::config::https_url(&cfg.hosts.matrix, https_port);
     let mut v = json!({
         "default_server_config": {
             "m.homeserver": {"base_url": base_url, "server_name": cfg.server_name}
@@ -882,7 +882,7 @@ pub fn client_config(cfg: &Config, https_port: u16, overrides: Option<Value>) ->
         "integrations_ui_url": null,
         "integrations_rest_url": null,
         "integrations_widgets_urls": null,
-        "permalink_prefix": crate::http::https_url(&cfg.hosts.element, https_port),
+        "permalink_prefix": crate::config::https_url(&cfg.hosts.element, https_port),
         "setting_defaults": {"UIFeature.registration": true, "UIFeature.passwordReset": false},
     });
     if let Some(o) = overrides {

@@ -138,7 +138,7 @@ impl Tree {
 /// (RFC 3986 §5.2.4 dot segments are refused, not resolved).
 pub fn key_for(path: &str) -> Option<String> {
     let raw = path.strip_prefix('/')?;
-    let decoded = percent_decode(raw)?;
+    let decoded = crate::uri::percent_decode_strict(raw)?;
     if decoded.is_empty() {
         return Some("index.html".into());
     }
@@ -152,23 +152,6 @@ pub fn key_for(path: &str) -> Option<String> {
         return None;
     }
     Some(decoded)
-}
-
-fn percent_decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 /// The media type by extension; unknown types go out as octet-stream, never sniffed

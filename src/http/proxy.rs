@@ -1,6 +1,7 @@
 //! The reverse proxy to Synapse, following Synapse's docs/reverse_proxy.md: the request URI is
 //! passed on byte for byte ("must not canonicalise or normalise the requested URI in any way":
-//! federation signatures cover it), X-Forwarded-For/-Proto are ours, bodies stream both ways.
+//! federation signatures cover it), bodies stream both ways. X-Forwarded-* and the body limit
+//! are layers in front of it (`layers::ForwardedHeaders`, `layers::BodyLimit`).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -12,105 +13,124 @@ use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
-use http_body_util::{BodyExt, Limited};
-use hyper::body::{Body as _, Frame, Incoming};
+use http_body_util::BodyExt;
+use hyper::body::{Body as _, Frame};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use serde_json::json;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
-use super::{Body, BoxError, Holding, Limits, full, matrix_error};
+use super::layers::BodyLimit;
+use super::{Body, BoxError, Handler, Holding, Limits, full, handler, matrix_error};
 
 /// The longest long-poll `timeout` we wait out. Synapse itself sets no maximum (its
 /// `rest/client/sync.py` takes `timeout` as given); clients ask for 30 s (matrix-js-sdk,
 /// matrix-rust-sdk).
 const MAX_LONG_POLL: Duration = Duration::from_secs(600);
 
+/// Two classes of requests to Synapse, each with its own cap, per-address share, pool and
+/// connections: ordinary requests, which make Synapse work, and long-polls (`/sync` with a
+/// `timeout`), which mostly wait. A long-poll costs Synapse next to nothing while it waits
+/// (a listener on its notifier), but holds a request and a connection for its whole timeout:
+/// 5,000 idle clients are 5,000 long-polls. Under one cap they would lock ordinary requests
+/// out (or, capped low, refuse the clients); apart, each class is capped by what it costs.
 pub struct Upstream {
-    client: Client<CappedConnector, Body>,
+    ordinary: Class,
+    long_polls: Class,
     authority: http::uri::Authority,
     max_body: u64,
-    /// One permit per request in flight to Synapse.
-    requests: Arc<Semaphore>,
-    /// Requests in flight per client address, at most `share` each (`Limits`).
-    per_addr: Arc<Mutex<HashMap<IpAddr, usize>>>,
-    share: usize,
     timeout: Duration,
 }
 
-impl Upstream {
-    pub fn new(port: u16, max_body: u64, limits: &Limits) -> Upstream {
+/// One class's client, cap and shares.
+struct Class {
+    client: Client<CappedConnector, Body>,
+    /// One permit per request in flight to Synapse.
+    requests: Arc<Semaphore>,
+    /// Requests in flight per client address, at most `share` each.
+    per_addr: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    share: usize,
+}
+
+impl Class {
+    /// `cap` requests in flight and as many connections; `idle` of them kept open between
+    /// requests.
+    fn new(cap: usize, share: usize, idle: usize) -> Class {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
         let connector = CappedConnector {
             inner: connector,
-            slots: Arc::new(Semaphore::new(limits.upstream_max_connections)),
+            slots: Arc::new(Semaphore::new(cap)),
         };
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(64)
+            .pool_max_idle_per_host(idle)
             .pool_timer(TokioTimer::new())
             // We set Host ourselves, from the client's request.
             .set_host(false)
             .build(connector);
-        Upstream {
+        Class {
             client,
+            requests: Arc::new(Semaphore::new(cap)),
+            per_addr: Arc::default(),
+            share,
+        }
+    }
+
+    /// A place for one request from `peer`, or None over the cap or the address's share.
+    fn admit(&self, peer: IpAddr) -> Option<(OwnedSemaphorePermit, Share)> {
+        let share = Share::take(&self.per_addr, super::addr_key(peer), self.share)?;
+        let permit = self.requests.clone().try_acquire_owned().ok()?;
+        Some((permit, share))
+    }
+}
+
+impl Upstream {
+    pub fn new(port: u16, max_body: u64, limits: &Limits) -> Upstream {
+        Upstream {
+            // Half the places kept open between requests: 160 streams in flight (h2load
+            // -c 16 -m 10) over 64 idle connections closed and reopened connections all the time.
+            ordinary: Class::new(
+                limits.upstream_max_connections,
+                limits.upstream_share_per_addr(),
+                limits.upstream_max_connections.div_ceil(2),
+            ),
+            // As many long-polls as client connections (and per address, as many as one
+            // address may hold connections): one /sync per client is what clients do.
+            long_polls: Class::new(limits.max_connections, limits.max_connections_per_ip, 256),
             authority: format!("127.0.0.1:{port}")
                 .parse()
                 .expect("valid authority"),
             max_body,
-            requests: Arc::new(Semaphore::new(limits.upstream_max_connections)),
-            per_addr: Arc::default(),
-            share: limits.upstream_max_per_addr,
             timeout: limits.upstream_timeout,
         }
     }
 
-    pub async fn forward(
-        &self,
-        req: Request<Incoming>,
-        peer: IpAddr,
-        host: &str,
-    ) -> Response<Body> {
-        let too_large = || {
-            matrix_error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "M_TOO_LARGE",
-                &format!(
-                    "request body is larger than this server's limit of {} bytes",
-                    self.max_body
-                ),
-            )
+    /// The handler for the Synapse route (registered behind `BodyLimit` and
+    /// `ForwardedHeaders`).
+    pub fn handler(self: Arc<Self>) -> Handler {
+        handler(move |req, cx| {
+            let this = self.clone();
+            async move { this.forward(req, cx.peer).await }
+        })
+    }
+
+    pub async fn forward(&self, req: Request<Body>, peer: IpAddr) -> Response<Body> {
+        let wait = long_poll_wait(req.uri());
+        let class = if wait.is_some() {
+            &self.long_polls
+        } else {
+            &self.ordinary
         };
-        if let Some(len) = req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
-            && len > self.max_body
-        {
-            // Keep the unread request body until the answer is out: dropping it first would
-            // reset an HTTP/2 stream (RST_STREAM) before the client sees the 413.
-            let (parts, body) = too_large().into_parts();
-            let held = Holding {
-                body,
-                _keep: req.into_body(),
-            };
-            return Response::from_parts(parts, held.boxed());
-        }
         // Over the cap Synapse is not asked at all (RFC 9110 §15.6.4: 503 with Retry-After).
-        let Some(share) = Share::take(&self.per_addr, super::addr_key(peer), self.share) else {
+        let Some(permit) = class.admit(peer) else {
             return busy();
         };
-        let Ok(permit) = self.requests.clone().try_acquire_owned() else {
-            return busy();
-        };
-        let permit = (permit, share);
         let (mut parts, body) = req.into_parts();
         let inbound_version = parts.version;
-        let head_timeout = head_timeout(&parts.uri, self.timeout);
+        let head_timeout = self.timeout + wait.unwrap_or(Duration::ZERO);
         // The path and query exactly as received.
         let pq = parts
             .uri
@@ -127,47 +147,18 @@ impl Upstream {
         // Twisted speaks HTTP/1.1 only; an h2 request would fail on an h1 connection.
         parts.version = Version::HTTP_11;
         strip_hop_by_hop(&mut parts.headers);
-        // We are the only hop: overwrite whatever the client claimed.
-        for h in [
-            "x-forwarded-for",
-            "x-forwarded-proto",
-            "x-forwarded-host",
-            "x-forwarded-port",
-            "forwarded",
-            "x-real-ip",
-        ] {
-            parts.headers.remove(h);
-        }
-        parts.headers.insert(
-            HeaderName::from_static("x-forwarded-for"),
-            HeaderValue::from_str(&peer.to_canonical().to_string())
-                .expect("an IP is a valid header"),
-        );
-        parts.headers.insert(
-            HeaderName::from_static("x-forwarded-proto"),
-            HeaderValue::from_static("https"),
-        );
-        if let Ok(h) = HeaderValue::from_str(host) {
-            parts.headers.insert(header::HOST, h);
-        }
         // hyper answers "100 Continue" to our client itself when it reads the body.
         parts.headers.remove(header::EXPECT);
 
         // The head timer starts once the request body is sent: a slow upload is not Synapse
         // being slow.
         let (body, sent) = if body.is_end_stream() {
-            (
-                Limited::new(body, self.max_body as usize)
-                    .map_err(BoxError::from)
-                    .boxed(),
-                None,
-            )
+            (body, None)
         } else {
             let (tx, rx) = oneshot::channel();
-            let limited = Limited::new(body, self.max_body as usize).map_err(BoxError::from);
             (
                 Notifying {
-                    body: limited.boxed(),
+                    body,
                     done: Some(tx),
                 }
                 .boxed(),
@@ -175,7 +166,7 @@ impl Upstream {
             )
         };
         let upstream_req = Request::from_parts(parts, body);
-        let answer = self.client.request(upstream_req);
+        let answer = class.client.request(upstream_req);
         let deadline = async {
             if let Some(sent) = sent {
                 let _ = sent.await;
@@ -212,7 +203,7 @@ impl Upstream {
                     .boxed(),
                 )
             }
-            Err(e) if caused_by_length_limit(&e) => too_large(),
+            Err(e) if BodyLimit::caused(&e) => BodyLimit::too_large(self.max_body),
             Err(e) => {
                 tracing::warn!("proxying to Synapse: {e}");
                 matrix_error(
@@ -288,24 +279,28 @@ fn busy() -> Response<Body> {
     r
 }
 
-/// How long Synapse may take to start answering: `base`, plus for a long-poll (`/sync`, its
-/// sliding-sync variants and the legacy `/events`) the `timeout` it was asked to wait, in ms
-/// (Matrix spec, client-server API "GET /sync"), up to MAX_LONG_POLL.
-pub fn head_timeout(uri: &Uri, base: Duration) -> Duration {
+/// How long a long-poll (`/sync`, its sliding-sync variants and the legacy `/events`) asked
+/// Synapse to wait, from its `timeout` in ms (Matrix spec, client-server API "GET /sync"), up to
+/// MAX_LONG_POLL; None for anything else, and for a `/sync` that does not wait (no or a zero
+/// `timeout`: Synapse answers at once).
+pub fn long_poll_wait(uri: &Uri) -> Option<Duration> {
     let path = uri.path();
     let long_poll = path.starts_with("/_matrix/client/")
         && matches!(path.rsplit('/').next(), Some("sync" | "events"));
     if !long_poll {
-        return base;
+        return None;
     }
-    let wait = uri
-        .query()
-        .unwrap_or("")
+    uri.query()?
         .split('&')
         .find_map(|kv| kv.strip_prefix("timeout="))
         .and_then(|v| v.parse::<u64>().ok())
-        .map_or(Duration::ZERO, Duration::from_millis);
-    base + wait.min(MAX_LONG_POLL)
+        .filter(|&ms| ms > 0)
+        .map(|ms| Duration::from_millis(ms).min(MAX_LONG_POLL))
+}
+
+/// How long Synapse may take to start answering: `base`, plus a long-poll's wait.
+pub fn head_timeout(uri: &Uri, base: Duration) -> Duration {
+    base + long_poll_wait(uri).unwrap_or(Duration::ZERO)
 }
 
 /// A request body that says when it is done (sent in full, failed, or dropped).
@@ -415,20 +410,12 @@ impl hyper::rt::Write for CappedIo {
     }
 }
 
-fn caused_by_length_limit(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if err.is::<http_body_util::LengthLimitError>() {
-            return true;
-        }
-        cur = err.source();
-    }
-    false
-}
-
 /// RFC 9110 §7.6.1: Connection and the fields it names are for one hop only, as are the
 /// classic hop-by-hop fields (RFC 2616 §13.5.1).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if !HOP_BY_HOP.iter().any(|h| headers.contains_key(*h)) {
+        return; // the common case: one pass of lookups, nothing removed
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -439,20 +426,22 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for n in named {
         headers.remove(n);
     }
-    for h in [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "transfer-encoding",
-        "te",
-        "trailer",
-        "upgrade",
-        "proxy-authorization",
-        "proxy-authenticate",
-    ] {
+    for h in HOP_BY_HOP {
         headers.remove(h);
     }
 }
+
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+];
 
 #[cfg(test)]
 mod tests {

@@ -1,8 +1,13 @@
 //! Where a request goes (DESIGN.md §2), decided from the listener, the host, the path and the
-//! peer only, so it can be tested without sockets.
+//! peer only, so it can be tested without sockets; and the handlers registered for each place.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
+
+use super::Handler;
+use super::layers::{Access, AdminGuard, Layer, under};
 
 /// Which listener a request came in on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,12 +33,10 @@ pub enum Route {
     /// `/_synapse/admin` from outside the allowed networks.
     AdminForbidden,
     Element,
-    /// The invite page (`crate::invite`), on the matrix host.
-    Invite,
     Landing,
+    /// The `n`th handler given to [`Router::mount`].
+    Mounted(usize),
     NotFound,
-    /// MatrixRTC's authorization service (`config::MATRIXRTC_PATH`; 404 unless configured).
-    MatrixRtc,
 }
 
 /// The host names the front door serves.
@@ -50,43 +53,184 @@ impl Hosts {
     }
 }
 
-/// The host of a request: the Host header or :authority, lowercased, without the port.
-pub fn host_only(authority: &str) -> String {
-    let a = authority.trim();
-    let h = if let Some(rest) = a.strip_prefix('[') {
-        // [v6]:port
-        rest.split(']').next().unwrap_or("")
-    } else {
-        a.rsplit_once(':').map_or(a, |(h, p)| {
-            if p.chars().all(|c| c.is_ascii_digit()) {
-                h
-            } else {
-                a
+/// Which served host a mounted handler answers on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Site {
+    Matrix,
+    Element,
+    /// Any served host (server name, matrix, element).
+    Any,
+}
+
+/// The routes that take a handler (the rest the front door answers itself).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Slot {
+    AcmeChallenge,
+    WellKnownServer,
+    WellKnownClient,
+    Synapse,
+    Element,
+    Landing,
+}
+
+/// A handler with the layers in front of it.
+pub struct Pipeline {
+    pub layers: Vec<Arc<dyn Layer>>,
+    pub handler: Handler,
+}
+
+/// Where requests go, and to what: the decision (listener, host, path, peer: testable without
+/// sockets) and the handlers `app` registered for it. The front door itself imports no
+/// feature module: what answers a route is given to it.
+pub struct Router {
+    hosts: Hosts,
+    guard: AdminGuard,
+    slots: HashMap<Slot, Pipeline>,
+    /// In registration order; the first match wins.
+    mounts: Vec<(Site, String, Pipeline)>,
+}
+
+impl Router {
+    pub fn new(hosts: Hosts, guard: AdminGuard) -> Router {
+        Router {
+            hosts,
+            guard,
+            slots: HashMap::new(),
+            mounts: vec![],
+        }
+    }
+
+    pub fn hosts(&self) -> &Hosts {
+        &self.hosts
+    }
+
+    /// Registers the handler of a built-in route, with the layers that route needs
+    /// (Synapse: body limit, then forwarded headers).
+    pub fn on(mut self, slot: Slot, layers: Vec<Arc<dyn Layer>>, handler: Handler) -> Router {
+        self.slots.insert(slot, Pipeline { layers, handler });
+        self
+    }
+
+    /// Serves `prefix` (and below it, on the normalized path) on `site` with `handler`,
+    /// ahead of Synapse, Element and the landing page (not of the well-known files or the
+    /// ACME challenges). E.g. `.mount(Site::Matrix, "/invite", invite::handler(..))`.
+    pub fn mount(mut self, site: Site, prefix: &str, handler: Handler) -> Router {
+        self.mounts.push((
+            site,
+            prefix.to_string(),
+            Pipeline {
+                layers: vec![],
+                handler,
+            },
+        ));
+        self
+    }
+
+    /// What answers `route`, if anything was registered for it.
+    pub fn pipeline(&self, route: &Route) -> Option<&Pipeline> {
+        let slot = match route {
+            Route::AcmeChallenge(_) => Slot::AcmeChallenge,
+            Route::WellKnownServer => Slot::WellKnownServer,
+            Route::WellKnownClient => Slot::WellKnownClient,
+            Route::Synapse => Slot::Synapse,
+            Route::Element => Slot::Element,
+            Route::Landing => Slot::Landing,
+            Route::Mounted(i) => return self.mounts.get(*i).map(|(_, _, p)| p),
+            Route::RedirectHttps | Route::AdminForbidden | Route::NotFound => return None,
+        };
+        self.slots.get(&slot)
+    }
+
+    /// `raw` is the request path as received. It is decided twice, on its normalized form
+    /// and on the form Synapse dispatches on ([`dispatch_path`]), and the stricter answer
+    /// wins: a path that either reading puts in a private tree is refused.
+    pub fn route(&self, listener: Listener, host: &str, raw: &str, peer: IpAddr) -> Route {
+        let normalized = normalize_path(raw);
+        let first = self.route_on(listener, host, raw, &normalized, peer);
+        if matches!(normalized, Cow::Borrowed(_)) {
+            // No `%`, `//` or `/.`: both readings are the same.
+            return first;
+        }
+        let second = self.route_on(listener, host, raw, &dispatch_path(raw), peer);
+        match (first, second) {
+            (a, b) if a == b => a,
+            (Route::AdminForbidden, _) | (_, Route::AdminForbidden) => Route::AdminForbidden,
+            (Route::NotFound, _) | (_, Route::NotFound) => Route::NotFound,
+            (a, _) => a,
+        }
+    }
+
+    fn route_on(
+        &self,
+        listener: Listener,
+        host: &str,
+        raw: &str,
+        path: &str,
+        peer: IpAddr,
+    ) -> Route {
+        let hosts = &self.hosts;
+        let synapse = || match self.guard.check(path, peer) {
+            Access::Allowed => Route::Synapse,
+            Access::Forbidden => Route::AdminForbidden,
+            Access::Hidden => Route::NotFound,
+        };
+        match listener {
+            Listener::Http => match raw.strip_prefix(ACME_CHALLENGE) {
+                Some(token) if !token.is_empty() && !token.contains('/') => {
+                    Route::AcmeChallenge(token.to_string())
+                }
+                _ => Route::RedirectHttps,
+            },
+            // Federation: server-server API and key queries only (Matrix spec, server-server API).
+            Listener::Federation => {
+                if under(path, "/_matrix/federation") || under(path, "/_matrix/key") {
+                    Route::Synapse
+                } else {
+                    Route::NotFound
+                }
             }
-        })
-    };
-    h.trim_end_matches('.').to_ascii_lowercase()
-}
-
-/// Loopback, or inside one of the `admin_allow` networks.
-pub fn admin_allowed(peer: IpAddr, allow: &[(IpAddr, u8)]) -> bool {
-    let peer = peer.to_canonical();
-    peer.is_loopback() || allow.iter().any(|(net, len)| in_network(peer, *net, *len))
-}
-
-fn in_network(ip: IpAddr, net: IpAddr, len: u8) -> bool {
-    match (ip, net) {
-        (IpAddr::V4(a), IpAddr::V4(n)) => {
-            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
-            u32::from(a) & mask == u32::from(n) & mask
+            Listener::Https => {
+                if !hosts.served(host) {
+                    return Route::NotFound;
+                }
+                match path {
+                    "/.well-known/matrix/server" => return Route::WellKnownServer,
+                    "/.well-known/matrix/client" => return Route::WellKnownClient,
+                    _ => {}
+                }
+                let on_site = |site: Site| match site {
+                    Site::Matrix => host == hosts.matrix,
+                    Site::Element => host == hosts.element,
+                    Site::Any => true,
+                };
+                if let Some(i) = self
+                    .mounts
+                    .iter()
+                    .position(|(site, prefix, _)| on_site(*site) && under(path, prefix))
+                {
+                    return Route::Mounted(i);
+                }
+                if host == hosts.matrix {
+                    if under(path, "/_matrix") {
+                        return Route::Synapse;
+                    }
+                    if under(path, "/_synapse") {
+                        return synapse();
+                    }
+                }
+                if host == hosts.element {
+                    return Route::Element;
+                }
+                // The matrix host, or server_name only (delegated): well-known above, a
+                // landing page otherwise.
+                Route::Landing
+            }
         }
-        (IpAddr::V6(a), IpAddr::V6(n)) => {
-            let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
-            u128::from(a) & mask == u128::from(n) & mask
-        }
-        _ => false,
     }
 }
+
+/// RFC 8555 §8.3: where HTTP-01 validation asks on :80.
+pub const ACME_CHALLENGE: &str = "/.well-known/acme-challenge/";
 
 /// The path that routing decides on: percent-decoded (every `%XX`, `%2F` included), dot
 /// segments resolved (RFC 3986 §5.2.4) and empty segments dropped, so `/_synapse/%61dmin`,
@@ -101,7 +245,7 @@ pub fn normalize_path(raw: &str) -> Cow<'_, str> {
     if clean {
         return Cow::Borrowed(raw);
     }
-    let decoded = percent_decode(raw);
+    let decoded = crate::uri::percent_decode_lenient(raw);
     let mut out: Vec<&str> = vec![];
     let mut trailing = false;
     for seg in decoded.split('/') {
@@ -125,12 +269,6 @@ pub fn normalize_path(raw: &str) -> Cow<'_, str> {
     Cow::Owned(path)
 }
 
-/// `path` is `prefix` or lies below it.
-fn under(path: &str, prefix: &str) -> bool {
-    path.strip_prefix(prefix)
-        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
-}
-
 /// The path as Synapse's web framework dispatches on it: Twisted splits the raw path at its
 /// literal slashes and percent-decodes each segment on its own (`Request.process`, `postpath`),
 /// resolving no dot segments, and Synapse's servlets match their regexes on the raw path. So
@@ -141,143 +279,12 @@ fn dispatch_path(raw: &str) -> String {
     let mut path = String::with_capacity(raw.len() + 1);
     for seg in raw.split('/').filter(|s| !matches!(*s, "" | ".")) {
         path.push('/');
-        path.push_str(&percent_decode(seg));
+        path.push_str(&crate::uri::percent_decode_lenient(seg));
     }
     if path.is_empty() {
         path.push('/');
     }
     path
-}
-
-/// Every `%XX` decoded (lossily: Synapse's own paths are ASCII); a malformed one is kept.
-fn percent_decode(s: &str) -> Cow<'_, str> {
-    if !s.contains('%') {
-        return Cow::Borrowed(s);
-    }
-    let b = s.as_bytes();
-    let hex = |c: u8| (c as char).to_digit(16);
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match (
-            b[i],
-            b.get(i + 1).and_then(|&c| hex(c)),
-            b.get(i + 2).and_then(|&c| hex(c)),
-        ) {
-            (b'%', Some(h), Some(l)) => {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-            }
-            (c, _, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    Cow::Owned(String::from_utf8_lossy(&out).into_owned())
-}
-
-/// `raw` is the request path as received. It is decided twice, on its normalized form and on
-/// the form Synapse dispatches on ([`dispatch_path`]), and the stricter answer wins: a path
-/// that either reading puts in a private tree is refused.
-pub fn route(
-    listener: Listener,
-    hosts: &Hosts,
-    host: &str,
-    raw: &str,
-    peer: IpAddr,
-    admin_allow: &[(IpAddr, u8)],
-) -> Route {
-    let normalized = normalize_path(raw);
-    let first = route_on(listener, hosts, host, raw, &normalized, peer, admin_allow);
-    if matches!(normalized, Cow::Borrowed(_)) {
-        // No `%`, `//` or `/.`: both readings are the same.
-        return first;
-    }
-    let second = route_on(
-        listener,
-        hosts,
-        host,
-        raw,
-        &dispatch_path(raw),
-        peer,
-        admin_allow,
-    );
-    match (first, second) {
-        (a, b) if a == b => a,
-        (Route::AdminForbidden, _) | (_, Route::AdminForbidden) => Route::AdminForbidden,
-        (Route::NotFound, _) | (_, Route::NotFound) => Route::NotFound,
-        (a, _) => a,
-    }
-}
-
-fn route_on(
-    listener: Listener,
-    hosts: &Hosts,
-    host: &str,
-    raw: &str,
-    path: &str,
-    peer: IpAddr,
-    admin_allow: &[(IpAddr, u8)],
-) -> Route {
-    // DESIGN.md §2: of Synapse's own `/_synapse` tree, only `/_synapse/client` (SSO pages,
-    // password reset, consent) is public; the admin API and the rest (e.g. `/_synapse/mas`)
-    // are for this host and the `admin_allow` networks.
-    let synapse = || {
-        if under(path, "/_synapse/client") || admin_allowed(peer, admin_allow) {
-            Route::Synapse
-        } else if under(path, "/_synapse/admin") {
-            Route::AdminForbidden
-        } else {
-            Route::NotFound
-        }
-    };
-    match listener {
-        Listener::Http => match raw.strip_prefix("/.well-known/acme-challenge/") {
-            Some(token) if !token.is_empty() && !token.contains('/') => {
-                Route::AcmeChallenge(token.to_string())
-            }
-            _ => Route::RedirectHttps,
-        },
-        // Federation: server-server API and key queries only (Matrix spec, server-server API).
-        Listener::Federation => {
-            if under(path, "/_matrix/federation") || under(path, "/_matrix/key") {
-                Route::Synapse
-            } else {
-                Route::NotFound
-            }
-        }
-        Listener::Https => {
-            if !hosts.served(host) {
-                return Route::NotFound;
-            }
-            match path {
-                "/.well-known/matrix/server" => return Route::WellKnownServer,
-                "/.well-known/matrix/client" => return Route::WellKnownClient,
-                _ => {}
-            }
-            if host == hosts.matrix {
-                if under(path, "/_matrix") {
-                    return Route::Synapse;
-                }
-                if under(path, "/_synapse") {
-                    return synapse();
-                }
-                if under(path, crate::config::MATRIXRTC_PATH) {
-                    return Route::MatrixRtc;
-                }
-                if under(path, crate::invite::PATH) {
-                    return Route::Invite;
-                }
-            }
-            if host == hosts.element {
-                return Route::Element;
-            }
-            // The matrix host, or server_name only (delegated): well-known above, a landing
-            // page otherwise.
-            Route::Landing
-        }
-    }
 }
 
 #[cfg(test)]
@@ -296,7 +303,7 @@ mod tests {
     const LO: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
     fn r(l: Listener, host: &str, path: &str, peer: IpAddr) -> Route {
-        route(l, &hosts(), host, path, peer, &[])
+        Router::new(hosts(), AdminGuard::default()).route(l, host, path, peer)
     }
 
     #[test]
@@ -367,28 +374,27 @@ mod tests {
             r(Listener::Https, "matrix.example.com", "/", OUT),
             Route::Landing
         );
-        let allow = [("192.168.1.0".parse().unwrap(), 24)];
+        let lan_router = Router::new(
+            hosts(),
+            AdminGuard::new(vec![("192.168.1.0".parse().unwrap(), 24)]),
+        );
         let lan: IpAddr = "192.168.1.20".parse().unwrap();
         assert_eq!(
-            route(
+            lan_router.route(
                 Listener::Https,
-                &hosts(),
                 "matrix.example.com",
                 "/_synapse/admin/v1/x",
-                lan,
-                &allow
+                lan
             ),
             Route::Synapse
         );
         let other: IpAddr = "192.168.2.20".parse().unwrap();
         assert_eq!(
-            route(
+            lan_router.route(
                 Listener::Https,
-                &hosts(),
                 "matrix.example.com",
                 "/_synapse/admin/v1/x",
-                other,
-                &allow
+                other
             ),
             Route::AdminForbidden
         );
@@ -397,7 +403,7 @@ mod tests {
     #[test]
     fn ipv4_mapped_loopback_counts_as_loopback() {
         let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
-        assert!(admin_allowed(mapped, &[]));
+        assert!(AdminGuard::default().allowed(mapped));
     }
 
     #[test]
@@ -444,35 +450,12 @@ mod tests {
             matrix: "chat.lan".into(),
             element: "chat.lan".into(),
         };
-        let go = |p: &str| route(Listener::Https, &one, "chat.lan", p, OUT, &[]);
+        let one = Router::new(one, AdminGuard::default());
+        let go = |p: &str| one.route(Listener::Https, "chat.lan", p, OUT);
         assert_eq!(go("/_matrix/client/versions"), Route::Synapse);
         assert_eq!(go("/.well-known/matrix/client"), Route::WellKnownClient);
         assert_eq!(go("/"), Route::Element);
         assert_eq!(go("/_synapse/admin/v1/x"), Route::AdminForbidden);
-        assert_eq!(go("/invite"), Route::Invite);
-    }
-
-    #[test]
-    fn the_invite_page_is_on_the_matrix_host() {
-        for p in ["/invite", "/invite/", "/invite/invite.js", "/invite/check"] {
-            assert_eq!(
-                r(Listener::Https, "matrix.example.com", p, OUT),
-                Route::Invite,
-                "{p}"
-            );
-        }
-        assert_eq!(
-            r(Listener::Https, "matrix.example.com", "/invitex", OUT),
-            Route::Landing
-        );
-        assert_eq!(
-            r(Listener::Https, "element.example.com", "/invite", OUT),
-            Route::Element
-        );
-        assert_eq!(
-            r(Listener::Federation, "matrix.example.com", "/invite", OUT),
-            Route::NotFound
-        );
     }
 
     #[test]
@@ -657,10 +640,32 @@ mod tests {
     }
 
     #[test]
-    fn hosts_are_normalised() {
-        assert_eq!(host_only("Matrix.Example.com:443"), "matrix.example.com");
-        assert_eq!(host_only("matrix.example.com."), "matrix.example.com");
-        assert_eq!(host_only("[::1]:8448"), "::1");
-        assert_eq!(host_only("matrix.example.com"), "matrix.example.com");
+    fn mounts_answer_their_prefix_on_their_site_ahead_of_synapse() {
+        let h = super::super::handler(|_req, _cx| async {
+            super::super::full(http::StatusCode::OK, "text/plain", "x")
+        });
+        let rt = Router::new(hosts(), AdminGuard::default())
+            .mount(Site::Matrix, "/invite", h.clone())
+            .mount(Site::Any, "/_matrix/rtc", h);
+        let go = |host: &str, p: &str| rt.route(Listener::Https, host, p, OUT);
+        assert_eq!(go("matrix.example.com", "/invite"), Route::Mounted(0));
+        assert_eq!(go("matrix.example.com", "/invite/x"), Route::Mounted(0));
+        assert_eq!(go("matrix.example.com", "/invitex"), Route::Landing);
+        assert_eq!(go("element.example.com", "/invite"), Route::Element);
+        assert_eq!(
+            go("element.example.com", "/_matrix/rtc/jwt"),
+            Route::Mounted(1)
+        );
+        assert_eq!(
+            go("matrix.example.com", "/_matrix/client/versions"),
+            Route::Synapse
+        );
+        // Well-known files stay the front door's.
+        assert_eq!(
+            go("matrix.example.com", "/.well-known/matrix/client"),
+            Route::WellKnownClient
+        );
+        assert!(rt.pipeline(&Route::Mounted(1)).is_some());
+        assert!(rt.pipeline(&Route::Synapse).is_none());
     }
 }

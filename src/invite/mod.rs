@@ -34,7 +34,7 @@ const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; conn
                    img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
 /// The longest `/invite/check` body read: a token is at most 64 characters.
-const MAX_CHECK_BODY: usize = 1024;
+pub const MAX_BODY: usize = 1024;
 
 /// The invite link for `token` on this server.
 pub fn link(cfg: &Config, token: &str) -> String {
@@ -131,7 +131,7 @@ impl Invite {
         B: hyper::body::Body,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let Ok(bytes) = http_body_util::Limited::new(body, MAX_CHECK_BODY)
+        let Ok(bytes) = http_body_util::Limited::new(body, MAX_BODY)
             .collect()
             .await
             .map(|c| c.to_bytes())
