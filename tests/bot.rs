@@ -7,209 +7,21 @@
 #![allow(clippy::disallowed_methods)]
 
 mod common;
+#[path = "common/person.rs"]
+mod person;
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{Lab, Matrix, Running, require, require_appliance, wait_until};
-use matrix_sdk::config::SyncSettings;
-use matrix_sdk::deserialized_responses::EncryptionInfo;
-use matrix_sdk::ruma::api::client::room::create_room;
-use matrix_sdk::ruma::events::room::member::{MembershipState, StrippedRoomMemberEvent};
-use matrix_sdk::ruma::events::room::message::{
-    MessageType, OriginalSyncRoomMessageEvent, ReplacementMetadata, RoomMessageEventContent,
-};
-use matrix_sdk::ruma::{OwnedRoomId, OwnedUserId, UserId};
-use matrix_sdk::{Client, Room};
+use matrix_sdk::ruma::OwnedUserId;
+use matrix_sdk::ruma::events::room::member::MembershipState;
+use matrix_sdk::ruma::events::room::message::{ReplacementMetadata, RoomMessageEventContent};
 use nix::sys::signal::Signal;
+use person::{Person, WAIT, now_ms};
 use serde_json::Value;
 
 const NIO_PYTHON: &str = "/opt/venvs/homelab-matrix-nio/bin/python";
-const WAIT: Duration = Duration::from_secs(60);
-
-/// A message the user side received.
-#[derive(Debug, Clone)]
-struct Msg {
-    room: OwnedRoomId,
-    sender: OwnedUserId,
-    body: String,
-    msgtype: String,
-    /// It arrived encrypted and was decrypted here.
-    encrypted: bool,
-    /// origin_server_ts (ms): history that arrives late (a join) is told from answers by it.
-    ts: u64,
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
-
-/// A person with a Matrix client (matrix-sdk, own crypto store), syncing in the background.
-struct Person {
-    client: Client,
-    user_id: OwnedUserId,
-    inbox: Arc<Mutex<Vec<Msg>>>,
-    sync: tokio::task::JoinHandle<()>,
-    _store: tempfile::TempDir,
-}
-
-impl Drop for Person {
-    fn drop(&mut self) {
-        self.sync.abort();
-    }
-}
-
-impl Person {
-    /// Logs in and syncs until dropped; joins rooms the bot invites it to (alerts arrive in DMs
-    /// the bot opens).
-    async fn login(hs: &str, user: &str, password: &str, bot: &UserId) -> Person {
-        let store = tempfile::tempdir().unwrap();
-        let client = Client::builder()
-            .homeserver_url(hs)
-            // Synapse's login answer names its public URL, which only the front door serves.
-            .respect_login_well_known(false)
-            .sqlite_store(store.path(), None)
-            .build()
-            .await
-            .unwrap();
-        client
-            .matrix_auth()
-            .login_username(user, password)
-            .initial_device_display_name("bot test")
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("login {user}: {e}"));
-        let user_id = client.user_id().unwrap().to_owned();
-        let inbox: Arc<Mutex<Vec<Msg>>> = Arc::default();
-        let sink = inbox.clone();
-        client.add_event_handler(
-            move |ev: OriginalSyncRoomMessageEvent, room: Room, enc: Option<EncryptionInfo>| {
-                let sink = sink.clone();
-                async move {
-                    let (msgtype, body) = match &ev.content.msgtype {
-                        MessageType::Text(t) => ("m.text", t.body.clone()),
-                        MessageType::Notice(n) => ("m.notice", n.body.clone()),
-                        _ => return,
-                    };
-                    sink.lock().unwrap().push(Msg {
-                        room: room.room_id().to_owned(),
-                        sender: ev.sender.clone(),
-                        body,
-                        msgtype: msgtype.into(),
-                        encrypted: enc.is_some(),
-                        ts: ev.origin_server_ts.0.into(),
-                    });
-                }
-            },
-        );
-        let bot = bot.to_owned();
-        let me = user_id.clone();
-        client.add_event_handler(move |ev: StrippedRoomMemberEvent, room: Room| {
-            let (bot, me) = (bot.clone(), me.clone());
-            async move {
-                if ev.sender == bot && ev.state_key == me {
-                    let _ = room.join().await;
-                }
-            }
-        });
-        // Our own loop: Synapse restarts in this test, and `Client::sync` ends at an error.
-        let c = client.clone();
-        let sync = tokio::spawn(async move {
-            loop {
-                let s = SyncSettings::default().timeout(Duration::from_secs(5));
-                if c.sync_once(s).await.is_err() {
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-            }
-        });
-        Person {
-            client,
-            user_id,
-            inbox,
-            sync,
-            _store: store,
-        }
-    }
-
-    /// A room (unencrypted) with the bot invited.
-    async fn room_with(&self, bot: &UserId) -> Room {
-        let mut req = create_room::v3::Request::new();
-        req.invite = vec![bot.to_owned()];
-        req.preset = Some(create_room::v3::RoomPreset::PrivateChat);
-        self.client.create_room(req).await.unwrap()
-    }
-
-    async fn say(&self, room: &Room, text: &str) {
-        room.send(RoomMessageEventContent::text_plain(text))
-            .await
-            .unwrap_or_else(|e| panic!("{} sending {text:?}: {e}", self.user_id));
-    }
-
-    /// Waits for the next message from `from` in `room` sent at `since` (ms) or later.
-    async fn reply_after(&self, since: u64, room: &Room, from: &UserId) -> Msg {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if let Some(m) = self
-                .inbox
-                .lock()
-                .unwrap()
-                .iter()
-                // Alerts arrive whenever a problem does (here: Element cannot reach GitHub);
-                // they are not answers.
-                .find(|m| {
-                    m.room == room.room_id()
-                        && m.sender == from
-                        && m.ts >= since
-                        && !m.body.starts_with("homelab-matrix needs an admin")
-                })
-            {
-                return m.clone();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} got no answer from {from} in {} within {WAIT:?}; inbox: {:#?}",
-                self.user_id,
-                room.room_id(),
-                self.inbox.lock().unwrap()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    /// Sends `text` to the bot and returns its answer.
-    async fn ask(&self, room: &Room, bot: &UserId, text: &str) -> Msg {
-        let since = now_ms();
-        self.say(room, text).await;
-        let m = self.reply_after(since, room, bot).await;
-        assert_eq!(m.msgtype, "m.notice", "the bot answers with notices: {m:?}");
-        m
-    }
-
-    async fn membership(&self, room: &Room, who: &UserId) -> Option<MembershipState> {
-        room.get_member_no_sync(who)
-            .await
-            .ok()
-            .flatten()
-            .map(|m| m.membership().clone())
-    }
-
-    async fn wait_membership(&self, room: &Room, who: &UserId, want: MembershipState) {
-        let deadline = Instant::now() + WAIT;
-        while self.membership(room, who).await.as_ref() != Some(&want) {
-            assert!(
-                Instant::now() < deadline,
-                "{who} is not {want:?} in {} after {WAIT:?} (is {:?})",
-                room.room_id(),
-                self.membership(room, who).await
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-}
 
 /// The first code span of a reply: the bot puts tokens in them.
 fn code_span(body: &str) -> String {
@@ -245,24 +57,6 @@ fn token_json(lab: &Lab, token: &str) -> Option<Value> {
 fn token_count(lab: &Lab) -> usize {
     let v: Value = serde_json::from_str(&lab.ok(&["token", "list", "--json"])).unwrap();
     v.as_array().unwrap().len()
-}
-
-fn add_user(lab: &Lab, name: &str, admin: bool) -> String {
-    let pw = format!("{name}-password-1");
-    let file = lab.path(&format!("{name}.pw"));
-    std::fs::write(&file, &pw).unwrap();
-    let mut args = vec![
-        "user",
-        "add",
-        name,
-        "--password-file",
-        file.to_str().unwrap(),
-    ];
-    if admin {
-        args.push("--admin");
-    }
-    lab.ok(&args);
-    pw
 }
 
 /// Registers a new user with `token` through the client API's UIA flow (blocking HTTP, so off
@@ -332,9 +126,9 @@ fn registration_bot_end_to_end() {
     );
 
     let hs = lab.synapse_url();
-    let alice_pw = add_user(&lab, "alice", true);
-    let eve_pw = add_user(&lab, "eve", false);
-    let friend_pw = add_user(&lab, "friend", false);
+    let alice_pw = lab.add_user("alice", true);
+    let eve_pw = lab.add_user("eve", false);
+    let friend_pw = lab.add_user("friend", false);
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
