@@ -160,31 +160,11 @@ impl Dir {
     /// `renameat` over `name` (a symlink there is replaced, never followed), fsync of the
     /// directory so the rename survives a power cut.
     pub fn write_atomic(&self, name: &str, contents: &[u8], owner: Owner, mode: u32) -> Result<()> {
-        let path = self.join(name);
-        let tmp = temp_name(name)?;
-        let fd = openat(
-            &self.fd,
-            tmp.as_str(),
-            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            Mode::from_bits_truncate(0o600),
-        )
-        .with_context(|| format!("creating a temp file for {}", path.display()))?;
-        let result = (|| -> Result<()> {
-            let mut f = fs::File::from(fd);
-            f.write_all(contents)
-                .with_context(|| format!("writing {}", path.display()))?;
-            set_fd_owner_mode(&f, owner, mode)
-                .with_context(|| format!("setting owner and mode of {}", path.display()))?;
-            f.sync_all()
-                .with_context(|| format!("syncing {}", path.display()))?;
-            renameat(&self.fd, tmp.as_str(), &self.fd, name)
-                .with_context(|| format!("renaming a temp file to {}", path.display()))?;
-            fsync(&self.fd).with_context(|| format!("syncing directory {}", self.path.display()))
-        })();
-        if result.is_err() {
-            let _ = unlinkat(&self.fd, tmp.as_str(), UnlinkatFlags::NoRemoveDir);
-        }
-        result
+        let mut f = self.create_atomic(name, owner, mode)?;
+        f.file()
+            .write_all(contents)
+            .with_context(|| format!("writing {}", self.join(name).display()))?;
+        f.commit()
     }
 
     /// A new file that becomes `name` only at [`AtomicFile::commit`]: written under a random

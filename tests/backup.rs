@@ -97,25 +97,11 @@ fn published_keys(lab: &Lab) -> Value {
 
 /// Waits until `p` has received `body` in `room`; returns whether it arrived encrypted.
 async fn received(p: &Person, room: &RoomId, body: &str) -> bool {
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        if let Some(m) = p
-            .inbox
-            .lock()
-            .unwrap()
-            .iter()
-            .find(|m| m.room == room && m.body == body)
-        {
-            return m.encrypted;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{} did not receive {body:?} in {room} within {WAIT:?}; inbox: {:#?}",
-            p.user_id,
-            p.inbox.lock().unwrap()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    p.wait_for(&format!("{body:?} in {room}"), |m| {
+        m.room == room && m.body == body
+    })
+    .await
+    .encrypted
 }
 
 /// The bodies of `room`'s history as `p`'s client decrypts them now (a fresh /messages, not
@@ -168,11 +154,15 @@ fn seqs(hs: &str, token: &str, room: &str) -> Vec<u64> {
     out
 }
 
-fn upload(hs: &str, token: &str, data: &[u8]) -> String {
-    let resp = reqwest::blocking::Client::builder()
+fn http() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
         .no_proxy()
         .build()
         .unwrap()
+}
+
+fn upload(hs: &str, token: &str, data: &[u8]) -> String {
+    let resp = http()
         .post(format!("{hs}/_matrix/media/v3/upload?filename=photo.bin"))
         .bearer_auth(token)
         .header("Content-Type", "application/octet-stream")
@@ -186,10 +176,7 @@ fn upload(hs: &str, token: &str, data: &[u8]) -> String {
 
 fn download(hs: &str, token: &str, mxc: &str) -> (u16, Vec<u8>) {
     let path = mxc.strip_prefix("mxc://").unwrap();
-    let resp = reqwest::blocking::Client::builder()
-        .no_proxy()
-        .build()
-        .unwrap()
+    let resp = http()
         .get(format!("{hs}/_matrix/client/v1/media/download/{path}"))
         .bearer_auth(token)
         .send()

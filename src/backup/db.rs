@@ -140,17 +140,22 @@ pub async fn dump(
     for t in EXCLUDED_DATA {
         cmd = cmd.arg(format!("--exclude-table-data={t}"));
     }
-    let (exit, stderr) = supervisor::run_helper_io(
-        pg_env(cmd, password),
-        None::<tokio::io::Empty>,
-        out,
-        DUMP_TIMEOUT,
-    )
-    .await
-    .context("running pg_dump (Debian package postgresql-client)")?;
+    run_pg(pg_env(cmd, password), None, out, "pg_dump").await
+}
+
+/// Runs pg_dump or pg_restore to its end; its stderr becomes the error.
+async fn run_pg<W: tokio::io::AsyncWrite + Unpin + ?Sized>(
+    cmd: Command,
+    input: Option<tokio::fs::File>,
+    out: &mut W,
+    what: &str,
+) -> Result<()> {
+    let (exit, stderr) = supervisor::run_helper_io(cmd, input, out, DUMP_TIMEOUT)
+        .await
+        .with_context(|| format!("running {what} (Debian package postgresql-client)"))?;
     if !exit.success() {
         bail!(
-            "pg_dump failed ({exit}): {}",
+            "{what} failed ({exit}): {}",
             String::from_utf8_lossy(&stderr).trim()
         );
     }
@@ -169,22 +174,14 @@ pub async fn restore(
         .arg("--no-privileges")
         .arg("--exit-on-error")
         .arg("--single-transaction");
-    let mut sink = tokio::io::sink();
-    let (exit, stderr) = supervisor::run_helper_io(
+    run_pg(
         pg_env(cmd, password),
         Some(tokio::fs::File::from_std(dump)),
-        &mut sink,
-        DUMP_TIMEOUT,
+        &mut tokio::io::sink(),
+        "pg_restore",
     )
     .await
-    .context("running pg_restore (Debian package postgresql-client)")?;
-    if !exit.success() {
-        bail!(
-            "pg_restore into {dbname} failed ({exit}): {}",
-            String::from_utf8_lossy(&stderr).trim()
-        );
-    }
-    Ok(())
+    .with_context(|| format!("restoring the dump into {dbname}"))
 }
 
 /// Runs one statement as PostgreSQL's superuser with psql in database `dbname`: over the

@@ -141,35 +141,35 @@ impl Person {
             .unwrap_or_else(|e| panic!("{} sending {text:?}: {e}", self.user_id));
     }
 
-    /// Waits for the next message from `from` in `room` sent at `since` (ms) or later.
-    pub async fn reply_after(&self, since: u64, room: &Room, from: &UserId) -> Msg {
+    /// Waits for the first message `want` accepts.
+    pub async fn wait_for(&self, what: &str, want: impl Fn(&Msg) -> bool) -> Msg {
         let deadline = Instant::now() + WAIT;
         loop {
-            if let Some(m) = self
-                .inbox
-                .lock()
-                .unwrap()
-                .iter()
-                // Alerts arrive whenever a problem does (here: Element cannot reach GitHub);
-                // they are not answers.
-                .find(|m| {
-                    m.room == room.room_id()
-                        && m.sender == from
-                        && m.ts >= since
-                        && !m.body.starts_with("homelab-matrix needs an admin")
-                })
-            {
+            if let Some(m) = self.inbox.lock().unwrap().iter().find(|m| want(m)) {
                 return m.clone();
             }
             assert!(
                 Instant::now() < deadline,
-                "{} got no answer from {from} in {} within {WAIT:?}; inbox: {:#?}",
+                "{} got no {what} within {WAIT:?}; inbox: {:#?}",
                 self.user_id,
-                room.room_id(),
                 self.inbox.lock().unwrap()
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Waits for the next message from `from` in `room` sent at `since` (ms) or later.
+    pub async fn reply_after(&self, since: u64, room: &Room, from: &UserId) -> Msg {
+        let what = format!("answer from {from} in {}", room.room_id());
+        self.wait_for(&what, |m| {
+            m.room == room.room_id()
+                && m.sender == from
+                && m.ts >= since
+                // Alerts arrive whenever a problem does (here: Element cannot reach GitHub);
+                // they are not answers.
+                && !m.body.starts_with("homelab-matrix needs an admin")
+        })
+        .await
     }
 
     /// Sends `text` to the bot and returns its answer.
