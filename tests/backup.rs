@@ -586,3 +586,48 @@ fn a_new_synapse_gets_a_snapshot_first_and_status_says_how_to_get_back() {
     });
     assert_eq!(backups(&lab).len(), 1);
 }
+
+/// The daily run, when it fails, raises an admin alert (the bot tells the admins) and `status`
+/// says so, with the error.
+#[test]
+fn a_failing_daily_backup_raises_an_alert() {
+    if !require_appliance() {
+        return;
+    }
+    let lab = Lab::new("backup-fail");
+    // A backup dir below a regular file cannot be made.
+    fs::write(lab.path("not-a-dir"), "x").unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    // The next whole minute at least 90 s from now, in UTC.
+    let at = (now + 90).div_ceil(60) * 60;
+    let time = format!("{:02}:{:02}", at / 3600 % 24, at / 60 % 60);
+    lab.write_config(&format!(
+        "[tls]\nmode = \"internal\"\n[backup]\ndir = \"{}\"\ntime = \"{time}\"\n",
+        lab.path("not-a-dir/backups").display()
+    ));
+    let _run = lab.start();
+    let mut problems = Value::Null;
+    wait_until(
+        "the daily backup's alert",
+        Duration::from_secs(at.saturating_sub(now) + 120),
+        || {
+            problems = lab.status()["problems"].clone();
+            problems.to_string().contains("\"key\":\"backup\"")
+        },
+    );
+    let p = problems
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["key"] == "backup")
+        .unwrap();
+    let msg = p["message"].as_str().unwrap();
+    assert!(msg.contains("the daily backup failed"), "{msg}");
+    assert!(msg.contains("homelab-matrix backup"), "{msg}");
+    let text = lab.ok(&["status"]);
+    assert!(text.contains("BACKUP: none yet"), "{text}");
+    assert!(text.contains("last attempt failed"), "{text}");
+}
