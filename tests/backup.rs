@@ -609,6 +609,10 @@ fn a_failing_daily_backup_raises_an_alert() {
         lab.path("not-a-dir/backups").display()
     ));
     let _run = lab.start();
+    // A directory others can write is refused for --to, and left as it was.
+    let e = fails(&lab, &["backup", "--to", "/tmp"]);
+    assert!(e.contains("not a directory only root can write"), "{e}");
+    assert_eq!(fs::metadata("/tmp").unwrap().mode() & 0o7777, 0o1777);
     let mut problems = Value::Null;
     wait_until(
         "the daily backup's alert",

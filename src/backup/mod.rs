@@ -82,7 +82,7 @@ pub fn file_name(server_name: &str, created_at: u64, kind: &str) -> String {
 /// come from one exported snapshot (see `db`); the file appears only complete (fsutil's atomic
 /// temp file and rename); on any failure nothing is left behind.
 pub async fn make(cfg: &Config, config_path: &Path, dir: &Path, kind: &str) -> Result<Made> {
-    let out = ensure_dir(dir, Owner::root(), 0o700)?;
+    let out = backup_dir(dir)?;
     let password = Secrets::open(&cfg.state_dir()).get(Kind::PostgresPassword)?;
     let synapse_version = upgrade::synapse_version(cfg).await.ok();
 
@@ -148,6 +148,23 @@ pub async fn make(cfg: &Config, config_path: &Path, dir: &Path, kind: &str) -> R
         files: manifest.parts.len(),
         skipped: manifest.skipped,
     })
+}
+
+/// The directory a backup goes into: made root 0700 when missing; an existing one must be
+/// root's and writable by no one else (README "State and privilege separation": root writes
+/// only where nobody else can change what it wrote). An operator's `--to /tmp` is refused, not
+/// chmodded.
+fn backup_dir(dir: &Path) -> Result<Dir> {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => ensure_dir(dir, Owner::root(), 0o700),
+        Err(e) => Err(e).with_context(|| format!("looking at {}", dir.display())),
+        Ok(m) if m.is_dir() && m.uid() == 0 && m.mode() & 0o022 == 0 => Dir::open(dir),
+        Ok(_) => bail!(
+            "{} is not a directory only root can write (a link, a file, or writable by others): a backup holds every secret of the server. Name a root-only directory, or a new one (it is made 0700)",
+            dir.display()
+        ),
+    }
 }
 
 /// The appliance's state: secrets, ACME, internal CA, the bot; and of Synapse's own directory
