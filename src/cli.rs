@@ -69,6 +69,7 @@ pub enum Cmd {
     /// Restore a backup onto this appliance (stopped; freshly installed or purged): refuses a
     /// damaged file, another server's backup, and a database holding users unless --force.
     Restore {
+        /// The backup file (homelab-matrix-<server>-<time>-<kind>.tar).
         file: PathBuf,
         /// Replace a database that already holds users.
         #[arg(long)]
@@ -105,7 +106,8 @@ pub struct DoctorArgs {
 pub struct BackupArgs {
     #[command(subcommand)]
     pub cmd: Option<BackupCmd>,
-    /// The directory to write the backup file into (made root 0700 if missing).
+    /// Write just the file into DIR (made root 0700 if missing; an existing one must be
+    /// root-only), without the verify, retention and restic copy of a run into backup.dir.
     #[arg(long, value_name = "DIR")]
     pub to: Option<PathBuf>,
     /// Packaging: the snapshot the preinst takes before an upgrade.
