@@ -128,6 +128,8 @@ pub async fn run(config_path: &Path) -> Result<(), RunError> {
         a
     });
 
+    // Before Synapse runs a new version's schema migrations (backup::upgrade).
+    let upgrade = crate::backup::upgrade::before_start(&cfg, config_path).await;
     let bot = Bot::idle(&cfg);
     let supervisor = Supervisor::new();
     let synapse_child = supervisor.start(synapse::child_spec(&cfg, synapse_user));
@@ -166,6 +168,9 @@ pub async fn run(config_path: &Path) -> Result<(), RunError> {
     };
     if let Err(e) = started {
         tracing::error!("{e:#}");
+        if let Some(u) = &upgrade {
+            tracing::error!("{}", u.how_to_go_back());
+        }
         stop(&app, control_task, &stop_tx, front_task).await;
         return Err(e.into());
     }
@@ -173,6 +178,14 @@ pub async fn run(config_path: &Path) -> Result<(), RunError> {
     notify("READY=1\nSTATUS=Synapse is ready");
     tokio::spawn(crate::doctor::daily(
         app.cfg.clone(),
+        app.alerts.clone(),
+        stop_rx.clone(),
+    ));
+    let healthy_cfg = app.cfg.clone();
+    tokio::spawn(async move { crate::backup::upgrade::healthy(&healthy_cfg).await });
+    tokio::spawn(crate::backup::schedule::daily(
+        app.cfg.clone(),
+        app.config_path.clone(),
         app.alerts.clone(),
         stop_rx.clone(),
     ));

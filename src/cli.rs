@@ -63,6 +63,18 @@ pub enum Cmd {
     /// Element Web: check for, install or roll back releases.
     #[command(subcommand)]
     Element(ElementCmd),
+    /// Back up everything now, online, into one root-only file (default: into backup.dir);
+    /// `backup verify FILE` checks one by restoring it into a scratch database.
+    Backup(BackupArgs),
+    /// Restore a backup onto this appliance (stopped; freshly installed or purged): refuses a
+    /// damaged file, another server's backup, and a database holding users unless --force.
+    Restore {
+        /// The backup file (homelab-matrix-<server>-<time>-<kind>.tar).
+        file: PathBuf,
+        /// Replace a database that already holds users.
+        #[arg(long)]
+        force: bool,
+    },
     /// Internal: the PostgreSQL provisioning helper, run as the postgres user by `run`.
     #[command(hide = true)]
     ProvisionDbHelper,
@@ -96,6 +108,27 @@ pub struct DoctorArgs {
     /// Tests: resolve NAME to ADDR instead of asking DNS (like curl --resolve).
     #[arg(long, value_name = "NAME=ADDR", hide = true)]
     pub resolve: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct BackupArgs {
+    #[command(subcommand)]
+    pub cmd: Option<BackupCmd>,
+    /// Write just the file into DIR (made root 0700 if missing; an existing one must be
+    /// root-only), without the verify, retention and restic copy of a run into backup.dir.
+    #[arg(long, value_name = "DIR")]
+    pub to: Option<PathBuf>,
+    /// Packaging: the snapshot the preinst takes before an upgrade.
+    #[arg(long, hide = true)]
+    pub pre_upgrade: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BackupCmd {
+    /// Check every part's sha256, restore the database into a scratch database and compare
+    /// its row counts with the manifest's; exit 1 when the backup cannot be trusted.
+    Verify { file: PathBuf },
 }
 
 #[derive(Debug, Subcommand)]
@@ -203,6 +236,16 @@ async fn dispatch(cli: Cli) -> i32 {
             Err(e) => return config_exit(e),
             Ok(cfg) => return doctor(&cfg, args).await,
         },
+        Cmd::Backup(args) => match Config::load(&path) {
+            Err(e) => return config_exit(e),
+            Ok(cfg) => backup(&cfg, &path, args).await,
+        },
+        Cmd::Restore { file, force } => match Config::load(&path) {
+            Err(e) => return config_exit(e),
+            Ok(cfg) => crate::backup::restore::restore(&cfg, &path, &file, force)
+                .await
+                .map(|r| println!("{r}")),
+        },
         cmd => match Config::load(&path) {
             Err(e) => return config_exit(e),
             Ok(cfg) => other(cmd, &cfg).await,
@@ -298,6 +341,8 @@ async fn other(cmd: Cmd, cfg: &Config) -> Result<()> {
         | Cmd::CheckConfig
         | Cmd::ProvisionDbHelper
         | Cmd::GenerateAssets { .. }
+        | Cmd::Backup(_)
+        | Cmd::Restore { .. }
         | Cmd::Doctor(_) => {
             unreachable!("handled in dispatch")
         }
@@ -366,6 +411,62 @@ async fn doctor(cfg: &Config, args: DoctorArgs) -> i32 {
     report.exit_code()
 }
 
+/// `backup [--to DIR]` and `backup verify FILE`.
+async fn backup(cfg: &Config, config_path: &Path, args: BackupArgs) -> Result<()> {
+    use crate::backup::{self, schedule};
+    if let Some(BackupCmd::Verify { file }) = args.cmd {
+        let v = backup::verify(cfg, &file).await?;
+        println!(
+            "{}: ok: every part matches its sha256; the database restored into a scratch database with {} tables and {} rows, as the manifest counted (made {} UTC of {})",
+            file.display(),
+            v.tables,
+            v.rows,
+            schedule::stamp(v.manifest.created_at),
+            v.manifest.server_name
+        );
+        return Ok(());
+    }
+    let kind = if args.pre_upgrade {
+        "pre-upgrade"
+    } else {
+        "manual"
+    };
+    // Into backup.dir: what the daily run does (verified, pruned, copied to restic).
+    let Some(dir) = args.to.filter(|_| !args.pre_upgrade) else {
+        let (made, restic) = schedule::run_once(cfg, config_path, kind)
+            .await
+            .map_err(|e| {
+                e.context(
+                    "no backup was kept; fix the cause above and run `homelab-matrix backup` again",
+                )
+            })?;
+        println!("{made}");
+        println!("verified: the database restores with the counts of the manifest");
+        if let Some(r) = restic {
+            println!("copied to the restic repository {r}");
+        }
+        return Ok(());
+    };
+    let made = match backup::make(cfg, config_path, &dir, kind).await {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = schedule::record_failure(cfg, &format!("{e:#}"));
+            return Err(e.context(
+                "no backup was written; fix the cause above and run `homelab-matrix backup` again",
+            ));
+        }
+    };
+    if let Err(e) = schedule::record_good(cfg, &made, None) {
+        eprintln!("warning: `status` will not show this backup: {e:#}");
+    }
+    println!("{made}");
+    println!(
+        "check it with: homelab-matrix backup verify {}",
+        made.file.display()
+    );
+    Ok(())
+}
+
 /// Asks the running service to reload and prints its report (app::ReloadReport).
 async fn reload(cfg: &Config) -> Result<()> {
     let v = control::request(&cfg.control_socket(), "reload").await?;
@@ -384,6 +485,10 @@ async fn reload(cfg: &Config) -> Result<()> {
 async fn status(cfg: &Config, json: bool) -> Result<()> {
     let mut v = control::request(&cfg.control_socket(), "status").await?;
     let doctor = crate::doctor::load_last(cfg);
+    let backup = crate::backup::schedule::load_last(cfg);
+    let upgrade = crate::backup::upgrade::load_pending(cfg);
+    v["backup"] = serde_json::to_value(&backup)?;
+    v["upgrade"] = serde_json::to_value(&upgrade)?;
     if let Some(d) = &doctor {
         v["doctor"] = serde_json::json!({
             "ran_at": d.ran_at,
@@ -511,6 +616,10 @@ async fn status(cfg: &Config, json: bool) -> Result<()> {
         }
         None => println!("DOCTOR: never run; `homelab-matrix doctor` checks the whole path"),
     }
+    print_backup(cfg, backup.as_ref(), now);
+    if let Some(u) = &upgrade {
+        println!("UPGRADE: {}", u.how_to_go_back());
+    }
     for p in v["problems"].as_array().into_iter().flatten() {
         println!(
             "PROBLEM {}: {}",
@@ -519,6 +628,28 @@ async fn status(cfg: &Config, json: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+fn print_backup(cfg: &Config, last: Option<&crate::backup::schedule::Last>, now: u64) {
+    let ago = |t: u64| human_duration(Duration::from_secs(now.saturating_sub(t)));
+    match last.and_then(|l| l.good.as_ref()) {
+        Some(g) => println!(
+            "BACKUP: last good {} ago, {}: {}{}",
+            ago(g.created_at),
+            crate::units::human_size(g.size),
+            g.file.display(),
+            last.and_then(|l| l.restic.as_ref())
+                .map_or(String::new(), |r| format!(" (copied to restic {r})"))
+        ),
+        None if cfg.backup.enabled => println!(
+            "BACKUP: none yet; the first daily one runs at {} UTC (or run `homelab-matrix backup`)",
+            cfg.backup.time
+        ),
+        None => println!("BACKUP: off (backup.enabled = false) and none made"),
+    }
+    if let Some(f) = last.and_then(|l| l.failure.as_ref()) {
+        println!("    last attempt failed {} ago: {}", ago(f.at), f.error);
+    }
 }
 
 async fn token(cfg: &Config, cmd: TokenCmd) -> Result<()> {

@@ -31,6 +31,7 @@ pub struct Config {
     pub state: State,
     pub supervisor: Supervisor,
     pub matrixrtc: MatrixRtc,
+    pub backup: Backup,
 }
 
 /// Empty host names are derived from `server_name` (`matrix.<server_name>` and so on).
@@ -275,6 +276,53 @@ impl MatrixRtc {
 pub struct Supervisor {
     /// How long a child may take to stop after its stop signal before it is killed.
     pub grace_period: String,
+}
+
+/// Backups (README "Backups"): one file a day, verified, kept 7 daily and 4 weekly.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Backup {
+    /// The daily backup (and the snapshot before an upgrade).
+    pub enabled: bool,
+    /// Where backup files go (root 0700, files 0600).
+    pub dir: String,
+    /// Time of day (UTC, HH:MM) of the daily backup.
+    pub time: String,
+    pub keep_daily: u32,
+    pub keep_weekly: u32,
+    /// A restic repository (a path, sftp:, s3:, rest: ...) that gets a copy of each daily backup;
+    /// empty: none. restic keeps its own 7 daily and 4 weekly snapshots there.
+    pub repository: String,
+    /// The file holding the restic repository's password (required with `repository`).
+    pub password_file: String,
+}
+
+impl Default for Backup {
+    fn default() -> Self {
+        Backup {
+            enabled: true,
+            dir: "/var/backups/homelab-matrix".into(),
+            time: "03:30".into(),
+            keep_daily: 7,
+            keep_weekly: 4,
+            repository: String::new(),
+            password_file: String::new(),
+        }
+    }
+}
+
+impl Backup {
+    /// Minutes after midnight UTC of `time`, validated in Config::validate.
+    pub fn minute_of_day(&self) -> u32 {
+        parse_hh_mm(&self.time).expect("validated in Config::validate")
+    }
+}
+
+/// `HH:MM` (24 hours) as minutes after midnight.
+fn parse_hh_mm(s: &str) -> Option<u32> {
+    let (h, m) = s.split_once(':')?;
+    let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
+    (h < 24 && m < 60 && s.len() == 5).then_some(h * 60 + m)
 }
 
 impl Default for Listen {
@@ -803,6 +851,37 @@ impl Config {
         }
         if let Err(e) = parse_duration(&self.supervisor.grace_period) {
             bad("supervisor.grace_period", e, "write it like \"30s\"");
+        }
+        if parse_hh_mm(&self.backup.time).is_none() {
+            bad(
+                "backup.time",
+                format!("{:?} is not a time of day", self.backup.time),
+                "write it as HH:MM in UTC, e.g. \"03:30\"",
+            );
+        }
+        if !Path::new(&self.backup.dir).is_absolute() {
+            bad(
+                "backup.dir",
+                format!("{:?} is not an absolute path", self.backup.dir),
+                "use a full path, e.g. \"/var/backups/homelab-matrix\"",
+            );
+        }
+        if self.backup.keep_daily == 0 {
+            bad(
+                "backup.keep_daily",
+                "is 0, which would delete each backup as soon as it is made".into(),
+                "keep at least 1 (default 7); to turn backups off set backup.enabled = false",
+            );
+        }
+        if !self.backup.repository.is_empty()
+            && !Path::new(&self.backup.password_file).is_absolute()
+        {
+            bad(
+                "backup.password_file",
+                "must name the restic repository's password file when backup.repository is set"
+                    .into(),
+                "write the password into a root-only file (e.g. /etc/homelab-matrix/restic-password, mode 0600) and set password_file to its full path",
+            );
         }
         if !is_localpart(&self.bot.localpart) {
             bad(

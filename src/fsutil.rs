@@ -160,7 +160,17 @@ impl Dir {
     /// `renameat` over `name` (a symlink there is replaced, never followed), fsync of the
     /// directory so the rename survives a power cut.
     pub fn write_atomic(&self, name: &str, contents: &[u8], owner: Owner, mode: u32) -> Result<()> {
-        let path = self.join(name);
+        let mut f = self.create_atomic(name, owner, mode)?;
+        f.file()
+            .write_all(contents)
+            .with_context(|| format!("writing {}", self.join(name).display()))?;
+        f.commit()
+    }
+
+    /// A new file that becomes `name` only at [`AtomicFile::commit`]: written under a random
+    /// temp name (`O_EXCL|O_NOFOLLOW`, 0600), for contents too large to hold in memory (a
+    /// backup). Dropped uncommitted, the temp file is removed, so a failure leaves no half file.
+    pub fn create_atomic(&self, name: &str, owner: Owner, mode: u32) -> Result<AtomicFile<'_>> {
         let tmp = temp_name(name)?;
         let fd = openat(
             &self.fd,
@@ -168,23 +178,59 @@ impl Dir {
             OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
             Mode::from_bits_truncate(0o600),
         )
-        .with_context(|| format!("creating a temp file for {}", path.display()))?;
-        let result = (|| -> Result<()> {
-            let mut f = fs::File::from(fd);
-            f.write_all(contents)
-                .with_context(|| format!("writing {}", path.display()))?;
-            set_fd_owner_mode(&f, owner, mode)
-                .with_context(|| format!("setting owner and mode of {}", path.display()))?;
-            f.sync_all()
-                .with_context(|| format!("syncing {}", path.display()))?;
-            renameat(&self.fd, tmp.as_str(), &self.fd, name)
-                .with_context(|| format!("renaming a temp file to {}", path.display()))?;
-            fsync(&self.fd).with_context(|| format!("syncing directory {}", self.path.display()))
-        })();
-        if result.is_err() {
-            let _ = unlinkat(&self.fd, tmp.as_str(), UnlinkatFlags::NoRemoveDir);
+        .with_context(|| format!("creating a temp file for {}", self.join(name).display()))?;
+        Ok(AtomicFile {
+            dir: self,
+            file: Some(fs::File::from(fd)),
+            tmp,
+            name: name.to_string(),
+            owner,
+            mode,
+        })
+    }
+
+    /// The existing subdirectory `name`, opened without following a symlink and without
+    /// creating or changing anything (for reading a child's tree). `None` when it is missing
+    /// or not a real directory.
+    pub fn open_sub(&self, name: &OsStr) -> Result<Option<Dir>> {
+        match openat(&self.fd, name, dir_flags(), Mode::empty()) {
+            Ok(fd) => Ok(Some(Dir {
+                fd,
+                path: self.path.join(name),
+            })),
+            Err(Errno::ENOENT | Errno::ELOOP | Errno::ENOTDIR) => Ok(None),
+            Err(e) => Err(e)
+                .with_context(|| format!("opening directory {}", self.path.join(name).display())),
         }
-        result
+    }
+
+    /// Opens `name` for reading when it is a regular file with one link, never following a
+    /// symlink nor blocking on a FIFO; `None` for anything else (see [`Dir::read_regular`]).
+    pub fn open_regular(&self, name: &OsStr) -> Result<Option<(fs::File, FileStat)>> {
+        let flags = OFlag::O_RDONLY
+            | OFlag::O_NOFOLLOW
+            | OFlag::O_NONBLOCK
+            | OFlag::O_NOCTTY
+            | OFlag::O_CLOEXEC;
+        let fd = match openat(&self.fd, name, flags, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(Errno::ENOENT | Errno::ELOOP | Errno::ENXIO | Errno::EISDIR) => return Ok(None),
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("opening {}", self.path.join(name).display()));
+            }
+        };
+        let st = fstat(&fd).with_context(|| format!("stat {}", self.path.join(name).display()))?;
+        if file_type(&st) != SFlag::S_IFREG || st.st_nlink != 1 {
+            return Ok(None);
+        }
+        Ok(Some((fs::File::from(fd), st)))
+    }
+
+    /// Whether `name` is a real directory (not a symlink to one).
+    pub fn is_dir(&self, name: &OsStr) -> bool {
+        fstatat(&self.fd, name, AtFlags::AT_SYMLINK_NOFOLLOW)
+            .is_ok_and(|st| file_type(&st) == SFlag::S_IFDIR)
     }
 
     /// Writes only when the contents differ; returns whether it wrote. Keeps mtimes (and
@@ -216,23 +262,9 @@ impl Dir {
     /// Reads at most `limit` bytes of `name` when it is a regular file with one link, without
     /// following a symlink or blocking on a FIFO. `None` when it is missing or anything else.
     pub fn read_regular(&self, name: &str, limit: u64) -> Result<Option<(Vec<u8>, fs::File)>> {
-        let flags = OFlag::O_RDONLY
-            | OFlag::O_NOFOLLOW
-            | OFlag::O_NONBLOCK
-            | OFlag::O_NOCTTY
-            | OFlag::O_CLOEXEC;
-        let fd = match openat(&self.fd, name, flags, Mode::empty()) {
-            Ok(fd) => fd,
-            Err(Errno::ENOENT | Errno::ELOOP | Errno::ENXIO | Errno::EISDIR) => return Ok(None),
-            Err(e) => {
-                return Err(e).with_context(|| format!("opening {}", self.join(name).display()));
-            }
-        };
-        let st = fstat(&fd).with_context(|| format!("stat {}", self.join(name).display()))?;
-        if file_type(&st) != SFlag::S_IFREG || st.st_nlink != 1 {
+        let Some((f, _)) = self.open_regular(OsStr::new(name))? else {
             return Ok(None);
-        }
-        let f = fs::File::from(fd);
+        };
         let mut buf = vec![];
         (&f).take(limit)
             .read_to_end(&mut buf)
@@ -309,6 +341,50 @@ impl Dir {
         })?;
         fsync(&to.fd).with_context(|| format!("syncing directory {}", to.path.display()))?;
         fsync(&self.fd).with_context(|| format!("syncing directory {}", self.path.display()))
+    }
+}
+
+/// A file being written by [`Dir::create_atomic`].
+pub struct AtomicFile<'a> {
+    dir: &'a Dir,
+    file: Option<fs::File>,
+    tmp: String,
+    name: String,
+    owner: Owner,
+    mode: u32,
+}
+
+impl AtomicFile<'_> {
+    pub fn file(&mut self) -> &mut fs::File {
+        self.file.as_mut().expect("not committed yet")
+    }
+
+    /// Owner and mode on the descriptor, fsync, rename into place, fsync of the directory.
+    pub fn commit(mut self) -> Result<()> {
+        let f = self.file.take().expect("committed once");
+        let path = self.dir.join(&self.name);
+        set_fd_owner_mode(&f, self.owner, self.mode)
+            .with_context(|| format!("setting owner and mode of {}", path.display()))?;
+        f.sync_all()
+            .with_context(|| format!("syncing {}", path.display()))?;
+        renameat(
+            &self.dir.fd,
+            self.tmp.as_str(),
+            &self.dir.fd,
+            self.name.as_str(),
+        )
+        .with_context(|| format!("renaming a temp file to {}", path.display()))?;
+        self.tmp.clear();
+        fsync(&self.dir.fd)
+            .with_context(|| format!("syncing directory {}", self.dir.path.display()))
+    }
+}
+
+impl Drop for AtomicFile<'_> {
+    fn drop(&mut self) {
+        if !self.tmp.is_empty() {
+            let _ = unlinkat(&self.dir.fd, self.tmp.as_str(), UnlinkatFlags::NoRemoveDir);
+        }
     }
 }
 

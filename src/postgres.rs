@@ -395,11 +395,11 @@ fn db_message(e: &tokio_postgres::Error) -> String {
 }
 
 /// SQL identifier quoting (names are validated plain names, but quote anyway).
-fn ident(s: &str) -> String {
+pub fn ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
-fn literal(s: &str) -> String {
+pub fn literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 

@@ -49,6 +49,25 @@ pub fn human_duration(d: Duration) -> String {
     }
 }
 
+/// `1.5 MB`, `812 kB`, `93 B` (decimal units, as `ls -lh --si` and disk vendors count).
+pub fn human_size(n: u64) -> String {
+    const UNITS: [&str; 5] = ["kB", "MB", "GB", "TB", "PB"];
+    if n < 1000 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1000.0;
+    let mut unit = 0;
+    while v >= 1000.0 && unit < UNITS.len() - 1 {
+        v /= 1000.0;
+        unit += 1;
+    }
+    if v < 10.0 {
+        format!("{v:.1} {}", UNITS[unit])
+    } else {
+        format!("{v:.0} {}", UNITS[unit])
+    }
+}
+
 /// Parses sizes the way Synapse's `max_upload_size` does: a number with an optional K, M, G
 /// (powers of 1024, as Synapse's `parse_size` reads them).
 pub fn parse_size(s: &str) -> Result<u64, String> {

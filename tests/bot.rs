@@ -7,6 +7,8 @@
 #![allow(clippy::disallowed_methods)]
 
 mod common;
+#[path = "common/person.rs"]
+mod person;
 #[path = "common/sdk.rs"]
 mod sdk;
 
@@ -14,117 +16,14 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{Lab, LogOnPanic, Matrix, Running, require, require_appliance, wait_until};
-use matrix_sdk::ruma::api::client::room::create_room;
-use matrix_sdk::ruma::events::room::member::{MembershipState, StrippedRoomMemberEvent};
+use matrix_sdk::ruma::OwnedUserId;
+use matrix_sdk::ruma::events::room::member::MembershipState;
 use matrix_sdk::ruma::events::room::message::{ReplacementMetadata, RoomMessageEventContent};
-use matrix_sdk::ruma::{OwnedUserId, UserId};
-use matrix_sdk::{Client, Room};
 use nix::sys::signal::Signal;
-use sdk::{Msg, SdkUser};
+use person::{Person, WAIT, now_ms};
 use serde_json::Value;
 
 const NIO_PYTHON: &str = "/opt/venvs/homelab-matrix-nio/bin/python";
-const WAIT: Duration = Duration::from_secs(60);
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
-
-/// A person with a Matrix client (matrix-sdk, own crypto store), syncing in the background.
-struct Person {
-    client: Client,
-    user_id: OwnedUserId,
-    sdk: SdkUser,
-}
-
-impl Person {
-    /// Logs in and syncs until dropped; joins rooms the bot invites it to (alerts arrive in DMs
-    /// the bot opens).
-    async fn login(hs: &str, user: &str, password: &str, bot: &UserId) -> Person {
-        let mut sdk = SdkUser::login(hs, user, password, "bot test").await;
-        let client = sdk.client.clone();
-        let user_id = sdk.user_id();
-        let bot = bot.to_owned();
-        let me = user_id.clone();
-        client.add_event_handler(move |ev: StrippedRoomMemberEvent, room: Room| {
-            let (bot, me) = (bot.clone(), me.clone());
-            async move {
-                if ev.sender == bot && ev.state_key == me {
-                    let _ = room.join().await;
-                }
-            }
-        });
-        // Synapse restarts in this test: the sync loop outlives its errors.
-        sdk.start_sync();
-        Person {
-            client,
-            user_id,
-            sdk,
-        }
-    }
-
-    /// A room (unencrypted) with the bot invited.
-    async fn room_with(&self, bot: &UserId) -> Room {
-        let mut req = create_room::v3::Request::new();
-        req.invite = vec![bot.to_owned()];
-        req.preset = Some(create_room::v3::RoomPreset::PrivateChat);
-        self.client.create_room(req).await.unwrap()
-    }
-
-    async fn say(&self, room: &Room, text: &str) {
-        room.send(RoomMessageEventContent::text_plain(text))
-            .await
-            .unwrap_or_else(|e| panic!("{} sending {text:?}: {e}", self.user_id));
-    }
-
-    /// Waits for the next message from `from` in `room` sent at `since` (ms) or later.
-    async fn reply_after(&self, since: u64, room: &Room, from: &UserId) -> Msg {
-        let what = format!("answer from {from} in {}", room.room_id());
-        self.sdk
-            .wait_msg(WAIT, &what, |m| {
-                m.room == room.room_id()
-                    && m.sender == from
-                    && m.ts >= since
-                    // Alerts arrive whenever a problem does (here: Element cannot reach
-                    // GitHub); they are not answers.
-                    && !m.body.starts_with("homelab-matrix needs an admin")
-            })
-            .await
-    }
-
-    /// Sends `text` to the bot and returns its answer.
-    async fn ask(&self, room: &Room, bot: &UserId, text: &str) -> Msg {
-        let since = now_ms();
-        self.say(room, text).await;
-        let m = self.reply_after(since, room, bot).await;
-        assert_eq!(m.msgtype, "m.notice", "the bot answers with notices: {m:?}");
-        m
-    }
-
-    async fn membership(&self, room: &Room, who: &UserId) -> Option<MembershipState> {
-        room.get_member_no_sync(who)
-            .await
-            .ok()
-            .flatten()
-            .map(|m| m.membership().clone())
-    }
-
-    async fn wait_membership(&self, room: &Room, who: &UserId, want: MembershipState) {
-        let deadline = Instant::now() + WAIT;
-        while self.membership(room, who).await.as_ref() != Some(&want) {
-            assert!(
-                Instant::now() < deadline,
-                "{who} is not {want:?} in {} after {WAIT:?} (is {:?})",
-                room.room_id(),
-                self.membership(room, who).await
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-}
 
 /// The first code span of a reply: the bot puts tokens in them.
 fn code_span(body: &str) -> String {
@@ -160,24 +59,6 @@ fn token_json(lab: &Lab, token: &str) -> Option<Value> {
 fn token_count(lab: &Lab) -> usize {
     let v: Value = serde_json::from_str(&lab.ok(&["token", "list", "--json"])).unwrap();
     v.as_array().unwrap().len()
-}
-
-fn add_user(lab: &Lab, name: &str, admin: bool) -> String {
-    let pw = format!("{name}-password-1");
-    let file = lab.path(&format!("{name}.pw"));
-    std::fs::write(&file, &pw).unwrap();
-    let mut args = vec![
-        "user",
-        "add",
-        name,
-        "--password-file",
-        file.to_str().unwrap(),
-    ];
-    if admin {
-        args.push("--admin");
-    }
-    lab.ok(&args);
-    pw
 }
 
 /// Registers a new user with `token` through the client API's UIA flow (blocking HTTP, so off
@@ -247,9 +128,9 @@ fn registration_bot_end_to_end() {
     );
 
     let hs = lab.synapse_url();
-    let alice_pw = add_user(&lab, "alice", true);
-    let eve_pw = add_user(&lab, "eve", false);
-    let friend_pw = add_user(&lab, "friend", false);
+    let alice_pw = lab.add_user("alice", true);
+    let eve_pw = lab.add_user("eve", false);
+    let friend_pw = lab.add_user("friend", false);
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)

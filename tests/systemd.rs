@@ -455,6 +455,20 @@ fn on_debian_12_with_systemd_the_package_installs_survives_crashes_upgrades_and_
     assert_eq!(ct.sh("dpkg-query -W -f='${Version}' homelab-matrix"), next);
     wait_ready(&ct, "the appliance after the upgrade");
     eprintln!("upgrade: ready in {:.1?}", t.elapsed());
+    // The preinst took a snapshot first (README "Backups"): root-only, a good backup; and once
+    // the new version is healthy, `status` has no upgrade pending.
+    let snaps = ct.sh("ls /var/backups/homelab-matrix | grep -- '-pre-upgrade.tar$' || true");
+    assert_eq!(
+        snaps.lines().count(),
+        1,
+        "no snapshot before the upgrade: {snaps:?}"
+    );
+    let snap = format!("/var/backups/homelab-matrix/{}", snaps.trim());
+    assert_eq!(ct.sh(&format!("stat -c %a:%U {snap}")), "600:root");
+    ct.sh(&format!("homelab-matrix backup verify {snap}"));
+    wait_until("the upgrade to be done", Duration::from_secs(60), || {
+        !ct.sh("homelab-matrix status").contains("UPGRADE:")
+    });
     assert_eq!(
         String::from_utf8(read(&ct, CONF)).unwrap(),
         conf,
@@ -538,6 +552,8 @@ fn on_debian_12_with_systemd_the_package_installs_survives_crashes_upgrades_and_
         "debconf answers left"
     );
     ct.sh("! dpkg-query -W -f='${Status}' homelab-matrix 2>/dev/null | grep -q installed");
+    // Backups outlive a purge: they are what a restore after it starts from.
+    ct.sh(&format!("test -s {snap}"));
 
     // The whole boot's journal: the hardening denied nothing, to anyone.
     let journal = ct.sh("journalctl -b --no-pager -o short-monotonic");

@@ -461,31 +461,60 @@ pub struct Output {
 
 /// Runs a one-shot helper to completion through the process layer, feeding it `input` on stdin.
 /// Killed (with its group) after `timeout`.
-pub async fn run_helper(mut cmd: Command, input: &[u8], timeout: Duration) -> Result<Output> {
+pub async fn run_helper(cmd: Command, input: &[u8], timeout: Duration) -> Result<Output> {
+    let mut stdout = vec![];
+    let input = std::io::Cursor::new(input.to_vec());
+    let (exit, stderr) = run_helper_io(cmd, Some(input), &mut stdout, timeout).await?;
+    Ok(Output {
+        exit,
+        stdout,
+        stderr,
+    })
+}
+
+/// Like [`run_helper`], streaming: stdin is copied from `input` (none: no stdin pipe) and stdout
+/// into `stdout`, so a helper's output (a database dump) need not fit in memory. Returns the
+/// exit and what it printed on stderr.
+pub async fn run_helper_io<R, W>(
+    mut cmd: Command,
+    input: Option<R>,
+    stdout: &mut W,
+    timeout: Duration,
+) -> Result<(Exit, Vec<u8>)>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: tokio::io::AsyncWrite + Unpin + ?Sized,
+{
     let program = cmd.program.clone();
-    cmd.stdin = true;
+    cmd.stdin = input.is_some();
     let mut child = process::spawn(cmd).await?;
-    let mut stdin = child.stdin.take().expect("stdin was requested");
-    let input = input.to_vec();
-    let writer = tokio::spawn(async move {
-        let _ = stdin.write_all(&input).await;
-        // Dropping stdin closes it: the helper sees EOF.
-    });
-    let out = read_all(std::mem::replace(&mut child.stdout, dummy_pipe()));
+    let writer = match (child.stdin.take(), input) {
+        (Some(mut stdin), Some(mut input)) => Some(tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut input, &mut stdin).await;
+            // Dropping stdin closes it: the helper sees EOF.
+        })),
+        _ => None,
+    };
+    let mut out = std::mem::replace(&mut child.stdout, dummy_pipe());
     let err = read_all(std::mem::replace(&mut child.stderr, dummy_pipe()));
     let run = async {
-        let (o, e) = tokio::join!(out, err);
+        let copy = async {
+            let r = tokio::io::copy(&mut out, stdout).await;
+            // Drain the rest so the helper is never blocked on a full pipe.
+            let _ = read_all(&mut out).await;
+            r
+        };
+        let (copied, e) = tokio::join!(copy, err);
         let exit = (&mut child.exit).await;
-        (o, e, exit)
+        (copied, e, exit)
     };
     match tokio::time::timeout(timeout, run).await {
-        Ok((stdout, stderr, Ok(exit))) => {
-            let _ = writer.await;
-            Ok(Output {
-                exit,
-                stdout,
-                stderr,
-            })
+        Ok((copied, stderr, Ok(exit))) => {
+            if let Some(w) = writer {
+                let _ = w.await;
+            }
+            copied.with_context(|| format!("keeping the output of {}", program.display()))?;
+            Ok((exit, stderr))
         }
         Ok((_, _, Err(_))) => bail!("lost track of {}", program.display()),
         Err(_) => {

@@ -321,6 +321,25 @@ impl Lab {
         )
     }
 
+    /// `user add NAME [--admin]` with the password `<name>-password-1`, which it returns.
+    pub fn add_user(&self, name: &str, admin: bool) -> String {
+        let pw = format!("{name}-password-1");
+        let file = self.path(&format!("{name}.pw"));
+        fs::write(&file, &pw).unwrap();
+        let mut args = vec![
+            "user",
+            "add",
+            name,
+            "--password-file",
+            file.to_str().unwrap(),
+        ];
+        if admin {
+            args.push("--admin");
+        }
+        self.ok(&args);
+        pw
+    }
+
     /// Starts `run` and waits for its sd_notify READY=1 (Synapse healthy, admin account made).
     pub fn start(&self) -> Running {
         let c = self.cmd(&["run"]);
