@@ -244,9 +244,10 @@ fn on_debian_12_with_systemd_the_package_installs_survives_crashes_upgrades_and_
     eprintln!("booted in {:.1?}", booted.elapsed());
 
     // Install as a user does: debconf answers, then apt with the package files.
-    ct.sh(&format!(
+    let preseed = format!(
         "printf '%s\\n' 'homelab-matrix homelab-matrix/server_name string {SN}' 'homelab-matrix homelab-matrix/tls_mode select internal' | debconf-set-selections"
-    ));
+    );
+    ct.sh(&preseed);
     let started = Instant::now();
     ct.sh(&format!(
         "apt-get update -q && {APT} install /debs/old/{} /debs/old/{} 2>&1",
@@ -554,6 +555,52 @@ fn on_debian_12_with_systemd_the_package_installs_survives_crashes_upgrades_and_
     ct.sh("! dpkg-query -W -f='${Status}' homelab-matrix 2>/dev/null | grep -q installed");
     // Backups outlive a purge: they are what a restore after it starts from.
     ct.sh(&format!("test -s {snap}"));
+
+    // A restore after a purge (README "Backups"): the database dropped too, a fresh install
+    // with the same debconf answers, the service stopped, then `restore` of the snapshot,
+    // which starts the unit and waits for it. The user, her room, the message and the
+    // signing key are the old ones again.
+    ct.sh("runuser -u postgres -- psql -q -c 'DROP DATABASE IF EXISTS synapse' -c 'DROP ROLE IF EXISTS synapse'");
+    ct.sh(&preseed);
+    ct.sh(&format!(
+        "{APT} install /debs/new/{} /debs/new/{} 2>&1",
+        name(&venv2),
+        name(&deb2)
+    ));
+    wait_ready(&ct, "a fresh install after the purge");
+    assert_ne!(
+        read(&ct, &format!("{STATE}/synapse-data/signing.key")),
+        signing,
+        "the fresh install kept the old signing key"
+    );
+    ct.sh(&format!("systemctl stop {UNIT}"));
+    let t = Instant::now();
+    let restored = ct.sh(&format!("homelab-matrix restore {snap} 2>&1"));
+    eprintln!("restore: {:.1?}\n{restored}", t.elapsed());
+    assert_eq!(
+        ct.sh(&format!("systemctl is-active {UNIT}")),
+        "active",
+        "restore did not start the unit: {restored}"
+    );
+    wait_ready(&ct, "the appliance after the restore");
+    assert_eq!(
+        read(&ct, &format!("{STATE}/synapse-data/signing.key")),
+        signing,
+        "the restore did not bring the signing key back"
+    );
+    let token = login(&ct, "alice", "sd-password-1");
+    let (st, v) = api(
+        &ct,
+        "GET",
+        &format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=20"),
+        Some(&token),
+        None,
+    );
+    assert_eq!(st, 200, "{v}");
+    assert!(
+        v.to_string().contains("written before the upgrade"),
+        "the restored history lacks the message: {v}"
+    );
 
     // The whole boot's journal: the hardening denied nothing, to anyone.
     let journal = ct.sh("journalctl -b --no-pager -o short-monotonic");
