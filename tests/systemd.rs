@@ -118,6 +118,22 @@ fn api(
     )
 }
 
+/// The room's latest messages, as `token`'s user reads them, hold `text`.
+fn assert_history_has(ct: &Container, token: &str, room: &str, text: &str) {
+    let (st, v) = api(
+        ct,
+        "GET",
+        &format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=20"),
+        Some(token),
+        None,
+    );
+    assert_eq!(st, 200, "{v}");
+    assert!(
+        v.to_string().contains(text),
+        "{text:?} is not in {room}'s history: {v}"
+    );
+}
+
 fn login(ct: &Container, user: &str, password: &str) -> String {
     let (st, v) = api(
         ct,
@@ -498,18 +514,7 @@ fn on_debian_12_with_systemd_the_package_installs_survives_crashes_upgrades_and_
             .any(|r| r == room.as_str()),
         "{v}"
     );
-    let (st, v) = api(
-        &ct,
-        "GET",
-        &format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=20"),
-        Some(&token),
-        None,
-    );
-    assert_eq!(st, 200, "{v}");
-    assert!(
-        v.to_string().contains("written before the upgrade"),
-        "the message is gone: {v}"
-    );
+    assert_history_has(&ct, &token, &room, "written before the upgrade");
 
     // systemctl stop: clean, within TimeoutStopSec, nothing left running.
     let t = Instant::now();
@@ -589,18 +594,7 @@ fn on_debian_12_with_systemd_the_package_installs_survives_crashes_upgrades_and_
         "the restore did not bring the signing key back"
     );
     let token = login(&ct, "alice", "sd-password-1");
-    let (st, v) = api(
-        &ct,
-        "GET",
-        &format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=20"),
-        Some(&token),
-        None,
-    );
-    assert_eq!(st, 200, "{v}");
-    assert!(
-        v.to_string().contains("written before the upgrade"),
-        "the restored history lacks the message: {v}"
-    );
+    assert_history_has(&ct, &token, &room, "written before the upgrade");
 
     // The whole boot's journal: the hardening denied nothing, to anyone.
     let journal = ct.sh("journalctl -b --no-pager -o short-monotonic");
