@@ -53,16 +53,24 @@ pub fn connections_that_fit(nofile: u64, upstream: u64, wanted: u64) -> u64 {
 }
 
 /// Paces `accept` after errors: EMFILE/ENFILE leave the pending connection in the queue, so
-/// accepting again at once fails again at once, a busy loop. The first error of a run is
-/// logged, the rest only counted, and the pause doubles up to `MAX`.
+/// accepting again at once fails again at once, a busy loop. The pause doubles up to `MAX`.
+/// The first error of a run is logged, and at most one run a minute: near the limit, a
+/// descriptor freed now and then lets one accept through, which would otherwise log every
+/// few seconds. The end of a logged run is logged too.
 #[derive(Debug, Default)]
 pub struct AcceptBackoff {
     failures: u32,
+    /// When a run's first error was last logged.
+    warned: Option<std::time::Instant>,
+    /// This run's first error was logged (so its end is).
+    run_logged: bool,
 }
 
 impl AcceptBackoff {
     pub const FIRST: Duration = Duration::from_millis(10);
     pub const MAX: Duration = Duration::from_secs(1);
+    /// At most one logged run per this.
+    pub const WARN_EVERY: Duration = Duration::from_secs(60);
 
     /// Records an error; returns how long to pause and whether this error should be logged.
     pub fn failed(&mut self) -> (Duration, bool) {
@@ -70,12 +78,23 @@ impl AcceptBackoff {
         let delay = Self::FIRST
             .saturating_mul(1 << (self.failures - 1).min(16))
             .min(Self::MAX);
-        (delay, self.failures == 1)
+        let log = self.failures == 1 && self.warned.is_none_or(|t| t.elapsed() >= Self::WARN_EVERY);
+        if log {
+            self.warned = Some(std::time::Instant::now());
+            self.run_logged = true;
+        }
+        (delay, log)
     }
 
-    /// Records a success; returns how many errors came before it (to log the recovery).
+    /// Records a success; returns how many errors came before it, when that run was logged
+    /// (0 otherwise: nothing to report).
     pub fn succeeded(&mut self) -> u32 {
-        std::mem::take(&mut self.failures)
+        let errors = std::mem::take(&mut self.failures);
+        if std::mem::take(&mut self.run_logged) {
+            errors
+        } else {
+            0
+        }
     }
 
     /// Waits out an `accept` error on `what` ("the control socket"), logging the first of a
@@ -117,11 +136,17 @@ mod tests {
             assert_eq!(b.failed().0, AcceptBackoff::MAX);
         }
         assert_eq!(b.succeeded(), 110);
+        // A new run within the minute (one accept got through near the limit) is not logged,
+        // nor its end; after the minute a new run is.
+        assert_eq!(b.failed(), (Duration::from_millis(10), false));
+        assert_eq!(b.succeeded(), 0, "an unlogged run's end is not logged");
+        b.warned = Some(std::time::Instant::now() - AcceptBackoff::WARN_EVERY);
         assert_eq!(
             b.failed(),
             (Duration::from_millis(10), true),
-            "a new run logs again"
+            "a new run after the minute logs again"
         );
+        assert_eq!(b.succeeded(), 1);
     }
 
     #[test]
