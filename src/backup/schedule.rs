@@ -60,9 +60,16 @@ pub struct Listed {
     pub kind: String,
 }
 
+/// The kinds of backup file (`super::file_name`'s last part).
+pub const KINDS: [&str; 3] = ["daily", "manual", "pre-upgrade"];
+
 pub fn parse_name(name: &str) -> Option<Listed> {
     let rest = name.strip_prefix("homelab-matrix-")?.strip_suffix(".tar")?;
-    let (head, kind) = rest.rsplit_once('-')?;
+    // The kind is the part after the stamp: it may hold a '-' itself (pre-upgrade), as the
+    // server name before the stamp may.
+    let (head, kind) = KINDS
+        .iter()
+        .find_map(|k| Some((rest.strip_suffix(k)?.strip_suffix('-')?, *k)))?;
     let (_, stamp) = head.rsplit_once('-')?;
     Some(Listed {
         name: name.to_string(),
@@ -278,7 +285,25 @@ mod tests {
                 kind: "daily".into()
             })
         );
+        // Every kind, with a '-' in the server name: "pre-upgrade" has one too (the
+        // supervisor did not find the preinst's snapshot and took a second).
+        for kind in KINDS {
+            let n = super::super::file_name("my-home.example", t, kind);
+            assert_eq!(
+                parse_name(&n),
+                Some(Listed {
+                    name: n.clone(),
+                    created_at: t,
+                    kind: kind.into()
+                }),
+                "{n}"
+            );
+        }
         assert_eq!(parse_name("homelab-matrix.toml"), None);
+        assert_eq!(
+            parse_name("homelab-matrix-a-20261201T000000Z-other.tar"),
+            None
+        );
     }
 
     #[test]
