@@ -565,41 +565,6 @@ fn on_debian_12_with_systemd_the_package_installs_survives_crashes_upgrades_and_
     // Backups outlive a purge: they are what a restore after it starts from.
     ct.sh(&format!("test -s {snap}"));
 
-    // A restore after a purge (README "Backups"): the database dropped too, a fresh install
-    // with the same debconf answers, the service stopped, then `restore` of the snapshot,
-    // which starts the unit and waits for it. The user, her room, the message and the
-    // signing key are the old ones again.
-    ct.sh("runuser -u postgres -- psql -q -c 'DROP DATABASE IF EXISTS synapse' -c 'DROP ROLE IF EXISTS synapse'");
-    ct.sh(&preseed);
-    ct.sh(&format!(
-        "{APT} install /debs/new/{} /debs/new/{} 2>&1",
-        name(&venv2),
-        name(&deb2)
-    ));
-    wait_ready(&ct, "a fresh install after the purge");
-    assert_ne!(
-        read(&ct, &format!("{STATE}/synapse-data/signing.key")),
-        signing,
-        "the fresh install kept the old signing key"
-    );
-    ct.sh(&format!("systemctl stop {UNIT}"));
-    let t = Instant::now();
-    let restored = ct.sh(&format!("homelab-matrix restore {snap} 2>&1"));
-    eprintln!("restore: {:.1?}\n{restored}", t.elapsed());
-    assert_eq!(
-        ct.sh(&format!("systemctl is-active {UNIT}")),
-        "active",
-        "restore did not start the unit: {restored}"
-    );
-    wait_ready(&ct, "the appliance after the restore");
-    assert_eq!(
-        read(&ct, &format!("{STATE}/synapse-data/signing.key")),
-        signing,
-        "the restore did not bring the signing key back"
-    );
-    let token = login(&ct, "alice", "sd-password-1");
-    assert_history_has(&ct, &token, &room, "written before the upgrade");
-
     // The whole boot's journal: the hardening denied nothing, to anyone.
     let journal = ct.sh("journalctl -b --no-pager -o short-monotonic");
     let denials: Vec<&str> = journal
