@@ -160,7 +160,7 @@ pub async fn before_start(cfg: &Config, config_path: &Path) -> Option<Pending> {
         None => return None,
     };
     let to = current(cfg).await;
-    if from == to {
+    if !changed(&from, &to) {
         return load_pending(cfg);
     }
     if let Some(p) = load_pending(cfg).filter(|p| p.to == to) {
@@ -200,11 +200,55 @@ pub async fn before_start(cfg: &Config, config_path: &Path) -> Option<Pending> {
     Some(pending)
 }
 
+/// An upgrade is a known version replaced by another. A version that could not be told (a
+/// Python killed by a shutdown, a slow import) is no upgrade: taking it for one made a
+/// snapshot at an ordinary restart.
+fn changed(from: &BTreeMap<String, String>, to: &BTreeMap<String, String>) -> bool {
+    to.iter()
+        .any(|(k, v)| from.get(k).is_some_and(|old| old != v))
+}
+
 /// Synapse is healthy with these versions: they are the new baseline; no upgrade is pending.
+/// A baseline without Synapse's version is not recorded; the last full one stays.
 pub async fn healthy(cfg: &Config) {
     let v = current(cfg).await;
+    if !v.contains_key("synapse") {
+        tracing::warn!(
+            "Synapse is healthy but its version could not be read; the versions of the last healthy start stay the baseline for the upgrade check"
+        );
+        return;
+    }
     if let Err(e) = write(cfg, VERSIONS_FILE, &v) {
         tracing::warn!("recording the versions: {e:#}");
     }
     let _ = std::fs::remove_file(schedule::state_dir(cfg).join(PENDING_FILE));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn only_a_known_version_replaced_by_another_is_an_upgrade() {
+        let both = v(&[("homelab-matrix", "0.1.0"), ("synapse", "1.163.2")]);
+        assert!(!changed(&both, &both));
+        assert!(changed(
+            &both,
+            &v(&[("homelab-matrix", "0.1.0"), ("synapse", "1.164.0")])
+        ));
+        assert!(changed(
+            &both,
+            &v(&[("homelab-matrix", "0.2.0"), ("synapse", "1.163.2")])
+        ));
+        // Synapse's version unknown now, or unknown when recorded: no upgrade seen.
+        assert!(!changed(&both, &v(&[("homelab-matrix", "0.1.0")])));
+        assert!(!changed(&v(&[("homelab-matrix", "0.1.0")]), &both));
+    }
 }
