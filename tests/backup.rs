@@ -34,6 +34,19 @@ use serde_json::{Value, json};
 
 const RESTIC_PASSWORD: &str = "restic-test-password";
 
+/// Runs a command as matrix-synapse, the way a compromised Synapse would; it must succeed.
+fn as_child(args: &[&str]) {
+    let st = common::as_user("matrix-synapse", args[0])
+        .args(&args[1..])
+        .status()
+        .unwrap();
+    assert!(st.success(), "as matrix-synapse: {args:?}");
+}
+
+fn at(dir: &Path, name: &str) -> String {
+    dir.join(name).to_str().unwrap().to_string()
+}
+
 /// The lab's config with backups into the lab and, when given, a restic repository.
 fn write_config(lab: &Lab, restic: bool) {
     let mut extra = format!(
@@ -274,22 +287,17 @@ fn everything_comes_back_after_a_wipe_and_a_restore() {
     assert_eq!(st, 200, "{v}");
     let busy = v["room_id"].as_str().unwrap().to_string();
 
-    // matrix-synapse plants a link to a root-only file in its media store.
+    // matrix-synapse, compromised, plants in its media store a link to a root-only file, a
+    // link to a root-only directory, and a FIFO that would hang a reader that opens it.
     let local = lab.state().join("synapse-data/media_store/local_content");
     assert!(local.is_dir(), "the upload made {}", local.display());
-    std::os::unix::fs::symlink("/etc/shadow", local.join("planted")).unwrap();
+    as_child(&["ln", "-s", "/etc/shadow", &at(&local, "planted")]);
+    as_child(&["ln", "-s", "/root", &at(&local, "planted-dir")]);
+    as_child(&["mkfifo", &at(&local, "planted-fifo")]);
     let synapse_uid = nix::unistd::User::from_name("matrix-synapse")
         .unwrap()
         .unwrap()
         .uid;
-    nix::unistd::fchownat(
-        nix::fcntl::AT_FDCWD,
-        &local.join("planted"),
-        Some(synapse_uid),
-        None,
-        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-    )
-    .unwrap();
     let key_before = signing_key(&lab);
     let published_before = published_keys(&lab);
 
@@ -349,10 +357,14 @@ fn everything_comes_back_after_a_wipe_and_a_restore() {
         manifest["database"]["excluded_table_data"],
         json!(["e2e_one_time_keys_json"])
     );
-    assert!(
-        manifest["skipped"].to_string().contains("planted"),
-        "{manifest}"
-    );
+    for planted in ["planted", "planted-dir", "planted-fifo"] {
+        assert!(
+            manifest["skipped"]
+                .to_string()
+                .contains(&format!("local_content/{planted}:")),
+            "{planted} not reported: {manifest}"
+        );
+    }
     assert!(
         manifest["database"]["row_counts"]["users"]
             .as_i64()
@@ -432,15 +444,55 @@ fn everything_comes_back_after_a_wipe_and_a_restore() {
     fs::remove_dir_all(lab.path("synapse.d")).unwrap();
     psql(&format!("DROP DATABASE \"{}\" WITH (FORCE)", lab.db));
     psql(&format!("DROP ROLE \"{}\"", lab.db));
+    // What the fresh install's Synapse left, compromised: its directory (made by root for
+    // it) with links where the restore writes the signing key and the media store.
+    let victim = lab.path("victim");
+    fs::create_dir(&victim).unwrap();
+    fs::write(victim.join("signing.key"), b"root's own file").unwrap();
+    let data = lab.state().join("synapse-data");
+    fs::create_dir_all(&data).unwrap();
+    nix::unistd::chown(&data, Some(synapse_uid), None).unwrap();
+    fs::set_permissions(&data, fs::Permissions::from_mode(0o700)).unwrap();
+    as_child(&[
+        "ln",
+        "-s",
+        &at(&victim, "signing.key"),
+        &at(&data, "signing.key"),
+    ]);
+    as_child(&[
+        "ln",
+        "-s",
+        victim.to_str().unwrap(),
+        &at(&data, "media_store"),
+    ]);
+    as_child(&["mkfifo", &at(&data, "homeserver.db")]);
     let out = lab.ok(&["restore", file.to_str().unwrap()]);
     eprintln!("restore: {out}");
+    // Neither link was followed; both are real again, and nothing else of the child's stays.
+    assert_eq!(
+        fs::read(victim.join("signing.key")).unwrap(),
+        b"root's own file"
+    );
+    assert_eq!(
+        fs::read_dir(&victim).unwrap().count(),
+        1,
+        "written into the victim"
+    );
+    for name in ["signing.key", "media_store"] {
+        let m = fs::symlink_metadata(data.join(name)).unwrap();
+        assert!(!m.file_type().is_symlink(), "{name} is still a link");
+        assert_eq!(m.uid(), synapse_uid.as_raw(), "{name}");
+    }
+    assert!(
+        !data.join("homeserver.db").exists(),
+        "the child's FIFO stayed"
+    );
     assert!(
         out.contains("restored the manual backup of matrix.test"),
         "{out}"
     );
     assert!(lab.path("synapse.d/90-test-ratelimits.yaml").exists());
     assert_eq!(signing_key(&lab), key_before, "the signing key changed");
-    let data = lab.state().join("synapse-data");
     let m = fs::metadata(&data).unwrap();
     assert_eq!((m.uid(), m.mode() & 0o777), (synapse_uid.as_raw(), 0o700));
     let m = fs::metadata(lab.state().join("secrets/postgres_password")).unwrap();

@@ -218,17 +218,13 @@ pub async fn restore(
     }
 
     // Files: what the backup holds replaces what is there (a fresh install's own secrets,
-    // signing key and CA must not survive next to the restored ones).
+    // signing key and CA must not survive next to the restored ones). Synapse's directory
+    // goes whole: it is the child's, so anything in it may be a link it planted where the
+    // restore writes; rebuilt by root, it holds only what the backup does (remote media and
+    // URL previews are caches Synapse fetches again).
     let state_dir = Dir::open(&state)?;
-    for area in ROOT_AREAS {
+    for area in ROOT_AREAS.into_iter().chain([SYNAPSE_DATA]) {
         state_dir.remove(area)?;
-    }
-    if let Some(data) = state_dir.open_sub(OsStr::new(SYNAPSE_DATA))? {
-        data.remove("signing.key")?;
-        if let Some(media) = data.open_sub(OsStr::new("media_store"))? {
-            media.remove("local_content")?;
-            media.remove("local_thumbnails")?;
-        }
     }
     let mut files = 0;
     archive::for_each_file(file, |name, data, mode| {

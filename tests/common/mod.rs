@@ -550,7 +550,6 @@ pub fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// The real uid of a process, from /proc.
 /// A command that runs `program` as the system user `user` with only its own group, the way a
 /// compromised child would run it (setpriv execs directly, so signals and exit codes pass).
 pub fn as_user(user: &str, program: &str) -> Command {
@@ -563,6 +562,7 @@ pub fn as_user(user: &str, program: &str) -> Command {
     c
 }
 
+/// The real uid of a process, from /proc.
 pub fn proc_uid(pid: i32) -> u32 {
     let s = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     s.lines()
