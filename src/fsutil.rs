@@ -307,7 +307,10 @@ impl Dir {
     }
 
     /// Removes `name` without following it: a symlink is unlinked itself; a real directory
-    /// is emptied through its own descriptor, recursing only into real directories.
+    /// is emptied through its own descriptor, recursing only into real directories. A
+    /// directory with a file system mounted on it (rmdir says EBUSY: an operator's media
+    /// disk, say) is emptied and stays, so that what is put there again lands on that disk;
+    /// so do the directories above it (ENOTEMPTY once all else in them is gone).
     pub fn remove<P: AsRef<OsStr> + ?Sized>(&self, name: &P) -> Result<()> {
         let name = name.as_ref();
         let path = self.path.join(name);
@@ -326,8 +329,10 @@ impl Dir {
         for n in sub.entries()? {
             sub.remove(&n)?;
         }
-        unlinkat(&self.fd, name, UnlinkatFlags::RemoveDir)
-            .with_context(|| format!("removing directory {}", path.display()))
+        match unlinkat(&self.fd, name, UnlinkatFlags::RemoveDir) {
+            Ok(()) | Err(Errno::EBUSY | Errno::ENOTEMPTY) => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("removing directory {}", path.display())),
+        }
     }
 
     /// Moves `name` (whatever it is, never following it) to `to/new_name`.

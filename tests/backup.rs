@@ -445,7 +445,8 @@ fn everything_comes_back_after_a_wipe_and_a_restore() {
     psql(&format!("DROP DATABASE \"{}\" WITH (FORCE)", lab.db));
     psql(&format!("DROP ROLE \"{}\"", lab.db));
     // What the fresh install's Synapse left, compromised: its directory (made by root for
-    // it) with links where the restore writes the signing key and the media store.
+    // it), with the operator's media disk mounted on media_store, and links where the
+    // restore writes the signing key and the local media.
     let victim = lab.path("victim");
     fs::create_dir(&victim).unwrap();
     fs::write(victim.join("signing.key"), b"root's own file").unwrap();
@@ -453,6 +454,9 @@ fn everything_comes_back_after_a_wipe_and_a_restore() {
     fs::create_dir_all(&data).unwrap();
     nix::unistd::chown(&data, Some(synapse_uid), None).unwrap();
     fs::set_permissions(&data, fs::Permissions::from_mode(0o700)).unwrap();
+    let media = data.join("media_store");
+    let _media_disk = common::TmpfsMount::new(&media, "64m");
+    nix::unistd::chown(&media, Some(synapse_uid), None).unwrap();
     as_child(&[
         "ln",
         "-s",
@@ -463,7 +467,7 @@ fn everything_comes_back_after_a_wipe_and_a_restore() {
         "ln",
         "-s",
         victim.to_str().unwrap(),
-        &at(&data, "media_store"),
+        &at(&media, "local_content"),
     ]);
     as_child(&["mkfifo", &at(&data, "homeserver.db")]);
     let out = lab.ok(&["restore", file.to_str().unwrap()]);
@@ -478,15 +482,26 @@ fn everything_comes_back_after_a_wipe_and_a_restore() {
         1,
         "written into the victim"
     );
-    for name in ["signing.key", "media_store"] {
-        let m = fs::symlink_metadata(data.join(name)).unwrap();
-        assert!(!m.file_type().is_symlink(), "{name} is still a link");
-        assert_eq!(m.uid(), synapse_uid.as_raw(), "{name}");
+    for p in [data.join("signing.key"), media.join("local_content")] {
+        let m = fs::symlink_metadata(&p).unwrap();
+        assert!(
+            !m.file_type().is_symlink(),
+            "{} is still a link",
+            p.display()
+        );
+        assert_eq!(m.uid(), synapse_uid.as_raw(), "{}", p.display());
     }
     assert!(
         !data.join("homeserver.db").exists(),
         "the child's FIFO stayed"
     );
+    // The media disk is still mounted there, and holds the restored media.
+    assert_ne!(
+        fs::metadata(&media).unwrap().dev(),
+        fs::metadata(&data).unwrap().dev(),
+        "the restore replaced the mount point"
+    );
+    assert!(fs::read_dir(media.join("local_content")).unwrap().count() > 0);
     assert!(
         out.contains("restored the manual backup of matrix.test"),
         "{out}"

@@ -221,7 +221,8 @@ pub async fn restore(
     // signing key and CA must not survive next to the restored ones). Synapse's directory
     // goes whole: it is the child's, so anything in it may be a link it planted where the
     // restore writes; rebuilt by root, it holds only what the backup does (remote media and
-    // URL previews are caches Synapse fetches again).
+    // URL previews are caches Synapse fetches again). A disk mounted on it or below it is
+    // emptied and kept (fsutil::Dir::remove).
     let state_dir = Dir::open(&state)?;
     for area in ROOT_AREAS.into_iter().chain([SYNAPSE_DATA]) {
         state_dir.remove(area)?;
