@@ -115,16 +115,22 @@ fn pg_env(cmd: Command, password: &Secret) -> Command {
         .env("PGCONNECT_TIMEOUT", "10")
 }
 
-fn conn_args(cmd: Command, cfg: &Config, dbname: &str) -> Command {
+/// libpq's connection options, the same for psql, pg_dump and pg_restore.
+fn pg_target(cmd: Command, host: &str, port: u16, user: &str, dbname: &str) -> Command {
     cmd.arg("--host")
-        .arg(&cfg.postgres.host)
+        .arg(host)
         .arg("--port")
-        .arg(cfg.postgres.port.to_string())
+        .arg(port.to_string())
         .arg("--username")
-        .arg(&cfg.postgres.user)
+        .arg(user)
         .arg("--dbname")
         .arg(dbname)
-        .arg("--no-password")
+}
+
+/// As the role Synapse uses, over TCP (the password comes from `pg_env`).
+fn conn_args(cmd: Command, cfg: &Config, dbname: &str) -> Command {
+    let p = &cfg.postgres;
+    pg_target(cmd, &p.host, p.port, &p.user, dbname).arg("--no-password")
 }
 
 /// `pg_dump -Fc` of the snapshot into `out`.
@@ -197,15 +203,8 @@ pub async fn superuser_sql(cfg: &Config, dbname: &str, sql: &str) -> Result<Stri
         .arg("ON_ERROR_STOP=1");
     let dsn = &cfg.postgres.superuser_dsn;
     if dsn.is_empty() {
-        cmd = cmd
-            .arg("--host")
-            .arg(&cfg.postgres.socket_dir)
-            .arg("--port")
-            .arg(cfg.postgres.port.to_string())
-            .arg("--username")
-            .arg(&cfg.postgres.superuser)
-            .arg("--dbname")
-            .arg(dbname);
+        let p = &cfg.postgres;
+        cmd = pg_target(cmd, &p.socket_dir, p.port, &p.superuser, dbname);
         cmd.run_as = Some(RunAs::lookup(&cfg.postgres.superuser)?);
     } else if dsn.contains("://") {
         let sep = if dsn.contains('?') { '&' } else { '?' };
