@@ -227,12 +227,6 @@ impl Dir {
         Ok(Some((fs::File::from(fd), st)))
     }
 
-    /// Whether `name` is a real directory (not a symlink to one).
-    pub fn is_dir(&self, name: &OsStr) -> bool {
-        fstatat(&self.fd, name, AtFlags::AT_SYMLINK_NOFOLLOW)
-            .is_ok_and(|st| file_type(&st) == SFlag::S_IFDIR)
-    }
-
     /// Writes only when the contents differ; returns whether it wrote. Keeps mtimes (and
     /// Synapse's view of "changed") stable across restarts. An old entry that is not a regular
     /// file with one link (a symlink, a FIFO, a hard link to something else) is never read,

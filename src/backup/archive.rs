@@ -12,7 +12,7 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use ring::digest::{Context as Sha, SHA256};
 use serde::{Deserialize, Serialize};
 
@@ -122,13 +122,21 @@ impl<W: Write> Writer<W> {
     }
 
     /// Adds the dump from `file` (read from its start) as [`DUMP`]; returns its size and sha256.
+    /// The dump is read once: hashed on its way into the archive.
     pub fn add_dump(&mut self, file: &mut File) -> Result<(u64, String)> {
-        let (size, sha) = hash_file(file)?;
         file.seek(SeekFrom::Start(0))?;
+        let size = file.metadata()?.len();
         let mut h = header(size, 0o600, now());
+        let mut r = Hashing::new(file.take(size));
         self.tar
-            .append_data(&mut h, DUMP, file.take(size))
+            .append_data(&mut h, DUMP, &mut r)
             .context("writing the database dump into the backup")?;
+        let (read, sha) = r.finish();
+        if read != size {
+            bail!(
+                "the database dump ended after {read} of its {size} bytes while it was written into the backup; run the backup again"
+            );
+        }
         Ok((size, sha))
     }
 
@@ -194,12 +202,12 @@ impl<W: Write> Writer<W> {
                 continue;
             }
             let path = format!("{prefix}/{n}");
-            if dir.is_dir(&name) {
-                if let Some(sub) = dir.open_sub(&name)? {
-                    self.add_tree(&sub, &path)?;
+            // open_sub opens real directories only (never a link to one).
+            match dir.open_sub(&name)? {
+                Some(sub) => self.add_tree(&sub, &path)?,
+                None => {
+                    self.add_file(dir, &name, &path)?;
                 }
-            } else {
-                self.add_file(dir, &name, &path)?;
             }
         }
         Ok(())
@@ -216,21 +224,35 @@ impl<W: Write> Writer<W> {
     }
 }
 
-/// Size and sha256 of a file, read from its start.
-pub fn hash_file(file: &mut File) -> Result<(u64, String)> {
-    file.seek(SeekFrom::Start(0))?;
-    let mut sha = Sha::new(&SHA256);
-    let mut buf = vec![0u8; 1 << 16];
-    let mut size = 0u64;
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
+/// A reader that counts and hashes (sha256) what passes through it.
+struct Hashing<R> {
+    inner: R,
+    sha: Sha,
+    size: u64,
+}
+
+impl<R: Read> Hashing<R> {
+    fn new(inner: R) -> Hashing<R> {
+        Hashing {
+            inner,
+            sha: Sha::new(&SHA256),
+            size: 0,
         }
-        sha.update(&buf[..n]);
-        size += n as u64;
     }
-    Ok((size, hex(sha.finish().as_ref())))
+
+    /// The bytes read and their sha256 (hex).
+    fn finish(self) -> (u64, String) {
+        (self.size, hex(self.sha.finish().as_ref()))
+    }
+}
+
+impl<R: Read> Read for Hashing<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.sha.update(&buf[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
 }
 
 /// A backup that passed [`check`]: its manifest, and its dump copied out (for pg_restore).
@@ -280,20 +302,18 @@ pub fn check(path: &Path, scratch: &Path) -> Result<Checked> {
             })?);
             continue;
         }
-        let mut sha = Sha::new(&SHA256);
+        let mut r = Hashing::new(&mut entry);
         let mut buf = vec![0u8; 1 << 16];
-        let mut size = 0u64;
         loop {
-            let n = entry.read(&mut buf).map_err(unreadable)?;
+            let n = r.read(&mut buf).map_err(unreadable)?;
             if n == 0 {
                 break;
             }
-            sha.update(&buf[..n]);
             if name == DUMP {
                 dump.write_all(&buf[..n])?;
             }
-            size += n as u64;
         }
+        let (size, digest) = r.finish();
         if size != entry.size() {
             return Err(Damaged::Unreadable {
                 file,
@@ -301,7 +321,6 @@ pub fn check(path: &Path, scratch: &Path) -> Result<Checked> {
             }
             .into());
         }
-        let digest = hex(sha.finish().as_ref());
         if name == DUMP {
             dump_seen = Some((size, digest));
         } else {
