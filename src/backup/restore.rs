@@ -228,9 +228,15 @@ pub async fn restore(
         state_dir.remove(area)?;
     }
     let mut files = 0;
+    // Looked up once per member: a media store holds tens of thousands of files.
+    let sha256_of: std::collections::HashMap<&str, &str> = m
+        .parts
+        .iter()
+        .map(|p| (p.path.as_str(), p.sha256.as_str()))
+        .collect();
     archive::for_each_file(file, |name, data, mode| {
-        let want = m.parts.iter().find(|p| p.path == name);
-        if want.is_none_or(|p| p.sha256 != crate::secrets::sha256_hex(data)) {
+        let want = sha256_of.get(name);
+        if want.is_none_or(|sha| *sha != crate::secrets::sha256_hex(data)) {
             bail!("{name} changed since the backup was checked; run the restore again");
         }
         write(&target(cfg, config_path, synapse, name)?, data, mode)?;
