@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use crate::config::Config;
 use crate::postgres::{ident, literal};
@@ -26,24 +26,16 @@ const DUMP_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 
 /// Connects as the role Synapse uses, over TCP with its password (as Synapse does).
 pub async fn connect(cfg: &Config, password: &Secret, dbname: &str) -> Result<Client> {
-    let mut pg = tokio_postgres::Config::new();
-    pg.host(&cfg.postgres.host)
-        .port(cfg.postgres.port)
-        .user(&cfg.postgres.user)
-        .password(password.expose().as_bytes())
-        .dbname(dbname)
-        .connect_timeout(Duration::from_secs(10));
-    let (client, conn) = pg.connect(NoTls).await.with_context(|| {
-        format!(
-            "connecting to database {dbname} as {} on {}:{}; is PostgreSQL running (pg_lsclusters)?",
-            cfg.postgres.user, cfg.postgres.host, cfg.postgres.port
-        )
-    })?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!("backup connection closed: {e}");
-        }
-    });
+    let mut req = crate::postgres::Request::from_config(cfg, password);
+    req.database = dbname.to_string();
+    let (client, _conn) = crate::postgres::session_as_synapse(&req)
+        .await
+        .with_context(|| {
+            format!(
+                "connecting to database {dbname} as {} on {}:{}; is PostgreSQL running (pg_lsclusters)?",
+                cfg.postgres.user, cfg.postgres.host, cfg.postgres.port
+            )
+        })?;
     Ok(client)
 }
 
