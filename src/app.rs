@@ -451,11 +451,7 @@ fn invite_handler(invite: Arc<crate::invite::Invite>) -> front::Handler {
                 );
             };
             let (parts, body) = invite
-                .serve(
-                    &parts.method,
-                    parts.uri.path(),
-                    http_body_util::Full::new(body),
-                )
+                .serve(&parts.method, parts.uri.path(), &body)
                 .await
                 .into_parts();
             http::Response::from_parts(parts, front::full_body(body))

@@ -14,7 +14,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{Method, Response, StatusCode, header};
-use http_body_util::BodyExt;
 use serde_json::json;
 
 use crate::config::{Config, https_url};
@@ -99,12 +98,9 @@ impl Invite {
         }
     }
 
-    /// Answers a request whose path is [`PATH`] or below it.
-    pub async fn serve<B>(&self, method: &Method, path: &str, body: B) -> Response<Bytes>
-    where
-        B: hyper::body::Body,
-        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    {
+    /// Answers a request whose path is [`PATH`] or below it; `body` was read whole by the
+    /// caller, at most [`MAX_BODY`] bytes.
+    pub async fn serve(&self, method: &Method, path: &str, body: &[u8]) -> Response<Bytes> {
         let rest = path.strip_prefix(PATH).unwrap_or(path);
         match (method, rest) {
             (&Method::GET | &Method::HEAD, "" | "/") => {
@@ -126,19 +122,8 @@ impl Invite {
     }
 
     /// `POST /invite/check {"token": T}` -> `{"state": "used"|"expired"|"unknown"}`.
-    async fn check<B>(&self, body: B) -> Response<Bytes>
-    where
-        B: hyper::body::Body,
-        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    {
-        let Ok(bytes) = http_body_util::Limited::new(body, MAX_BODY)
-            .collect()
-            .await
-            .map(|c| c.to_bytes())
-        else {
-            return plain(StatusCode::PAYLOAD_TOO_LARGE, "too large\n".into());
-        };
-        let token = serde_json::from_slice::<serde_json::Value>(&bytes)
+    async fn check(&self, body: &[u8]) -> Response<Bytes> {
+        let token = serde_json::from_slice::<serde_json::Value>(body)
             .ok()
             .and_then(|v| v["token"].as_str().map(str::to_string));
         let Some(token) = token.filter(|t| admin::valid_token(t)) else {
