@@ -124,7 +124,7 @@ impl Service {
             key_file: cfg.matrixrtc.api_key_file.clone().into(),
             secret_file: cfg.matrixrtc.api_secret_file.clone().into(),
             server_name: cfg.server_name.clone(),
-            synapse: Synapse::new(&format!("http://127.0.0.1:{}", cfg.synapse.port)),
+            synapse: Synapse::new(&cfg.synapse_local_url()),
             focus,
         })
     }
@@ -259,15 +259,10 @@ pub const NOT_CONFIGURED: &str = "group calls in Element X and Element Call need
 
 /// Group calls as `status --json` shows them (`matrixrtc`).
 pub fn status(cfg: &Config) -> Value {
-    let port = cfg
-        .listen
-        .https
-        .parse::<std::net::SocketAddr>()
-        .map_or(443, |a| a.port());
-    match cfg
-        .matrixrtc
-        .focus(&config::https_url(&cfg.hosts.matrix, port))
-    {
+    match cfg.matrixrtc.focus(&config::https_url(
+        &cfg.hosts.matrix,
+        cfg.public_https_port(),
+    )) {
         None => json!({"configured": false, "note": NOT_CONFIGURED}),
         Some(focus) => json!({
             "configured": true,
