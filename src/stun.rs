@@ -11,7 +11,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use tokio::net::UdpSocket;
 
 /// RFC 8489 §5: the magic cookie in every message.
-pub const MAGIC: u32 = 0x2112_A442;
+const MAGIC: u32 = 0x2112_A442;
 const BINDING_REQUEST: u16 = 0x0001;
 const BINDING_SUCCESS: u16 = 0x0101;
 const XOR_MAPPED_ADDRESS: u16 = 0x0020;
@@ -20,7 +20,7 @@ const MESSAGE_INTEGRITY: u16 = 0x0008;
 const ERROR_CODE: u16 = 0x0009;
 
 /// The class bits of a message type (RFC 8489 §5).
-pub const CLASS_MASK: u16 = 0x0110;
+const CLASS_MASK: u16 = 0x0110;
 pub const INDICATION: u16 = 0x0010;
 pub const SUCCESS: u16 = 0x0100;
 pub const ERROR: u16 = 0x0110;

@@ -75,37 +75,19 @@ impl Net {
             .expect("ring supports the default TLS versions")
             .with_root_certificates(trusted)
             .with_no_client_auth();
-        let mut net = Net {
+        Net {
             overrides: overrides.to_vec(),
             https_port: port_of(&cfg.listen.https, 443),
             federation_port: port_of(&cfg.listen.federation, 8448),
             system,
             internal,
-            http: reqwest::Client::new(),
+            http: http_client(&tls, overrides, &[]),
             tls,
-        };
-        net.http = net.client(&[]);
-        net
+        }
     }
 
-    /// An HTTP client trusting what a client of the appliance trusts, with the `--resolve`
-    /// overrides and then `extra` (a name sent to another address, e.g. an SRV target's).
     fn client(&self, extra: &[(&str, SocketAddr)]) -> reqwest::Client {
-        let mut b = reqwest::Client::builder()
-            .use_preconfigured_tls(self.tls.clone())
-            .no_proxy()
-            .user_agent(concat!("homelab-matrix-doctor/", env!("CARGO_PKG_VERSION")))
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(TIMEOUT)
-            .timeout(TIMEOUT);
-        for (name, ip) in &self.overrides {
-            // Port 0: the URL's port is used.
-            b = b.resolve(name, SocketAddr::new(*ip, 0));
-        }
-        for (name, addr) in extra {
-            b = b.resolve(name, *addr);
-        }
-        b.build().expect("building the doctor's HTTP client")
+        http_client(&self.tls, &self.overrides, extra)
     }
 
     /// A client whose requests for `name` go to `connect`'s addresses instead (server
@@ -288,4 +270,39 @@ pub async fn get_json(
 /// Is this a "cannot reach the internet" kind of error (DNS or connect failure, timeout)?
 pub fn offline(e: &reqwest::Error) -> bool {
     e.is_connect() || e.is_timeout()
+}
+
+/// An HTTP client trusting what a client of the appliance trusts (`tls`), with the
+/// `--resolve` overrides and then `extra` (a name sent to another address, e.g. an SRV
+/// target's).
+fn http_client(
+    tls: &rustls::ClientConfig,
+    overrides: &[(String, IpAddr)],
+    extra: &[(&str, SocketAddr)],
+) -> reqwest::Client {
+    let mut b = reqwest::Client::builder()
+        .use_preconfigured_tls(tls.clone())
+        .no_proxy()
+        .user_agent(concat!("homelab-matrix-doctor/", env!("CARGO_PKG_VERSION")))
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(TIMEOUT)
+        .timeout(TIMEOUT);
+    for (name, ip) in overrides {
+        // Port 0: the URL's port is used.
+        b = b.resolve(name, SocketAddr::new(*ip, 0));
+    }
+    for (name, addr) in extra {
+        b = b.resolve(name, *addr);
+    }
+    b.build().expect("building the doctor's HTTP client")
+}
+
+/// The any-address of `of`'s family, port 0: where a socket that talks to `of` binds.
+pub fn unspecified(of: SocketAddr) -> SocketAddr {
+    let ip = if of.is_ipv4() {
+        IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)
+    } else {
+        IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+    };
+    SocketAddr::new(ip, 0)
 }

@@ -6,7 +6,7 @@
 //! back through it. A minimal TURN client (RFC 8656 Allocate, CreatePermission, Send and Data
 //! indications over UDP; RFC 8489 long-term credentials) on src/stun.rs's codec.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -14,7 +14,7 @@ use md5::{Digest, Md5};
 use serde_json::Value;
 use tokio::net::UdpSocket;
 
-use super::net::get_json;
+use super::net::{get_json, unspecified};
 use super::{Check, Ctx};
 use crate::secrets::Secrets;
 use crate::stun::{Answer, ERROR, INDICATION, Msg, SUCCESS, new_id};
@@ -140,15 +140,6 @@ impl Session {
             let _ = exchange(&self.sock, &m, &id).await;
         }
     }
-}
-
-fn unspecified(of: SocketAddr) -> SocketAddr {
-    let ip = if of.is_ipv4() {
-        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
-    } else {
-        IpAddr::V6(Ipv6Addr::UNSPECIFIED)
-    };
-    SocketAddr::new(ip, 0)
 }
 
 /// Allocates a UDP relay on `server` with long-term credentials.
