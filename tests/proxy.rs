@@ -1599,3 +1599,127 @@ async fn one_address_cannot_take_every_place_to_synapse() {
     );
     let _ = d.stop.send(true);
 }
+
+/// An upstream for the long-poll client (`http::wire`): it answers `mode=chunked` with a
+/// chunked body written in pieces (and a trailer), and after `mode=drop-next` closes the
+/// connection on the next request without answering it, as a server closing a kept
+/// connection at the wrong moment does. It records each request's body.
+async fn long_poll_upstream() -> (
+    u16,
+    Arc<std::sync::atomic::AtomicUsize>,
+    Arc<Mutex<Vec<String>>>,
+) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let bodies = Arc::new(Mutex::new(vec![]));
+    let (a2, b2) = (accepted.clone(), bodies.clone());
+    tokio::spawn(async move {
+        loop {
+            let (mut sock, _) = l.accept().await.unwrap();
+            a2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let bodies = b2.clone();
+            tokio::spawn(async move {
+                let mut drop_next = false;
+                loop {
+                    let mut head = vec![];
+                    let mut b = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if sock.read(&mut b).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push(b[0]);
+                    }
+                    if drop_next {
+                        return;
+                    }
+                    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                    let len = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+                    let mut body = vec![0u8; len];
+                    sock.read_exact(&mut body).await.unwrap();
+                    bodies
+                        .lock()
+                        .unwrap()
+                        .push(String::from_utf8(body).unwrap());
+                    if head.contains("mode=chunked") {
+                        sock.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n")
+                            .await
+                            .unwrap();
+                        for piece in [
+                            &b"7\r\nhello, "[..],
+                            b"\r\n8;x=y\r\nchu",
+                            b"nked \r\n",
+                            b"5\r\nworld\r\n0\r\nX-Trailer: t\r\n\r\n",
+                        ] {
+                            sock.write_all(piece).await.unwrap();
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    } else {
+                        sock.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok")
+                            .await
+                            .unwrap();
+                    }
+                    drop_next = head.contains("mode=drop-next");
+                }
+            });
+        }
+    });
+    (port, accepted, bodies)
+}
+
+/// Long-polls go through the lean client (`http::wire`), not hyper's: bodies both ways arrive
+/// whole (a chunked answer in pieces, a sliding-sync POST body), kept connections are reused,
+/// and a request that meets a kept connection closing under it is sent again on a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_polls_stream_chunked_answers_reuse_connections_and_survive_a_closing_one() {
+    use http_body_util::BodyExt;
+    let (port, accepted, bodies) = long_poll_upstream().await;
+    let d = door(port, Limits::default(), "127.0.0.1").await;
+    let (mut h2, _) = common::h2_connect(d.https, HOST, &d.ca_pem).await;
+    let url = |p: &str| format!("https://{HOST}:{}{p}", d.https);
+    let mut send = async |req: http::Request<http_body_util::Full<bytes::Bytes>>| {
+        let resp = h2.send_request(req).await.unwrap();
+        let status = resp.status();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8(body.to_vec()).unwrap())
+    };
+    let msc4186 =
+        "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync?timeout=1000&mode=chunked";
+    let (st, body) = send(
+        http::Request::post(url(msc4186))
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                br#"{"lists":{}}"#,
+            )))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((st.as_u16(), body.as_str()), (200, "hello, chunked world"));
+    assert_eq!(bodies.lock().unwrap().last().unwrap(), r#"{"lists":{}}"#);
+    for _ in 0..3 {
+        let (st, body) = send(get(d.https, "/_matrix/client/v3/sync?timeout=1000")).await;
+        assert_eq!((st.as_u16(), body.as_str()), (200, "ok"));
+    }
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "four long-polls one after another did not reuse one upstream connection"
+    );
+    let (st, _) = send(get(
+        d.https,
+        "/_matrix/client/v3/sync?timeout=1000&mode=drop-next",
+    ))
+    .await;
+    assert_eq!(st, 200);
+    let (st, body) = send(get(d.https, "/_matrix/client/v3/sync?timeout=1000")).await;
+    assert_eq!(
+        (st.as_u16(), body.as_str()),
+        (200, "ok"),
+        "a long-poll whose kept connection closed under it was not sent again"
+    );
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+    let _ = d.stop.send(true);
+}

@@ -5,7 +5,8 @@
 //! - `router`: where a request goes, and the handler (with its layers) registered there;
 //! - `layers`: admin guard, forwarded headers, body limit, HSTS;
 //! - `handlers`: the small answers (well-known, ACME HTTP-01, landing page);
-//! - `proxy`: the handler that forwards to Synapse.
+//! - `proxy`: the handler that forwards to Synapse;
+//! - `wire`: the lean HTTP/1.1 client its long-polls go through.
 //!
 //! Nothing here imports a feature module: Element and the rest are registered by `app`.
 
@@ -14,6 +15,7 @@ pub mod layers;
 pub mod proxy;
 pub mod router;
 pub mod transport;
+pub mod wire;
 
 use std::future::Future;
 use std::net::IpAddr;

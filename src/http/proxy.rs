@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -22,12 +22,17 @@ use serde_json::json;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
 use super::layers::BodyLimit;
+use super::wire;
 use super::{Body, BoxError, Handler, Holding, Limits, full, handler, matrix_error};
 
 /// The longest long-poll `timeout` we wait out. Synapse itself sets no maximum (its
 /// `rest/client/sync.py` takes `timeout` as given); clients ask for 30 s (matrix-js-sdk,
 /// matrix-rust-sdk).
 const MAX_LONG_POLL: Duration = Duration::from_secs(600);
+
+/// Idle connections kept for long-polls: a /sync that returns is followed by the client's
+/// next one at once, so they are reused within milliseconds.
+const HELD_IDLE: usize = 256;
 
 /// Two classes of requests to Synapse, each with its own cap, per-address share, pool and
 /// connections: ordinary requests, which make Synapse work, and long-polls (`/sync` with a
@@ -37,15 +42,18 @@ const MAX_LONG_POLL: Duration = Duration::from_secs(600);
 /// out (or, capped low, refuse the clients); apart, each class is capped by what it costs.
 pub struct Upstream {
     ordinary: Class,
+    /// hyper's pooled client, for ordinary requests.
+    client: Client<CappedConnector, Body>,
     long_polls: Class,
+    /// A lean client for long-polls (see `wire`): what waits holds no buffers.
+    held: Arc<wire::Pool>,
     authority: http::uri::Authority,
     max_body: u64,
     timeout: Duration,
 }
 
-/// One class's client, cap and shares.
+/// One class's cap and shares.
 struct Class {
-    client: Client<CappedConnector, Body>,
     /// One permit per request in flight to Synapse.
     requests: Arc<Semaphore>,
     /// Requests in flight per client address, at most `share` each.
@@ -54,25 +62,8 @@ struct Class {
 }
 
 impl Class {
-    /// `cap` requests in flight and as many connections; `idle` of them kept open between
-    /// requests.
-    fn new(cap: usize, share: usize, idle: usize) -> Class {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        let connector = CappedConnector {
-            inner: connector,
-            slots: Arc::new(Semaphore::new(cap)),
-        };
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(idle)
-            .pool_timer(TokioTimer::new())
-            // We set Host ourselves, from the client's request.
-            .set_host(false)
-            .build(connector);
+    fn new(cap: usize, share: usize) -> Class {
         Class {
-            client,
             requests: Arc::new(Semaphore::new(cap)),
             per_addr: Arc::default(),
             share,
@@ -87,19 +78,37 @@ impl Class {
     }
 }
 
+/// hyper's pooled client with at most `cap` connections open, `idle` of them kept open
+/// between requests.
+fn pooled_client(cap: usize, idle: usize) -> Client<CappedConnector, Body> {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_secs(5)));
+    let connector = CappedConnector {
+        inner: connector,
+        slots: Arc::new(Semaphore::new(cap)),
+    };
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(idle)
+        .pool_timer(TokioTimer::new())
+        // We set Host ourselves, from the client's request.
+        .set_host(false)
+        .build(connector)
+}
+
 impl Upstream {
     pub fn new(port: u16, max_body: u64, limits: &Limits) -> Upstream {
+        let cap = limits.upstream_max_connections;
         Upstream {
+            ordinary: Class::new(cap, limits.upstream_share_per_addr()),
             // Half the places kept open between requests: 160 streams in flight (h2load
             // -c 16 -m 10) over 64 idle connections closed and reopened connections all the time.
-            ordinary: Class::new(
-                limits.upstream_max_connections,
-                limits.upstream_share_per_addr(),
-                limits.upstream_max_connections.div_ceil(2),
-            ),
+            client: pooled_client(cap, cap.div_ceil(2)),
             // As many long-polls as client connections (and per address, as many as one
             // address may hold connections): one /sync per client is what clients do.
-            long_polls: Class::new(limits.max_connections, limits.max_connections_per_ip, 256),
+            long_polls: Class::new(limits.max_connections, limits.max_connections_per_ip),
+            held: wire::Pool::new(SocketAddr::from(([127, 0, 0, 1], port)), HELD_IDLE),
             authority: format!("127.0.0.1:{port}")
                 .parse()
                 .expect("valid authority"),
@@ -150,6 +159,63 @@ impl Upstream {
         // hyper answers "100 Continue" to our client itself when it reads the body.
         parts.headers.remove(header::EXPECT);
 
+        let result = match wait {
+            Some(_) => self
+                .held
+                .send(parts, body, head_timeout)
+                .await
+                .map_err(|e| match e {
+                    wire::Error::TimedOut(_) => Failure::TimedOut,
+                    wire::Error::Body(e) if BodyLimit::caused(&*e) => Failure::TooLarge,
+                    e => Failure::Other(e.to_string()),
+                }),
+            None => self.pooled(parts, body, head_timeout).await,
+        };
+        match result {
+            Ok(resp) => {
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                parts.version = inbound_version;
+                // The request's place is held until its answer has gone through.
+                Response::from_parts(
+                    parts,
+                    Holding {
+                        body,
+                        _keep: permit,
+                    }
+                    .boxed(),
+                )
+            }
+            Err(Failure::TooLarge) => BodyLimit::too_large(self.max_body),
+            Err(Failure::TimedOut) => {
+                tracing::warn!(
+                    "Synapse did not answer {} within {head_timeout:?}",
+                    logged.path()
+                );
+                matrix_error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "M_UNKNOWN",
+                    "Synapse did not answer in time; try again in a moment",
+                )
+            }
+            Err(Failure::Other(e)) => {
+                tracing::warn!("proxying to Synapse: {e}");
+                matrix_error(
+                    StatusCode::BAD_GATEWAY,
+                    "M_UNKNOWN",
+                    "Synapse is not answering right now (it may be restarting); try again in a moment",
+                )
+            }
+        }
+    }
+
+    /// An ordinary request, through hyper's pooled client.
+    async fn pooled(
+        &self,
+        parts: http::request::Parts,
+        body: Body,
+        head_timeout: Duration,
+    ) -> Result<Response<Body>, Failure> {
         // The head timer starts once the request body is sent: a slow upload is not Synapse
         // being slow.
         let (body, sent) = if body.is_end_stream() {
@@ -165,55 +231,29 @@ impl Upstream {
                 Some(rx),
             )
         };
-        let upstream_req = Request::from_parts(parts, body);
-        let answer = class.client.request(upstream_req);
+        let answer = self.client.request(Request::from_parts(parts, body));
         let deadline = async {
             if let Some(sent) = sent {
                 let _ = sent.await;
             }
             tokio::time::sleep(head_timeout).await
         };
-        let result = tokio::select! {
-            r = answer => r,
-            () = deadline => {
-                tracing::warn!(
-                    "Synapse did not answer {} within {head_timeout:?}",
-                    logged.path()
-                );
-                return matrix_error(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "M_UNKNOWN",
-                    "Synapse did not answer in time; try again in a moment",
-                );
-            }
-        };
-        match result {
-            Ok(resp) => {
-                let (mut parts, body) = resp.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                parts.version = inbound_version;
-                let body = body.map_err(BoxError::from).boxed();
-                // The request's place is held until its answer has gone through.
-                Response::from_parts(
-                    parts,
-                    Holding {
-                        body,
-                        _keep: permit,
-                    }
-                    .boxed(),
-                )
-            }
-            Err(e) if BodyLimit::caused(&e) => BodyLimit::too_large(self.max_body),
-            Err(e) => {
-                tracing::warn!("proxying to Synapse: {e}");
-                matrix_error(
-                    StatusCode::BAD_GATEWAY,
-                    "M_UNKNOWN",
-                    "Synapse is not answering right now (it may be restarting); try again in a moment",
-                )
-            }
+        tokio::select! {
+            r = answer => match r {
+                Ok(resp) => Ok(resp.map(|b| b.map_err(BoxError::from).boxed())),
+                Err(e) if BodyLimit::caused(&e) => Err(Failure::TooLarge),
+                Err(e) => Err(Failure::Other(e.to_string())),
+            },
+            () = deadline => Err(Failure::TimedOut),
         }
     }
+}
+
+/// Why a request got no answer from Synapse.
+enum Failure {
+    TooLarge,
+    TimedOut,
+    Other(String),
 }
 
 /// How many requests in flight to Synapse one client address may hold: a quarter of the cap.
