@@ -4,50 +4,41 @@
 //! are layers in front of it (`layers::ForwardedHeaders`, `layers::BodyLimit`).
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
-use hyper::body::{Body as _, Frame};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use serde_json::json;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::layers::BodyLimit;
 use super::wire;
-use super::{Body, BoxError, Handler, Holding, Limits, full, handler, matrix_error};
+use super::{Body, Handler, Holding, Limits, full, handler, matrix_error};
 
 /// The longest long-poll `timeout` we wait out. Synapse itself sets no maximum (its
 /// `rest/client/sync.py` takes `timeout` as given); clients ask for 30 s (matrix-js-sdk,
 /// matrix-rust-sdk).
 const MAX_LONG_POLL: Duration = Duration::from_secs(600);
 
-/// Idle connections kept for long-polls: a /sync that returns is followed by the client's
-/// next one at once, so they are reused within milliseconds.
-const HELD_IDLE: usize = 256;
-
-/// Two classes of requests to Synapse, each with its own cap, per-address share, pool and
-/// connections: ordinary requests, which make Synapse work, and long-polls (`/sync` with a
-/// `timeout`), which mostly wait. A long-poll costs Synapse next to nothing while it waits
-/// (a listener on its notifier), but holds a request and a connection for its whole timeout:
-/// 5,000 idle clients are 5,000 long-polls. Under one cap they would lock ordinary requests
-/// out (or, capped low, refuse the clients); apart, each class is capped by what it costs.
+/// Two classes of requests to Synapse, each with its own cap and per-address share: ordinary
+/// requests, which make Synapse work, and long-polls (`/sync` with a `timeout`), which mostly
+/// wait. A long-poll costs Synapse next to nothing while it waits (a listener on its
+/// notifier), but holds a request and a connection for its whole timeout: 5,000 idle clients
+/// are 5,000 long-polls. Under one cap they would lock ordinary requests out (or, capped low,
+/// refuse the clients); apart, each class is capped by what it costs.
+///
+/// Both go through one `wire::Pool`: the exchange runs in the client's own task, with no
+/// connection task to hand the request to and back (hyper's pooled client does that; on the
+/// HTTP/1.1 path it cost about a fifth of the front door's CPU per request), and a waiting
+/// long-poll holds no buffer. A connection is open only for a request in flight or idle in
+/// the pool, so connections never outnumber the requests in flight plus the idle ones.
 pub struct Upstream {
     ordinary: Class,
-    /// hyper's pooled client, for ordinary requests.
-    client: Client<CappedConnector, Body>,
     long_polls: Class,
-    /// A lean client for long-polls (see `wire`): what waits holds no buffers.
-    held: Arc<wire::Pool>,
-    authority: http::uri::Authority,
+    pool: Arc<wire::Pool>,
     max_body: u64,
     timeout: Duration,
 }
@@ -78,40 +69,18 @@ impl Class {
     }
 }
 
-/// hyper's pooled client with at most `cap` connections open, `idle` of them kept open
-/// between requests.
-fn pooled_client(cap: usize, idle: usize) -> Client<CappedConnector, Body> {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(Duration::from_secs(5)));
-    let connector = CappedConnector {
-        inner: connector,
-        slots: Arc::new(Semaphore::new(cap)),
-    };
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(60))
-        .pool_max_idle_per_host(idle)
-        .pool_timer(TokioTimer::new())
-        // We set Host ourselves, from the client's request.
-        .set_host(false)
-        .build(connector)
-}
-
 impl Upstream {
     pub fn new(port: u16, max_body: u64, limits: &Limits) -> Upstream {
         let cap = limits.upstream_max_connections;
         Upstream {
             ordinary: Class::new(cap, limits.upstream_share_per_addr()),
-            // Half the places kept open between requests: 160 streams in flight (h2load
-            // -c 16 -m 10) over 64 idle connections closed and reopened connections all the time.
-            client: pooled_client(cap, cap.div_ceil(2)),
             // As many long-polls as client connections (and per address, as many as one
             // address may hold connections): one /sync per client is what clients do.
             long_polls: Class::new(limits.max_connections, limits.max_connections_per_ip),
-            held: wire::Pool::new(SocketAddr::from(([127, 0, 0, 1], port)), HELD_IDLE),
-            authority: format!("127.0.0.1:{port}")
-                .parse()
-                .expect("valid authority"),
+            // Half the ordinary places kept open between requests: 160 streams in flight
+            // (h2load -c 16 -m 10) over 64 idle connections closed and reopened connections
+            // all the time. A /sync that returns is followed by the client's next at once.
+            pool: wire::Pool::new(SocketAddr::from(([127, 0, 0, 1], port)), cap.div_ceil(2)),
             max_body,
             timeout: limits.upstream_timeout,
         }
@@ -140,37 +109,17 @@ impl Upstream {
         let (mut parts, body) = req.into_parts();
         let inbound_version = parts.version;
         let head_timeout = head_timeout(self.timeout, wait);
-        // The path and query exactly as received.
-        let pq = parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-        let logged = pq.clone();
-        parts.uri = Uri::builder()
-            .scheme("http")
-            .authority(self.authority.clone())
-            .path_and_query(pq)
-            .build()
-            .expect("valid upstream URI");
-        // Twisted speaks HTTP/1.1 only; an h2 request would fail on an h1 connection.
+        let uri = parts.uri.clone(); // for the log (a clone shares the bytes)
+        // Twisted speaks HTTP/1.1 only; the request line carries the path and query exactly
+        // as received (`wire` writes `uri.path_and_query()`).
         parts.version = Version::HTTP_11;
         strip_hop_by_hop(&mut parts.headers);
         // hyper answers "100 Continue" to our client itself when it reads the body.
         parts.headers.remove(header::EXPECT);
-
-        let result = match wait {
-            Some(_) => self
-                .held
-                .send(parts, body, head_timeout)
-                .await
-                .map_err(|e| match e {
-                    wire::Error::TimedOut(_) => Failure::TimedOut,
-                    wire::Error::Body(e) if BodyLimit::caused(&*e) => Failure::TooLarge,
-                    e => Failure::Other(e.to_string()),
-                }),
-            None => self.pooled(parts, body, head_timeout).await,
-        };
+        // Sent again on a fresh connection if a kept one closes under it: only what may be
+        // repeated (RFC 9110 §9.2.2), and /sync, which reads.
+        let resend = wait.is_some() || idempotent(&parts.method);
+        let result = self.pool.send(parts, body, head_timeout, resend).await;
         match result {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
@@ -186,11 +135,13 @@ impl Upstream {
                     .boxed(),
                 )
             }
-            Err(Failure::TooLarge) => BodyLimit::too_large(self.max_body),
-            Err(Failure::TimedOut) => {
+            Err(wire::Error::Body(e)) if BodyLimit::caused(&*e) => {
+                BodyLimit::too_large(self.max_body)
+            }
+            Err(wire::Error::TimedOut(_)) => {
                 tracing::warn!(
                     "Synapse did not answer {} within {head_timeout:?}",
-                    logged.path()
+                    uri.path()
                 );
                 matrix_error(
                     StatusCode::GATEWAY_TIMEOUT,
@@ -198,8 +149,8 @@ impl Upstream {
                     "Synapse did not answer in time; try again in a moment",
                 )
             }
-            Err(Failure::Other(e)) => {
-                tracing::warn!("proxying to Synapse: {e}");
+            Err(e) => {
+                tracing::warn!("proxying {} to Synapse: {e}", uri.path());
                 matrix_error(
                     StatusCode::BAD_GATEWAY,
                     "M_UNKNOWN",
@@ -208,52 +159,14 @@ impl Upstream {
             }
         }
     }
-
-    /// An ordinary request, through hyper's pooled client.
-    async fn pooled(
-        &self,
-        parts: http::request::Parts,
-        body: Body,
-        head_timeout: Duration,
-    ) -> Result<Response<Body>, Failure> {
-        // The head timer starts once the request body is sent: a slow upload is not Synapse
-        // being slow.
-        let (body, sent) = if body.is_end_stream() {
-            (body, None)
-        } else {
-            let (tx, rx) = oneshot::channel();
-            (
-                Notifying {
-                    body,
-                    done: Some(tx),
-                }
-                .boxed(),
-                Some(rx),
-            )
-        };
-        let answer = self.client.request(Request::from_parts(parts, body));
-        let deadline = async {
-            if let Some(sent) = sent {
-                let _ = sent.await;
-            }
-            tokio::time::sleep(head_timeout).await
-        };
-        tokio::select! {
-            r = answer => match r {
-                Ok(resp) => Ok(resp.map(|b| b.map_err(BoxError::from).boxed())),
-                Err(e) if BodyLimit::caused(&e) => Err(Failure::TooLarge),
-                Err(e) => Err(Failure::Other(e.to_string())),
-            },
-            () = deadline => Err(Failure::TimedOut),
-        }
-    }
 }
 
-/// Why a request got no answer from Synapse.
-enum Failure {
-    TooLarge,
-    TimedOut,
-    Other(String),
+/// RFC 9110 §9.2.2.
+fn idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS
+    )
 }
 
 /// How many requests in flight to Synapse one client address may hold: a quarter of the cap.
@@ -341,113 +254,6 @@ pub fn long_poll_wait(uri: &Uri) -> Option<Duration> {
 /// How long Synapse may take to start answering: `base`, plus a long-poll's wait.
 pub fn head_timeout(base: Duration, long_poll: Option<Duration>) -> Duration {
     base + long_poll.unwrap_or(Duration::ZERO)
-}
-
-/// A request body that says when it is done (sent in full, failed, or dropped).
-struct Notifying {
-    body: Body,
-    done: Option<oneshot::Sender<()>>,
-}
-
-impl hyper::body::Body for Notifying {
-    type Data = bytes::Bytes;
-    type Error = BoxError;
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let r = Pin::new(&mut self.body).poll_frame(cx);
-        if matches!(r, Poll::Ready(None | Some(Err(_)))) {
-            self.done.take();
-        }
-        r
-    }
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.body.size_hint()
-    }
-}
-
-/// Connects to Synapse with at most `slots` connections open at once: the permit lives in
-/// the connection and is given back when the socket closes, so requests that clients cancel
-/// (an HTTP/2 rapid reset) cannot pile up connections behind our back.
-#[derive(Clone)]
-pub struct CappedConnector {
-    inner: HttpConnector,
-    slots: Arc<Semaphore>,
-}
-
-impl tower_service::Service<Uri> for CappedConnector {
-    type Response = CappedIo;
-    type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<CappedIo, BoxError>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        tower_service::Service::<Uri>::poll_ready(&mut self.inner, cx).map_err(Into::into)
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let mut inner = self.inner.clone();
-        let slots = self.slots.clone();
-        Box::pin(async move {
-            let permit = slots.acquire_owned().await?;
-            let io = tower_service::Service::<Uri>::call(&mut inner, uri).await?;
-            Ok(CappedIo {
-                io,
-                _permit: permit,
-            })
-        })
-    }
-}
-
-/// A connection to Synapse holding its place under the cap.
-pub struct CappedIo {
-    io: TokioIo<tokio::net::TcpStream>,
-    _permit: OwnedSemaphorePermit,
-}
-
-impl Connection for CappedIo {
-    fn connected(&self) -> Connected {
-        self.io.connected()
-    }
-}
-
-impl hyper::rt::Read for CappedIo {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl hyper::rt::Write for CappedIo {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
 }
 
 /// RFC 9110 §7.6.1: Connection and the fields it names are for one hop only, as are the

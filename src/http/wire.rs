@@ -75,12 +75,15 @@ impl Pool {
 
     /// Sends the request and returns the answer once its head is in, or
     /// [`Error::TimedOut`] when that takes longer than `head_timeout` after the request was
-    /// sent in full. The answer's body reads from the connection as it is polled.
+    /// sent in full. The answer's body reads from the connection as it is polled. With
+    /// `resend`, a request that meets a kept connection closing under it goes again on a new
+    /// one; the caller says whether the request may be repeated.
     pub async fn send(
         self: &Arc<Self>,
         parts: request::Parts,
         body: Body,
         head_timeout: Duration,
+        resend: bool,
     ) -> Result<Response<Body>, Error> {
         let mut outgoing = Outgoing::read(body).await?;
         let head = encode_head(&parts, &outgoing);
@@ -104,7 +107,9 @@ impl Pool {
             {
                 // Synapse closed a kept connection as we reused it: once more on a new one
                 // (nothing of the request was processed; RFC 9110 §9.2.2 allows the retry).
-                Err(Error::Closed | Error::Io(_)) if reused && outgoing.replayable() => continue,
+                Err(Error::Closed | Error::Io(_)) if reused && resend && outgoing.replayable() => {
+                    continue;
+                }
                 r => return r,
             }
         }
@@ -170,10 +175,16 @@ impl Pool {
 }
 
 /// The request body: read whole when small (and then sent again if need be), else streamed
-/// after what was read of it.
+/// after what was read of it, with the length the client declared if it did.
 enum Outgoing {
     Whole(Bytes),
-    Streaming { read: Bytes, rest: Option<Body> },
+    Streaming {
+        read: Bytes,
+        rest: Option<Body>,
+        /// The client's Content-Length (Synapse's media upload refuses a body without one:
+        /// 411), else None and the body goes chunked.
+        declared: Option<u64>,
+    },
 }
 
 impl Outgoing {
@@ -181,6 +192,7 @@ impl Outgoing {
         if body.is_end_stream() {
             return Ok(Outgoing::Whole(Bytes::new()));
         }
+        let declared = body.size_hint().exact();
         let mut buf = BytesMut::new();
         while let Some(frame) = body.frame().await {
             if let Ok(data) = frame.map_err(Error::Body)?.into_data() {
@@ -189,6 +201,7 @@ impl Outgoing {
                     return Ok(Outgoing::Streaming {
                         read: buf.freeze(),
                         rest: Some(body),
+                        declared,
                     });
                 }
             }
@@ -200,8 +213,8 @@ impl Outgoing {
         matches!(self, Outgoing::Whole(_))
     }
 
-    /// Writes the head and the body. A streamed body goes chunked (RFC 9112 §7.1): its
-    /// length is not known.
+    /// Writes the head and the body. A streamed body of unknown length goes chunked
+    /// (RFC 9112 §7.1).
     async fn write(&mut self, s: &mut TcpStream, head: &[u8]) -> Result<(), Error> {
         match self {
             Outgoing::Whole(body) => {
@@ -210,20 +223,35 @@ impl Outgoing {
                 out.extend_from_slice(body);
                 s.write_all(&out).await?;
             }
-            Outgoing::Streaming { read, rest } => {
+            Outgoing::Streaming {
+                read,
+                rest,
+                declared,
+            } => {
+                let chunked = declared.is_none();
                 s.write_all(head).await?;
-                write_chunk(s, read).await?;
+                write_data(s, read, chunked).await?;
                 let mut body = rest.take().ok_or(Error::Closed)?;
                 while let Some(frame) = body.frame().await {
                     if let Ok(data) = frame.map_err(Error::Body)?.into_data() {
-                        write_chunk(s, &data).await?;
+                        write_data(s, &data, chunked).await?;
                     }
                 }
-                s.write_all(b"0\r\n\r\n").await?;
+                if chunked {
+                    s.write_all(b"0\r\n\r\n").await?;
+                }
             }
         }
         Ok(())
     }
+}
+
+/// Body bytes, as they are or as one chunk.
+async fn write_data(s: &mut TcpStream, data: &[u8], chunked: bool) -> io::Result<()> {
+    if !chunked {
+        return s.write_all(data).await;
+    }
+    write_chunk(s, data).await
 }
 
 async fn write_chunk(s: &mut TcpStream, data: &[u8]) -> io::Result<()> {
@@ -263,7 +291,12 @@ fn encode_head(parts: &request::Parts, body: &Outgoing) -> Vec<u8> {
         Outgoing::Whole(b) => {
             out.extend_from_slice(format!("content-length: {}\r\n", b.len()).as_bytes())
         }
-        Outgoing::Streaming { .. } => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        Outgoing::Streaming {
+            declared: Some(n), ..
+        } => out.extend_from_slice(format!("content-length: {n}\r\n").as_bytes()),
+        Outgoing::Streaming { declared: None, .. } => {
+            out.extend_from_slice(b"transfer-encoding: chunked\r\n")
+        }
     }
     out.extend_from_slice(b"\r\n");
     out
