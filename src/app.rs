@@ -20,7 +20,7 @@ use crate::alerts::{self, Alerts};
 use crate::bot::{self, Bot};
 use crate::certs::ca::InternalCa;
 use crate::certs::{Cert, CertStore, Source, unix};
-use crate::config::{self, Config, ConfigError};
+use crate::config::{self, Config, ConfigError, TlsMode};
 use crate::control::{self, Status};
 use crate::element::{self, Element};
 use crate::fsutil::{Owner, ensure_dir};
@@ -120,7 +120,7 @@ pub async fn run(config_path: &Path) -> Result<(), RunError> {
     );
     let tls = crate::tls::acceptor(certs.clone());
     let front_task = tokio::spawn(front.serve(bound, tls, limits, stop_rx.clone(), DRAIN));
-    let acme = (cfg.tls.mode == "acme").then(|| {
+    let acme = (cfg.tls.mode() == TlsMode::Acme).then(|| {
         let a = Acme::new(acme_settings(&cfg), &state.join("acme"), certs.clone());
         for name in cfg.served_names() {
             tokio::spawn(a.clone().maintain(name, stop_rx.clone()));
@@ -638,7 +638,7 @@ async fn reload(app: &App) -> ReloadReport {
             report.fail(format!("Element's config.json stays as it was: {e:#}"));
         }
     }
-    if app.cfg.tls.mode == "files" {
+    if app.cfg.tls.mode() == TlsMode::Files {
         let now = std::time::SystemTime::now();
         for name in app.cfg.served_names() {
             match load_files(&app.cfg, &name) {
@@ -665,7 +665,7 @@ async fn reload(app: &App) -> ReloadReport {
     } else {
         report.note(format!(
             "certificates: tls.mode is {:?}, no certificate files to reload",
-            app.cfg.tls.mode
+            app.cfg.tls.mode().as_str()
         ));
     }
     let result: Result<bool> = async {
@@ -740,7 +740,7 @@ impl App {
             synapse_url: self.cfg.synapse_local_url(),
             url: self.base_url(&self.cfg.hosts.matrix),
             element_url: self.base_url(&self.cfg.hosts.element),
-            tls_mode: self.cfg.tls.mode.clone(),
+            tls_mode: self.cfg.tls.mode().as_str().to_owned(),
             ca_root: self.ca.root_path.display().to_string(),
             turn_uris: if self.cfg.turn.enabled {
                 crate::coturn::uris(&self.cfg)
@@ -783,10 +783,10 @@ fn load_certificates(cfg: &Config) -> Result<(Arc<CertStore>, InternalCa)> {
     let ca = InternalCa::load_or_create(&state.join("ca"), &cfg.server_name)?;
     let now = std::time::SystemTime::now();
     for name in cfg.served_names() {
-        let loaded = match cfg.tls.mode.as_str() {
-            "acme" => store.load_saved(&name, Source::Acme),
-            "files" => load_files(cfg, &name),
-            _ => None,
+        let loaded = match cfg.tls.mode() {
+            TlsMode::Acme => store.load_saved(&name, Source::Acme),
+            TlsMode::Files => load_files(cfg, &name),
+            TlsMode::Internal => None,
         };
         match loaded {
             Some(Ok(c)) if c.remaining(now) > Duration::ZERO => {
@@ -795,7 +795,7 @@ fn load_certificates(cfg: &Config) -> Result<(Arc<CertStore>, InternalCa)> {
             }
             Some(Ok(_)) => tracing::warn!(name = %name, "the saved certificate has expired"),
             Some(Err(e)) => tracing::error!(name = %name, "{e:#}"),
-            None if cfg.tls.mode == "files" => tracing::warn!(
+            None if cfg.tls.mode() == TlsMode::Files => tracing::warn!(
                 name = %name,
                 "no certificate files in {}/{name}/ (fullchain.pem, privkey.pem); serving one from the internal CA",
                 cfg.tls.files_dir

@@ -643,7 +643,7 @@ fn print_backup(cfg: &Config, last: Option<&crate::backup::schedule::Last>, now:
         ),
         None if cfg.backup.enabled => println!(
             "BACKUP: none yet; the first daily one runs at {} UTC (or run `homelab-matrix backup`)",
-            cfg.backup.time
+            cfg.backup.time.text()
         ),
         None => println!("BACKUP: off (backup.enabled = false) and none made"),
     }

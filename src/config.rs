@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::units::{parse_duration, parse_size};
+mod setting;
+pub use setting::{Network, Parse, Setting, Size, TimeOfDay, TlsMode};
 
 pub const DEFAULT_PATH: &str = "/etc/homelab-matrix/homelab-matrix.toml";
 pub const EXAMPLE_PATH: &str = "/usr/share/doc/homelab-matrix/homelab-matrix.toml.example";
@@ -46,24 +47,24 @@ pub struct Hosts {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default)]
 pub struct Listen {
-    pub http: String,
-    pub https: String,
-    pub federation: String,
+    pub http: Setting<SocketAddr>,
+    pub https: Setting<SocketAddr>,
+    pub federation: Setting<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default)]
 pub struct Tls {
-    pub mode: String,
+    pub mode: Setting<TlsMode>,
     pub acme_email: String,
     pub acme_directory: String,
     pub acme_ca_roots: Vec<String>,
     pub challenges: Vec<String>,
     /// The deadline of one request to the ACME server, its answer included.
-    pub acme_timeout: String,
+    pub acme_timeout: Setting<Duration>,
     /// How often a waiting certificate task looks at its schedule again; the renewal time
     /// itself is drawn once per certificate and stored.
-    pub acme_check_interval: String,
+    pub acme_check_interval: Setting<Duration>,
     /// `mode = "files"`: `<files_dir>/<host>/fullchain.pem` and `privkey.pem` per host.
     pub files_dir: String,
 }
@@ -72,44 +73,44 @@ pub struct Tls {
 #[serde(default)]
 pub struct Http {
     /// Networks (CIDR) besides loopback that may reach `/_synapse/admin`.
-    pub admin_allow: Vec<String>,
+    pub admin_allow: Vec<Setting<Network>>,
     /// A client connection with no request in flight for this long is closed.
-    pub idle_timeout: String,
+    pub idle_timeout: Setting<Duration>,
     /// An HTTP/1.x request head, once begun, must arrive within this (slowloris guard).
-    pub header_timeout: String,
+    pub header_timeout: Setting<Duration>,
     /// Requests in flight to Synapse, and connections to it; past it clients get 503.
     pub upstream_max_connections: usize,
     /// How long Synapse may take to start answering (long-polls add their `timeout`).
-    pub upstream_timeout: String,
+    pub upstream_timeout: Setting<Duration>,
 }
 
 impl Default for Http {
     fn default() -> Self {
         Http {
             admin_allow: vec![],
-            idle_timeout: "180s".into(),
-            header_timeout: "30s".into(),
+            idle_timeout: Setting::new("180s"),
+            header_timeout: Setting::new("30s"),
             upstream_max_connections: 512,
-            upstream_timeout: "180s".into(),
+            upstream_timeout: Setting::new("180s"),
         }
     }
 }
 
 impl Http {
     pub fn idle_timeout(&self) -> Duration {
-        parse_duration(&self.idle_timeout).expect("validated in Config::validate")
+        self.idle_timeout.v()
     }
     pub fn header_timeout(&self) -> Duration {
-        parse_duration(&self.header_timeout).expect("validated in Config::validate")
+        self.header_timeout.v()
     }
     pub fn upstream_timeout(&self) -> Duration {
-        parse_duration(&self.upstream_timeout).expect("validated in Config::validate")
+        self.upstream_timeout.v()
     }
     /// `admin_allow` as (network, prefix length) pairs.
     pub fn admin_networks(&self) -> Vec<(IpAddr, u8)> {
         self.admin_allow
             .iter()
-            .filter_map(|n| parse_cidr(n))
+            .map(|n| (n.v().addr, n.v().prefix))
             .collect()
     }
 }
@@ -120,7 +121,7 @@ pub struct Synapse {
     pub python: String,
     pub user: String,
     pub port: u16,
-    pub max_upload_size: String,
+    pub max_upload_size: Setting<Size>,
     pub presence: bool,
     /// Operator's own Synapse YAML, applied after ours (later files win, whole top-level keys).
     pub config_dir: String,
@@ -165,7 +166,7 @@ pub struct Turn {
 pub struct Element {
     pub auto_update: bool,
     pub release_url: String,
-    pub check_interval: String,
+    pub check_interval: Setting<Duration>,
     /// Where the Element release key is fetched from when the build did not bundle it; its
     /// fingerprint is pinned in the binary whatever the source.
     pub release_key_url: String,
@@ -275,7 +276,7 @@ impl MatrixRtc {
 #[serde(default)]
 pub struct Supervisor {
     /// How long a child may take to stop after its stop signal before it is killed.
-    pub grace_period: String,
+    pub grace_period: Setting<Duration>,
 }
 
 /// Backups (README "Backups"): one file a day, verified, kept 7 daily and 4 weekly.
@@ -287,7 +288,7 @@ pub struct Backup {
     /// Where backup files go (root 0700, files 0600).
     pub dir: String,
     /// Time of day (UTC, HH:MM) of the daily backup.
-    pub time: String,
+    pub time: Setting<TimeOfDay>,
     pub keep_daily: u32,
     pub keep_weekly: u32,
     /// A restic repository (a path, sftp:, s3:, rest: ...) that gets a copy of each daily backup;
@@ -302,7 +303,7 @@ impl Default for Backup {
         Backup {
             enabled: true,
             dir: "/var/backups/homelab-matrix".into(),
-            time: "03:30".into(),
+            time: Setting::new("03:30"),
             keep_daily: 7,
             keep_weekly: 4,
             repository: String::new(),
@@ -312,39 +313,38 @@ impl Default for Backup {
 }
 
 impl Backup {
-    /// Minutes after midnight UTC of `time`, validated in Config::validate.
+    /// Minutes after midnight UTC of `time`.
     pub fn minute_of_day(&self) -> u32 {
-        parse_hh_mm(&self.time).expect("validated in Config::validate")
+        self.time.v().0
     }
-}
-
-/// `HH:MM` (24 hours) as minutes after midnight.
-fn parse_hh_mm(s: &str) -> Option<u32> {
-    let (h, m) = s.split_once(':')?;
-    let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
-    (h < 24 && m < 60 && s.len() == 5).then_some(h * 60 + m)
 }
 
 impl Default for Listen {
     fn default() -> Self {
         Listen {
-            http: "[::]:80".into(),
-            https: "[::]:443".into(),
-            federation: "[::]:8448".into(),
+            http: Setting::new("[::]:80"),
+            https: Setting::new("[::]:443"),
+            federation: Setting::new("[::]:8448"),
         }
+    }
+}
+
+impl Tls {
+    pub fn mode(&self) -> TlsMode {
+        self.mode.v()
     }
 }
 
 impl Default for Tls {
     fn default() -> Self {
         Tls {
-            mode: "acme".into(),
+            mode: Setting::new("acme"),
             acme_email: String::new(),
             acme_directory: "https://acme-v02.api.letsencrypt.org/directory".into(),
             acme_ca_roots: vec![],
             challenges: vec!["http-01".into(), "tls-alpn-01".into()],
-            acme_timeout: "30s".into(),
-            acme_check_interval: "1h".into(),
+            acme_timeout: Setting::new("30s"),
+            acme_check_interval: Setting::new("1h"),
             files_dir: "/etc/homelab-matrix/tls".into(),
         }
     }
@@ -356,7 +356,7 @@ impl Default for Synapse {
             python: "/opt/venvs/matrix-synapse/bin/python".into(),
             user: "matrix-synapse".into(),
             port: 8008,
-            max_upload_size: "50M".into(),
+            max_upload_size: Setting::new("50M"),
             presence: false,
             config_dir: "/etc/homelab-matrix/synapse.d".into(),
         }
@@ -402,7 +402,7 @@ impl Default for Element {
             auto_update: true,
             release_url: "https://api.github.com/repos/element-hq/element-web/releases/latest"
                 .into(),
-            check_interval: "6h".into(),
+            check_interval: Setting::new("6h"),
             release_key_url: "https://packages.element.io/element-release-key.asc".into(),
             test_release_key: String::new(),
             test_mode: false,
@@ -433,7 +433,7 @@ impl Default for State {
 impl Default for Supervisor {
     fn default() -> Self {
         Supervisor {
-            grace_period: "30s".into(),
+            grace_period: Setting::new("30s"),
         }
     }
 }
@@ -574,16 +574,16 @@ impl Config {
             ("listen.https", &self.listen.https),
             ("listen.federation", &self.listen.federation),
         ] {
-            if v.parse::<SocketAddr>().is_err() {
+            if let Some(e) = v.problem() {
                 bad(
                     key,
-                    format!("{v:?} is not an address with a port"),
+                    e.into(),
                     "write it like \"[::]:443\" (all addresses) or \"127.0.0.1:8443\"",
                 );
             }
         }
-        match self.tls.mode.as_str() {
-            "acme" => {
+        match self.tls.mode.value() {
+            Some(TlsMode::Acme) => {
                 if !self.tls.acme_email.is_empty() && !self.tls.acme_email.contains('@') {
                     bad(
                         "tls.acme_email",
@@ -599,10 +599,10 @@ impl Config {
                     );
                 }
             }
-            "internal" | "files" => {}
-            other => bad(
+            Some(TlsMode::Internal | TlsMode::Files) => {}
+            None => bad(
                 "tls.mode",
-                format!("{other:?} is not a TLS mode"),
+                self.tls.mode.problem().unwrap_or_default().into(),
                 "use \"acme\" (public certificates), \"internal\" (a local CA, for a LAN) or \"files\" (your own certificates)",
             ),
         }
@@ -646,19 +646,19 @@ impl Config {
                 "1h",
             ),
         ] {
-            match parse_duration(v) {
-                Ok(d) if d.is_zero() => {
+            match (v.value(), v.problem()) {
+                (Some(d), _) if d.is_zero() => {
                     bad(key, "is 0".into(), &format!("write it like \"{example}\""))
                 }
-                Ok(_) => {}
-                Err(e) => bad(key, e, &format!("write it like \"{example}\"")),
+                (_, Some(e)) => bad(key, e.into(), &format!("write it like \"{example}\"")),
+                _ => {}
             }
         }
         for (i, net) in self.http.admin_allow.iter().enumerate() {
-            if parse_cidr(net).is_none() {
+            if let Some(e) = net.problem() {
                 bad(
                     &format!("http.admin_allow[{i}]"),
-                    format!("{net:?} is not a network"),
+                    e.into(),
                     "write a network in CIDR form, e.g. \"192.168.1.0/24\" or \"fd00::/8\"",
                 );
             }
@@ -668,14 +668,14 @@ impl Config {
             ("http.header_timeout", &self.http.header_timeout),
             ("http.upstream_timeout", &self.http.upstream_timeout),
         ] {
-            match parse_duration(v) {
-                Err(e) => bad(key, e, "write it like \"180s\" or \"3m\""),
-                Ok(d) if d.is_zero() => bad(
+            match (v.value(), v.problem()) {
+                (_, Some(e)) => bad(key, e.into(), "write it like \"180s\" or \"3m\""),
+                (Some(d), _) if d.is_zero() => bad(
                     key,
                     "0 would close every connection".into(),
                     "give a duration of at least a second, e.g. \"30s\"",
                 ),
-                Ok(_) => {}
+                _ => {}
             }
         }
         if self.http.upstream_max_connections == 0 {
@@ -755,8 +755,12 @@ impl Config {
                 "name a public STUN server, e.g. \"stun.l.google.com:19302\"",
             );
         }
-        if let Err(e) = parse_size(&self.synapse.max_upload_size) {
-            bad("synapse.max_upload_size", e, "write a size like \"50M\"");
+        if let Some(e) = self.synapse.max_upload_size.problem() {
+            bad(
+                "synapse.max_upload_size",
+                e.into(),
+                "write a size like \"50M\"",
+            );
         }
         for (key, v) in [
             ("synapse.config_dir", &self.synapse.config_dir),
@@ -846,16 +850,16 @@ impl Config {
                 "remove element.test_release_key; in a test setup, also set element.test_mode = true",
             );
         }
-        if let Err(e) = parse_duration(&self.element.check_interval) {
-            bad("element.check_interval", e, "write it like \"6h\"");
+        if let Some(e) = self.element.check_interval.problem() {
+            bad("element.check_interval", e.into(), "write it like \"6h\"");
         }
-        if let Err(e) = parse_duration(&self.supervisor.grace_period) {
-            bad("supervisor.grace_period", e, "write it like \"30s\"");
+        if let Some(e) = self.supervisor.grace_period.problem() {
+            bad("supervisor.grace_period", e.into(), "write it like \"30s\"");
         }
-        if parse_hh_mm(&self.backup.time).is_none() {
+        if let Some(e) = self.backup.time.problem() {
             bad(
                 "backup.time",
-                format!("{:?} is not a time of day", self.backup.time),
+                e.into(),
                 "write it as HH:MM in UTC, e.g. \"03:30\"",
             );
         }
@@ -944,19 +948,19 @@ impl Config {
     }
 
     pub fn max_upload_bytes(&self) -> u64 {
-        parse_size(&self.synapse.max_upload_size).expect("validated in Config::validate")
+        self.synapse.max_upload_size.v().0
     }
 
     pub fn acme_timeout(&self) -> Duration {
-        parse_duration(&self.tls.acme_timeout).expect("validated in Config::validate")
+        self.tls.acme_timeout.v()
     }
 
     pub fn acme_check_interval(&self) -> Duration {
-        parse_duration(&self.tls.acme_check_interval).expect("validated in Config::validate")
+        self.tls.acme_check_interval.v()
     }
 
     pub fn grace_period(&self) -> Duration {
-        parse_duration(&self.supervisor.grace_period).expect("validated in Config::validate")
+        self.supervisor.grace_period.v()
     }
 
     /// `http://127.0.0.1:<port>`: Synapse's plain listener, reachable only from this host.
@@ -964,12 +968,9 @@ impl Config {
         format!("http://127.0.0.1:{}", self.synapse.port)
     }
 
-    /// The port of `listen.https` (443 when it names none): what links to this server use.
+    /// The port of `listen.https`: what links to this server use.
     pub fn public_https_port(&self) -> u16 {
-        self.listen
-            .https
-            .parse::<std::net::SocketAddr>()
-            .map_or(443, |a| a.port())
+        self.listen.https.v().port()
     }
 }
 
@@ -1203,14 +1204,6 @@ pub fn is_mxid(s: &str) -> bool {
         .is_some_and(|(local, server)| !local.is_empty() && !server.is_empty())
 }
 
-pub fn parse_cidr(s: &str) -> Option<(IpAddr, u8)> {
-    let (addr, len) = s.split_once('/')?;
-    let addr: IpAddr = addr.parse().ok()?;
-    let len: u8 = len.parse().ok()?;
-    let max = if addr.is_ipv4() { 32 } else { 128 };
-    (len <= max).then_some((addr, len))
-}
-
 /// The first line of a key file, trimmed; None when it cannot be read or is empty.
 pub fn first_line(path: &Path) -> Option<String> {
     let text = std::fs::read_to_string(path).ok()?;
@@ -1373,11 +1366,45 @@ x = 1
         assert_eq!(p[0].key, "server_name");
     }
 
+    /// Typed values (`Setting`) are parsed once, at load, and every bad one is reported with
+    /// the rest, not only serde's first.
     #[test]
-    fn cidrs() {
-        assert!(parse_cidr("192.168.1.0/24").is_some());
-        assert!(parse_cidr("fd00::/8").is_some());
-        assert!(parse_cidr("10.0.0.0/33").is_none());
-        assert!(parse_cidr("10.0.0.0").is_none());
+    fn every_bad_typed_value_is_reported_at_once_and_good_ones_come_typed() {
+        let text = r#"
+server_name = "example.com"
+[listen]
+https = "443"
+[http]
+idle_timeout = "3 minutes"
+admin_allow = ["192.168.1.0/24", "10.0.0.0/33"]
+[backup]
+time = "3:30"
+[supervisor]
+grace_period = "30"
+"#;
+        let p = Config::from_toml(text).unwrap_err();
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "listen.https",
+                "http.admin_allow[1]",
+                "http.idle_timeout",
+                "supervisor.grace_period",
+                "backup.time"
+            ]
+        );
+        let c = Config::from_toml(
+            "server_name = \"example.com\"\n[listen]\nhttps = \"127.0.0.1:8443\"\n[http]\nidle_timeout = \"3m\"\nadmin_allow = [\"fd00::/8\"]\n[tls]\nmode = \"files\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.public_https_port(), 8443);
+        assert_eq!(c.http.idle_timeout(), Duration::from_secs(180));
+        assert_eq!(
+            c.http.admin_networks(),
+            ["fd00::".parse::<IpAddr>().map(|a| (a, 8)).unwrap()]
+        );
+        assert_eq!(c.tls.mode(), TlsMode::Files);
+        assert_eq!(c.backup.minute_of_day(), 210);
     }
 }

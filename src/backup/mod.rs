@@ -212,7 +212,7 @@ fn add_config<W: Write>(w: &mut Writer<W>, cfg: &Config, config_path: &Path) -> 
         (&cfg.synapse.config_dir, restore::SYNAPSE_D),
         (&cfg.tls.files_dir, restore::TLS_FILES),
     ] {
-        if prefix == restore::TLS_FILES && cfg.tls.mode != "files" {
+        if prefix == restore::TLS_FILES && cfg.tls.mode() != crate::config::TlsMode::Files {
             continue;
         }
         let p = Path::new(path);

@@ -39,11 +39,8 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-pub fn port_of(listen: &str, default: u16) -> u16 {
-    listen
-        .parse::<SocketAddr>()
-        .map(|a| a.port())
-        .unwrap_or(default)
+pub fn port_of(listen: &crate::config::Setting<SocketAddr>, default: u16) -> u16 {
+    listen.value().map_or(default, |a| a.port())
 }
 
 fn load_roots(path: &std::path::Path) -> RootCertStore {
@@ -65,7 +62,7 @@ impl Net {
             .map(|s| (root_path, s));
         // What the doctor's HTTP requests trust: what a client of this appliance trusts.
         let mut trusted = (*system).clone();
-        if cfg.tls.mode == "internal"
+        if cfg.tls.mode() == crate::config::TlsMode::Internal
             && let Some((_, s)) = &internal
         {
             trusted.roots.extend(s.roots.iter().cloned());

@@ -232,7 +232,7 @@ pub async fn clock(ctx: &Ctx<'_>) -> Check {
     const NAME: &str = "clock";
     // The ACME CA when we use one, else the remote server: an NTP-free estimate from the
     // Date header (one second resolution, plus the round trip).
-    let url = if ctx.cfg.tls.mode == "acme" {
+    let url = if ctx.cfg.tls.mode() == crate::config::TlsMode::Acme {
         ctx.cfg.tls.acme_directory.clone()
     } else {
         format!("https://{}/", ctx.opts.remote)

@@ -82,7 +82,7 @@ async fn one(ctx: &Ctx<'_>, name: &str) -> Check {
     };
     let days = (crate::units::unix(l.not_after) as i64 - now_secs() as i64) / 86_400;
     let (state, last_error) = renewal(&ctx.status, name);
-    let mode = ctx.cfg.tls.mode.as_str();
+    let mode = ctx.cfg.tls.mode().as_str();
     let fix_source = match mode {
         "files" => format!(
             "put a certificate for {name} in {}/{name}/fullchain.pem (with privkey.pem) and run `homelab-matrix reload`",

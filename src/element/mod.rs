@@ -159,8 +159,7 @@ impl Element {
             test_key: (test_mode && !cfg.element.test_release_key.is_empty())
                 .then(|| PathBuf::from(&cfg.element.test_release_key)),
             auto_update: cfg.element.auto_update,
-            interval: crate::units::parse_duration(&cfg.element.check_interval)
-                .unwrap_or(Duration::from_secs(6 * 3600)),
+            interval: cfg.element.check_interval.v(),
             overrides_path,
             client,
             current: ArcSwapOption::empty(),

@@ -179,8 +179,8 @@ impl Bound {
     }
 }
 
-async fn bind(addr: &str, key: &str) -> Result<TcpListener> {
-    let sa: SocketAddr = addr.parse().with_context(|| format!("{key} = {addr:?}"))?;
+async fn bind(addr: &crate::config::Setting<SocketAddr>, key: &str) -> Result<TcpListener> {
+    let sa = addr.v();
     match TcpListener::bind(sa).await {
         Ok(l) => Ok(l),
         // A host without IPv6: "[::]:443" falls back to all IPv4 addresses.

@@ -97,7 +97,7 @@ pub fn homeserver_config(cfg: &Config, l: &Layout) -> Value {
         "pid_file": l.pid_file().display().to_string(),
         "signing_key_path": l.signing_key().display().to_string(),
         "media_store_path": l.media_store().display().to_string(),
-        "max_upload_size": cfg.synapse.max_upload_size,
+        "max_upload_size": cfg.synapse.max_upload_size.text(),
         "log_config": l.log_yaml().display().to_string(),
         // Only the front door talks to Synapse, so it listens on loopback and trusts
         // X-Forwarded-For (Synapse docs/reverse_proxy.md).
