@@ -126,34 +126,56 @@ pub fn under(path: &str, prefix: &str) -> bool {
 /// https; `Host` is the client's, which Synapse uses for nothing but is kept honest.
 pub struct ForwardedHeaders;
 
-const CLAIMS: [&str; 6] = [
-    "x-forwarded-for",
-    "x-forwarded-proto",
-    "x-forwarded-host",
-    "x-forwarded-port",
-    "forwarded",
-    "x-real-ip",
+const CLAIMS: [HeaderName; 6] = [
+    HeaderName::from_static("x-forwarded-for"),
+    HeaderName::from_static("x-forwarded-proto"),
+    HeaderName::from_static("x-forwarded-host"),
+    HeaderName::from_static("x-forwarded-port"),
+    HeaderName::from_static("forwarded"),
+    HeaderName::from_static("x-real-ip"),
 ];
 
 impl Layer for ForwardedHeaders {
     fn request(&self, mut req: Request<Body>, cx: &Cx) -> Step {
         let h = req.headers_mut();
-        for name in CLAIMS {
+        // Names made once (a `&str` name is parsed again at each lookup).
+        for name in &CLAIMS {
             h.remove(name);
         }
-        h.insert(
-            HeaderName::from_static("x-forwarded-for"),
-            HeaderValue::from_str(&cx.peer.to_canonical().to_string())
-                .expect("an IP is a valid header"),
-        );
-        h.insert(
-            HeaderName::from_static("x-forwarded-proto"),
-            HeaderValue::from_static("https"),
-        );
-        if let Ok(v) = HeaderValue::from_str(&cx.authority) {
+        h.insert(CLAIMS[0].clone(), client_address(cx.peer));
+        h.insert(CLAIMS[1].clone(), HeaderValue::from_static("https"));
+        // Usually Host is already `cx.authority` (it came from there); an HTTP/2 request
+        // carries :authority instead, which Synapse does not see.
+        if h.get(header::HOST).map(HeaderValue::as_bytes) != Some(cx.authority.as_bytes())
+            && let Ok(v) = HeaderValue::from_str(&cx.authority)
+        {
             h.insert(header::HOST, v);
         }
         Step::Next(req)
+    }
+}
+
+/// The client's address as X-Forwarded-For gives it (an IPv4 client on a dual-stack socket
+/// as IPv4). IPv4 is written by hand: `Display` goes through `fmt` machinery on every request.
+fn client_address(peer: IpAddr) -> HeaderValue {
+    match peer.to_canonical() {
+        IpAddr::V4(a) => {
+            let mut out = Vec::with_capacity(15);
+            for (i, octet) in a.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                if octet >= 100 {
+                    out.push(b'0' + octet / 100);
+                }
+                if octet >= 10 {
+                    out.push(b'0' + octet / 10 % 10);
+                }
+                out.push(b'0' + octet % 10);
+            }
+            HeaderValue::from_maybe_shared(bytes::Bytes::from(out)).expect("digits and dots")
+        }
+        a => HeaderValue::from_str(&a.to_string()).expect("an IP is a valid header"),
     }
 }
 
@@ -321,6 +343,23 @@ mod tests {
             .await
             .unwrap_err();
         assert!(BodyLimit::caused(err.as_ref()), "{err}");
+    }
+
+    #[test]
+    fn client_addresses_are_written_as_display_writes_them() {
+        for a in [
+            "0.0.0.0",
+            "10.0.20.255",
+            "127.0.0.1",
+            "192.168.100.9",
+            "::1",
+            "fd00::7",
+        ] {
+            let ip: IpAddr = a.parse().unwrap();
+            assert_eq!(client_address(ip), a);
+        }
+        let mapped: IpAddr = "::ffff:203.0.113.7".parse().unwrap();
+        assert_eq!(client_address(mapped), "203.0.113.7");
     }
 
     #[test]

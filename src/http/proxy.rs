@@ -259,8 +259,10 @@ pub fn head_timeout(base: Duration, long_poll: Option<Duration>) -> Duration {
 /// RFC 9110 §7.6.1: Connection and the fields it names are for one hop only, as are the
 /// classic hop-by-hop fields (RFC 2616 §13.5.1).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if !HOP_BY_HOP.iter().any(|h| headers.contains_key(*h)) {
-        return; // the common case: one pass of lookups, nothing removed
+    // The common case, none there: one pass over the fields, comparing names already parsed
+    // (a lookup by `&str` parses the name each time).
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
     }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -272,22 +274,26 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for n in named {
         headers.remove(n);
     }
-    for h in HOP_BY_HOP {
-        headers.remove(h);
+    let hop: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| is_hop_by_hop(k))
+        .cloned()
+        .collect();
+    for n in hop {
+        headers.remove(n);
     }
 }
 
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "te",
-    "trailer",
-    "upgrade",
-    "proxy-authorization",
-    "proxy-authenticate",
-];
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    *name == header::CONNECTION
+        || *name == header::TRANSFER_ENCODING
+        || *name == header::TE
+        || *name == header::TRAILER
+        || *name == header::UPGRADE
+        || *name == header::PROXY_AUTHORIZATION
+        || *name == header::PROXY_AUTHENTICATE
+        || matches!(name.as_str(), "keep-alive" | "proxy-connection")
+}
 
 #[cfg(test)]
 mod tests {

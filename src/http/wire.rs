@@ -89,9 +89,11 @@ impl Pool {
         let head = encode_head(&parts, &outgoing);
         let head_only = parts.method == Method::HEAD;
         drop(parts);
-        // A body that cannot be sent again goes on a fresh connection.
+        // A body that cannot be sent again goes on a fresh connection. A request that may go
+        // again skips the probe (a syscall per request): a closed connection is found by the
+        // exchange itself, and the request resent.
         let mut stream = if outgoing.replayable() {
-            self.checkout()
+            self.checkout(!resend)
         } else {
             None
         };
@@ -142,10 +144,13 @@ impl Pool {
         Ok(Response::from_parts(parts, body.boxed()))
     }
 
-    /// An idle connection that still looks open, if there is one.
-    fn checkout(&self) -> Option<TcpStream> {
+    /// An idle connection, if there is one; with `probe`, one that still looks open.
+    fn checkout(&self, probe: bool) -> Option<TcpStream> {
         let mut idle = self.idle.lock().unwrap();
         while let Some(s) = idle.pop() {
+            if !probe {
+                return Some(s);
+            }
             // Open and quiet: reading would block. EOF or stray bytes: Synapse closed it or
             // broke framing; either way it is not reused.
             if matches!(s.try_read(&mut [0u8; 1]), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
@@ -217,6 +222,7 @@ impl Outgoing {
     /// (RFC 9112 §7.1).
     async fn write(&mut self, s: &mut TcpStream, head: &[u8]) -> Result<(), Error> {
         match self {
+            Outgoing::Whole(body) if body.is_empty() => s.write_all(head).await?,
             Outgoing::Whole(body) => {
                 let mut out = Vec::with_capacity(head.len() + body.len());
                 out.extend_from_slice(head);
@@ -334,8 +340,7 @@ async fn read_head(
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e.into()),
         }
-        while let Some((parts, len)) = parse_head(&buf)? {
-            buf.advance(len);
+        while let Some(parts) = parse_head(&mut buf)? {
             if parts.status.is_informational() {
                 if parts.status == StatusCode::SWITCHING_PROTOCOLS {
                     return Err(Error::Malformed("101 to a request that asked no upgrade"));
@@ -351,15 +356,20 @@ async fn read_head(
     }
 }
 
-/// A complete head at the start of `buf` and its length, or None if more is needed.
-fn parse_head(buf: &[u8]) -> Result<Option<(http::response::Parts, usize)>, Error> {
-    let mut headers = [httparse::EMPTY_HEADER; 100];
-    let mut r = httparse::Response::new(&mut headers);
-    let len = match r.parse(buf) {
+/// A complete head at the start of `buf`, taken off it; None if more is needed. The header
+/// values share the bytes read (no copy per field, as hyper does).
+fn parse_head(buf: &mut BytesMut) -> Result<Option<http::response::Parts>, Error> {
+    let len = match httparse::Response::new(&mut [httparse::EMPTY_HEADER; 100]).parse(buf) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(_) => return Err(Error::Malformed("the head does not parse")),
     };
+    let head = buf.split_to(len).freeze();
+    let mut headers = [httparse::EMPTY_HEADER; 100];
+    let mut r = httparse::Response::new(&mut headers);
+    // The same bytes again, now that they are shared: complete.
+    r.parse(&head)
+        .map_err(|_| Error::Malformed("the head does not parse"))?;
     let mut resp = Response::new(());
     *resp.status_mut() = r
         .code
@@ -375,11 +385,11 @@ fn parse_head(buf: &[u8]) -> Result<Option<(http::response::Parts, usize)>, Erro
     for h in r.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| Error::Malformed("bad header name"))?;
-        let value =
-            HeaderValue::from_bytes(h.value).map_err(|_| Error::Malformed("bad header value"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice_ref(h.value))
+            .map_err(|_| Error::Malformed("bad header value"))?;
         map.append(name, value);
     }
-    Ok(Some((resp.into_parts().0, len)))
+    Ok(Some(resp.into_parts().0))
 }
 
 /// How the answer's body ends (RFC 9112 §6.3).
@@ -707,7 +717,9 @@ mod tests {
     }
 
     fn head(raw: &str) -> (http::response::Parts, usize) {
-        parse_head(raw.as_bytes()).unwrap().unwrap()
+        let mut buf = BytesMut::from(raw);
+        let parts = parse_head(&mut buf).unwrap().unwrap();
+        (parts, raw.len() - buf.len())
     }
 
     #[test]
@@ -738,11 +750,11 @@ mod tests {
         assert_eq!(f("HTTP/1.0 200 OK\r\n\r\n", false), Framing::UntilClose);
         let two = head("HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n").0;
         assert!(matches!(Framing::of(&two, false), Err(Error::Malformed(_))));
-        assert!(
-            parse_head(b"HTTP/1.1 200 OK\r\nContent-")
-                .unwrap()
-                .is_none()
-        );
+        let mut partial = BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-"[..]);
+        assert!(parse_head(&mut partial).unwrap().is_none());
+        assert_eq!(partial.len(), 25, "a partial head stays where it is");
+        let (parts, len) = head("HTTP/1.1 200 OK\r\nX-A: 1\r\n\r\nbody");
+        assert_eq!((parts.headers["x-a"].as_bytes(), len), (&b"1"[..], 27));
     }
 
     #[test]
