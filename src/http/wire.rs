@@ -107,8 +107,9 @@ impl Pool {
                 .exchange(s, &head, &mut outgoing, head_only, head_timeout)
                 .await
             {
-                // Synapse closed a kept connection as we reused it: once more on a new one
-                // (nothing of the request was processed; RFC 9110 §9.2.2 allows the retry).
+                // A kept connection closed under the request (Synapse closed it while idle, or
+                // went away): once more on a new one, when the caller says the request may be
+                // repeated (RFC 9110 §9.2.2).
                 Err(Error::Closed | Error::Io(_)) if reused && resend && outgoing.replayable() => {
                     continue;
                 }
