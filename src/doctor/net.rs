@@ -39,10 +39,6 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-pub fn port_of(listen: &crate::config::Setting<SocketAddr>, default: u16) -> u16 {
-    listen.value().map_or(default, |a| a.port())
-}
-
 fn load_roots(path: &std::path::Path) -> RootCertStore {
     let mut store = RootCertStore::empty();
     if let Ok(iter) = CertificateDer::pem_file_iter(path) {
@@ -74,8 +70,8 @@ impl Net {
             .with_no_client_auth();
         Net {
             overrides: overrides.to_vec(),
-            https_port: port_of(&cfg.listen.https, 443),
-            federation_port: port_of(&cfg.listen.federation, 8448),
+            https_port: cfg.public_https_port(),
+            federation_port: cfg.listen.federation.v().port(),
             system,
             internal,
             http: http_client(&tls, overrides, &[]),

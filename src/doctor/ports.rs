@@ -36,7 +36,7 @@ pub async fn check(ctx: &Ctx<'_>, public: &Result<(IpAddr, String), String>) -> 
             );
         }
     };
-    let http = super::net::port_of(&ctx.cfg.listen.http, 80);
+    let http = ctx.cfg.listen.http.v().port();
     let mut probes: Vec<(String, Result<(), String>)> = vec![];
     for (label, port) in [
         ("http", http),

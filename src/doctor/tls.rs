@@ -4,6 +4,7 @@
 //! certificate (coturn reads an exported copy: DESIGN.md §8).
 
 use crate::certs::Leaf;
+use crate::config::TlsMode;
 use serde_json::Value;
 
 use super::net::{verify, why};
@@ -82,17 +83,19 @@ async fn one(ctx: &Ctx<'_>, name: &str) -> Check {
     };
     let days = (crate::units::unix(l.not_after) as i64 - now_secs() as i64) / 86_400;
     let (state, last_error) = renewal(&ctx.status, name);
-    let mode = ctx.cfg.tls.mode().as_str();
+    let mode = ctx.cfg.tls.mode();
     let fix_source = match mode {
-        "files" => format!(
+        TlsMode::Files => format!(
             "put a certificate for {name} in {}/{name}/fullchain.pem (with privkey.pem) and run `homelab-matrix reload`",
             ctx.cfg.tls.files_dir
         ),
-        "acme" => format!(
+        TlsMode::Acme => format!(
             "see the ACME error in `homelab-matrix status`; {name} must resolve to this host and port 80 or 443 be reachable from the internet"
         ),
-        _ => "restart homelab-matrix: it issues internal-CA certificates for every served name"
-            .into(),
+        TlsMode::Internal => {
+            "restart homelab-matrix: it issues internal-CA certificates for every served name"
+                .into()
+        }
     };
     if !l.names.iter().any(|n| name_matches(n, name)) {
         return Check::fail(
@@ -122,7 +125,7 @@ async fn one(ctx: &Ctx<'_>, name: &str) -> Check {
                 .as_ref()
                 .filter(|(_, roots)| verify(roots, &chain, name).is_ok());
             match by_internal {
-                Some((root, _)) if mode == "internal" => Check::pass(
+                Some((root, _)) if mode == TlsMode::Internal => Check::pass(
                     id,
                     format!(
                         "{seen}; the internal CA: clients must trust its root {}",
@@ -132,7 +135,7 @@ async fn one(ctx: &Ctx<'_>, name: &str) -> Check {
                 Some((root, _)) => Check::warn(
                     id,
                     format!(
-                        "{seen}; the internal CA's stand-in ({} only trusted by clients given {}), tls.mode = {mode:?} has not delivered{}",
+                        "{seen}; the internal CA's stand-in ({} only trusted by clients given {}), tls.mode = \"{mode}\" has not delivered{}",
                         name,
                         root.display(),
                         last_error.map(|e| format!(": {e}")).unwrap_or_default()
