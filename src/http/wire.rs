@@ -314,12 +314,17 @@ fn method_has_body(m: &Method) -> bool {
 }
 
 fn connection_close(headers: &http::HeaderMap) -> bool {
+    connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("close"))
+}
+
+/// The options a Connection field lists (RFC 9110 §7.6.1), trimmed.
+pub fn connection_tokens(headers: &http::HeaderMap) -> impl Iterator<Item = &str> {
     headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("close"))
+        .map(str::trim)
 }
 
 /// Waits for the answer without a buffer, then reads and parses its head. Returns the head,
@@ -572,6 +577,14 @@ impl Answer {
         self.buf = BytesMut::new();
     }
 
+    /// The body broke off: the connection closes (its framing is lost), and `e` is the
+    /// reader's error.
+    fn fail(&mut self, e: Error) -> BoxError {
+        self.pool = None;
+        self.finish();
+        e.into()
+    }
+
     fn next(&mut self) -> Result<Decoded, Error> {
         match &mut self.framing {
             Framing::Length(0) => Ok(Decoded::Done),
@@ -623,28 +636,16 @@ impl hyper::body::Body for Answer {
                     return Poll::Ready(None);
                 }
                 Ok(Decoded::More) => {}
-                Err(e) => {
-                    this.pool = None;
-                    this.finish();
-                    return Poll::Ready(Some(Err(e.into())));
-                }
+                Err(e) => return Poll::Ready(Some(Err(this.fail(e)))),
             }
             match ready!(this.poll_fill(cx)) {
                 Ok(0) if this.framing.until_close() => {
                     this.finish();
                     return Poll::Ready(None);
                 }
-                Ok(0) => {
-                    this.pool = None;
-                    this.finish();
-                    return Poll::Ready(Some(Err(Error::Closed.into())));
-                }
+                Ok(0) => return Poll::Ready(Some(Err(this.fail(Error::Closed)))),
                 Ok(_) => {}
-                Err(e) => {
-                    this.pool = None;
-                    this.finish();
-                    return Poll::Ready(Some(Err(e.into())));
-                }
+                Err(e) => return Poll::Ready(Some(Err(this.fail(e.into())))),
             }
         }
     }
