@@ -51,15 +51,9 @@ async fn recorder() -> Recorder {
             let (seen, progress) = (s2.clone(), p2.clone());
             tokio::spawn(async move {
                 loop {
-                    // Read the head.
-                    let mut buf = vec![];
-                    let mut b = [0u8; 1];
-                    while !buf.ends_with(b"\r\n\r\n") {
-                        if sock.read(&mut b).await.unwrap_or(0) == 0 {
-                            return;
-                        }
-                        buf.push(b[0]);
-                    }
+                    let Some(buf) = read_head(&mut sock).await else {
+                        return;
+                    };
                     let head = String::from_utf8_lossy(&buf).to_string();
                     let lower = head.to_ascii_lowercase();
                     let mut body_len = 0usize;
@@ -122,6 +116,19 @@ async fn recorder() -> Recorder {
         seen,
         progress,
     }
+}
+
+/// A request head, read a byte at a time (so nothing of the body is taken); None at EOF.
+async fn read_head(sock: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    let mut head = vec![];
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if sock.read(&mut b).await.unwrap_or(0) == 0 {
+            return None;
+        }
+        head.push(b[0]);
+    }
+    Some(head)
 }
 
 /// A numeric query parameter of the request line in `head`.
@@ -1622,14 +1629,9 @@ async fn long_poll_upstream() -> (
             tokio::spawn(async move {
                 let mut drop_next = false;
                 loop {
-                    let mut head = vec![];
-                    let mut b = [0u8; 1];
-                    while !head.ends_with(b"\r\n\r\n") {
-                        if sock.read(&mut b).await.unwrap_or(0) == 0 {
-                            return;
-                        }
-                        head.push(b[0]);
-                    }
+                    let Some(head) = read_head(&mut sock).await else {
+                        return;
+                    };
                     if drop_next {
                         return;
                     }
