@@ -91,8 +91,11 @@ cpu_ticks() { # pid: utime + stime (+ reaped children's) of it and its children
 client_ticks() { # this shell's reaped children: the load generators of the run just measured
   awk '{print $16 + $17}' "/proc/$$/stat"
 }
-host_ticks() { # user + nice + system + irq + softirq + steal over all CPUs
-  awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat
+host_ticks() { # user + nice + system + irq + softirq over all CPUs
+  awk '/^cpu / {print $2 + $3 + $4 + $7 + $8}' /proc/stat
+}
+steal_ticks() { # time the hypervisor ran something else while this VM's CPUs wanted to run
+  awk '/^cpu / {print $9}' /proc/stat
 }
 kernel_ticks() { # kernel threads (kthreadd's children: ksoftirqd, kworkers), mostly loopback TCP here
   cat /proc/[0-9]*/stat 2>/dev/null |
@@ -102,26 +105,31 @@ listen_drops() { # system-wide TcpExt ListenDrops (SYNs dropped by full accept q
   awk '/^TcpExt:/ {if (!h) {for (i = 1; i <= NF; i++) if ($i == "ListenDrops") c = i; h = 1} else print $c}' /proc/net/netstat
 }
 # usage_begin SERVER_PID [OTHER_PID...] ... run ... usage_end. usage_end sets U_SRV (the
-# server's CPU ticks), U_DROPS (listen drops) and U_OTHER: the CPU that neither the server, the
-# other pids (an upstream), the load generator nor kernel threads used, i.e. other work on the
-# host (a parallel build or test run), as a percentage of all CPUs over the run.
+# server's CPU ticks), U_UP (the other pids' ticks: the upstream), U_DROPS (listen drops),
+# U_OTHER: the CPU that neither the server, the other pids, the load generator nor kernel
+# threads used, i.e. other work on the host (a parallel build or test run), and U_STEAL: the
+# CPU the hypervisor gave to other guests (noisy neighbours); both as a percentage of all CPUs
+# over the run. Either one above a few percent makes that run's figures suspect.
 usage_begin() {
   U_PIDS=("$@")
   U_D0=$(listen_drops)
   U_X0=$(kernel_ticks)
-  U_A0=$(usage_others) U_K0=$(client_ticks) U_H0=$(host_ticks) U_T0=$(date +%s.%N)
+  U_A0=$(usage_others) U_K0=$(client_ticks) U_H0=$(host_ticks) U_T0=$(date +%s.%N) U_ST0=$(steal_ticks)
   U_S0=$(cpu_ticks "${U_PIDS[0]}")
 }
 usage_end() {
-  local s1 a1 k1 h1 t1 x1
+  local s1 a1 k1 h1 t1 x1 st1
   s1=$(cpu_ticks "${U_PIDS[0]}")
-  a1=$(usage_others) k1=$(client_ticks) h1=$(host_ticks) t1=$(date +%s.%N)
+  a1=$(usage_others) k1=$(client_ticks) h1=$(host_ticks) t1=$(date +%s.%N) st1=$(steal_ticks)
   x1=$(kernel_ticks)
   U_DROPS=$(($(listen_drops) - U_D0))
   # The load generator's CPU, in % of one CPU: near 100 with it pinned to one CPU, the load
   # generator (not the server) is the ceiling.
   U_GEN=$(awk -v k=$((k1 - U_K0)) -v a="$U_T0" -v b="$t1" -v hz="$CLK_TCK" 'BEGIN {printf "%.0f", k / hz / (b - a) * 100}')
   U_SRV=$((s1 - U_S0))
+  U_UP=$((a1 - U_A0))
+  U_STEAL=$(awk -v s=$((st1 - U_ST0)) -v a="$U_T0" -v b="$t1" -v hz="$CLK_TCK" -v n="$NCPU" \
+    'BEGIN {printf "%.0f", s / hz / (b - a) / n * 100}')
   U_OTHER=$(awk -v h=$((h1 - U_H0)) -v k=$((U_SRV + a1 - U_A0 + k1 - U_K0 + x1 - U_X0)) -v a="$U_T0" -v b="$t1" \
     -v hz="$CLK_TCK" -v n="$NCPU" 'BEGIN {o = (h - k) / hz / (b - a) / n * 100; printf "%.0f", (o < 0 ? 0 : o)}')
 }
@@ -214,3 +222,21 @@ median() { # field: the median over rounds of a numeric field (nan when none is 
 maxf() { tr ';' '\n' | awk -v f="$1" 'NF {if ($f > m) m = $f} END {printf "%.0f", m}'; }
 sumf() { tr ';' '\n' | awk -v f="$1" 'NF {s += $f} END {printf "%.0f", s}'; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (a == "nan" || b == "nan" || b == 0) print "-"; else printf "%.2f", a / b}'; }
+# paired_ratio field "ours rounds" "nginx rounds": the median over rounds of ours/nginx within
+# the same round. The two runs of a round are adjacent in time, so a slow spell of the host (a
+# noisy neighbour, steal) that spans a few runs skews a round's pair together, not one side's
+# median. "-" when a round lacks a number.
+paired_ratio() {
+  awk -v f="$1" -v a="$2" -v b="$3" 'BEGIN {
+    na = split(a, ra, ";"); split(b, rb, ";")
+    for (i = 1; i <= na; i++) {
+      if (ra[i] == "") continue
+      split(ra[i], x, " "); split(rb[i], y, " ")
+      if (x[f] !~ /^[0-9.]+$/ || y[f] !~ /^[0-9.]+$/ || y[f] == 0) { print "-"; exit }
+      v[++n] = x[f] / y[f]
+    }
+    if (!n) { print "-"; exit }
+    for (i = 2; i <= n; i++) { t = v[i]; for (j = i - 1; j >= 1 && v[j] > t; j--) v[j + 1] = v[j]; v[j + 1] = t }
+    printf "%.2f", (n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2)
+  }'
+}
