@@ -130,7 +130,7 @@ usage_end() {
   U_UP=$((a1 - U_A0))
   U_STEAL=$(awk -v s=$((st1 - U_ST0)) -v a="$U_T0" -v b="$t1" -v hz="$CLK_TCK" -v n="$NCPU" \
     'BEGIN {printf "%.0f", s / hz / (b - a) / n * 100}')
-  U_OTHER=$(awk -v h=$((h1 - U_H0)) -v k=$((U_SRV + a1 - U_A0 + k1 - U_K0 + x1 - U_X0)) -v a="$U_T0" -v b="$t1" \
+  U_OTHER=$(awk -v h=$((h1 - U_H0)) -v k=$((U_SRV + U_UP + k1 - U_K0 + x1 - U_X0)) -v a="$U_T0" -v b="$t1" \
     -v hz="$CLK_TCK" -v n="$NCPU" 'BEGIN {o = (h - k) / hz / (b - a) / n * 100; printf "%.0f", (o < 0 ? 0 : o)}')
 }
 usage_others() {
@@ -244,16 +244,16 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (a == "nan" || b == "nan" || b == 0
 # noisy neighbour, steal) that spans a few runs skews a round's pair together, not one side's
 # median. "-" when a round lacks a number.
 paired_ratio() {
-  awk -v f="$1" -v a="$2" -v b="$3" 'BEGIN {
+  local m
+  m=$(awk -v f="$1" -v a="$2" -v b="$3" 'BEGIN {
     na = split(a, ra, ";"); split(b, rb, ";")
     for (i = 1; i <= na; i++) {
       if (ra[i] == "") continue
       split(ra[i], x, " "); split(rb[i], y, " ")
-      if (x[f] !~ /^[0-9.]+$/ || y[f] !~ /^[0-9.]+$/ || y[f] == 0) { print "-"; exit }
-      v[++n] = x[f] / y[f]
+      if (x[f] !~ /^[0-9.]+$/ || y[f] !~ /^[0-9.]+$/ || y[f] == 0) exit
+      out = out (x[f] / y[f]) ";"
     }
-    if (!n) { print "-"; exit }
-    for (i = 2; i <= n; i++) { t = v[i]; for (j = i - 1; j >= 1 && v[j] > t; j--) v[j + 1] = v[j]; v[j + 1] = t }
-    printf "%.2f", (n % 2 ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2)
-  }'
+    printf "%s", out
+  }' | median 1)
+  if [ "$m" = nan ]; then echo -; else echo "$m"; fi
 }
