@@ -301,10 +301,16 @@ impl Dir {
     }
 
     /// Removes `name` without following it: a symlink is unlinked itself; a real directory
-    /// is emptied through its own descriptor, recursing only into real directories. A
+    /// is emptied through its own descriptor, descending only into real directories. A
     /// directory with a file system mounted on it (rmdir says EBUSY: an operator's media
     /// disk, say) is emptied and stays, so that what is put there again lands on that disk;
     /// so do the directories above it (ENOTEMPTY once all else in them is gone).
+    ///
+    /// The walk keeps its own stack, never the thread's: a child can make a tree of any
+    /// depth (a 19,000-deep one overflowed a recursive walk). Below [`MAX_OPEN_LEVELS`] open
+    /// levels, a deeper directory is moved up into `name` itself (renameat between two
+    /// descriptors of the tree being removed) and removed from there, so the descriptors held
+    /// stay bounded too.
     pub fn remove<P: AsRef<OsStr> + ?Sized>(&self, name: &P) -> Result<()> {
         let name = name.as_ref();
         let path = self.path.join(name);
@@ -313,20 +319,61 @@ impl Dir {
             Err(Errno::EISDIR | Errno::EPERM) => {}
             Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
         }
-        let sub = match openat(&self.fd, name, dir_flags(), Mode::empty()) {
-            Ok(fd) => Dir {
-                fd,
-                path: path.clone(),
-            },
-            Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+        /// One open directory of the walk, the names in it still to remove, and its own
+        /// name in the level above.
+        struct Level {
+            dir: Dir,
+            left: Vec<OsString>,
+            name: OsString,
+        }
+        let open = |parent: &Dir, n: &OsStr| -> Result<Level> {
+            let p = parent.path.join(n);
+            let fd = openat(&parent.fd, n, dir_flags(), Mode::empty())
+                .with_context(|| format!("removing {}", p.display()))?;
+            let dir = Dir { fd, path: p };
+            Ok(Level {
+                left: dir.entries()?,
+                dir,
+                name: n.to_owned(),
+            })
         };
-        for n in sub.entries()? {
-            sub.remove(&n)?;
+        let mut stack = vec![open(self, name)?];
+        while let Some(level) = stack.last_mut() {
+            let Some(n) = level.left.pop() else {
+                let done = stack.pop().expect("a level");
+                let parent = stack.last().map_or(self, |l| &l.dir);
+                match unlinkat(&parent.fd, done.name.as_os_str(), UnlinkatFlags::RemoveDir) {
+                    Ok(()) | Err(Errno::ENOENT | Errno::EBUSY | Errno::ENOTEMPTY) => continue,
+                    Err(e) => {
+                        return Err(e).with_context(|| {
+                            format!("removing directory {}", done.dir.path.display())
+                        });
+                    }
+                }
+            };
+            match unlinkat(&level.dir.fd, n.as_os_str(), UnlinkatFlags::NoRemoveDir) {
+                Ok(()) | Err(Errno::ENOENT) => continue,
+                Err(Errno::EISDIR | Errno::EPERM) => {}
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("removing {}", level.dir.path.join(&n).display())
+                    });
+                }
+            }
+            if stack.len() >= MAX_OPEN_LEVELS {
+                let moved = temp_name("removed")?;
+                let (top, rest) = stack.split_first_mut().expect("a level");
+                let here = rest.last().expect("deeper than the top");
+                // A mount point (EBUSY, EXDEV) is not moved: it is descended into instead.
+                if renameat(&here.dir.fd, n.as_os_str(), &top.dir.fd, moved.as_str()).is_ok() {
+                    top.left.push(moved.into());
+                    continue;
+                }
+            }
+            let sub = open(&stack.last().expect("a level").dir, &n)?;
+            stack.push(sub);
         }
-        match unlinkat(&self.fd, name, UnlinkatFlags::RemoveDir) {
-            Ok(()) | Err(Errno::EBUSY | Errno::ENOTEMPTY) => Ok(()),
-            Err(e) => Err(e).with_context(|| format!("removing directory {}", path.display())),
-        }
+        Ok(())
     }
 
     /// Moves `name` (whatever it is, never following it) to `to/new_name`.
@@ -341,6 +388,17 @@ impl Dir {
         fsync(&to.fd).with_context(|| format!("syncing directory {}", to.path.display()))?;
         fsync(&self.fd).with_context(|| format!("syncing directory {}", self.path.display()))
     }
+}
+
+/// Directory descriptors [`Dir::remove`] holds open at most (one per level it is in).
+pub const MAX_OPEN_LEVELS: usize = 64;
+
+/// Free and total bytes of the file system `path` is on, as an unprivileged writer sees them
+/// (statvfs(3): blocks available, not the root reserve).
+pub fn space(path: &Path) -> nix::Result<(u64, u64)> {
+    let s = nix::sys::statvfs::statvfs(path)?;
+    let f = s.fragment_size();
+    Ok((s.blocks_available() * f, s.blocks() * f))
 }
 
 /// A file being written by [`Dir::create_atomic`].

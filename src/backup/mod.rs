@@ -80,15 +80,29 @@ pub fn file_name(server_name: &str, created_at: u64, kind: &str) -> String {
 
 /// Makes one backup file in `dir` (created root 0700 if missing). The dump and the row counts
 /// come from one exported snapshot (see `db`); the file appears only complete (fsutil's atomic
-/// temp file and rename); on any failure nothing is left behind.
+/// temp file and rename); on any failure nothing is left behind. What the files will take is
+/// measured first and checked against the free space, so a media store too big for the
+/// backup disk fails the backup at once instead of filling that disk. The walking and writing
+/// run on a blocking thread, never on the service's async workers.
 pub async fn make(cfg: &Config, config_path: &Path, dir: &Path, kind: &str) -> Result<Made> {
     let out = backup_dir(dir)?;
     let password = Secrets::open(&cfg.state_dir()).get(Kind::PostgresPassword)?;
     let synapse_version = upgrade::synapse_version(cfg).await.ok();
+    let limit = file_limit(cfg);
+    let (files_bytes, files) = {
+        let (cfg, config_path) = (cfg.clone(), config_path.to_owned());
+        blocking(move || {
+            let mut w = Writer::measure(limit);
+            add_state(&mut w, &cfg)?;
+            add_config(&mut w, &cfg, &config_path)?;
+            Ok((w.bytes, w.files))
+        })
+        .await?
+    };
 
     let snapshot = db::Snapshot::open(cfg, &password).await?;
     // Unnamed (O_TMPFILE): nothing to clean up after a failure.
-    let mut dump_file =
+    let dump_file =
         tempfile::tempfile_in(out.path()).context("making a scratch file for the dump")?;
     let mut dump_async = tokio::fs::File::from_std(dump_file.try_clone()?);
     let dumped = db::dump(cfg, &password, &snapshot.id, &mut dump_async).await;
@@ -97,24 +111,35 @@ pub async fn make(cfg: &Config, config_path: &Path, dir: &Path, kind: &str) -> R
     snapshot.close().await;
     dumped?;
     drop(dump_async);
+    // The dump's scratch copy is on that disk already; the archive takes it once more.
+    let dump_size = dump_file.metadata()?.len();
+    check_space(out.path(), dump_size + files_bytes + manifest_bytes(files))?;
 
     let created_at = crate::units::unix(std::time::SystemTime::now());
     let name = file_name(&cfg.server_name, created_at, kind);
-    let mut atomic = out.create_atomic(&name, Owner::root(), 0o600)?;
-    let manifest = {
-        let mut w = Writer::new(BufWriter::new(atomic.file()), file_limit(cfg));
+    let mut versions = BTreeMap::new();
+    versions.insert("homelab-matrix".into(), env!("CARGO_PKG_VERSION").into());
+    versions.insert("postgresql".into(), pg_version);
+    if let Some(v) = synapse_version {
+        versions.insert("synapse".into(), v);
+    }
+    let (cfg2, config_path, kind2, name2) = (
+        cfg.clone(),
+        config_path.to_owned(),
+        kind.to_string(),
+        name.clone(),
+    );
+    let manifest = blocking(move || {
+        let cfg = &cfg2;
+        let mut dump_file = dump_file;
+        let mut atomic = out.create_atomic(&name2, Owner::root(), 0o600)?;
+        let mut w = Writer::new(BufWriter::new(atomic.file()), limit);
         let (size, sha256) = w.add_dump(&mut dump_file)?;
         add_state(&mut w, cfg)?;
-        add_config(&mut w, cfg, config_path)?;
-        let mut versions = BTreeMap::new();
-        versions.insert("homelab-matrix".into(), env!("CARGO_PKG_VERSION").into());
-        versions.insert("postgresql".into(), pg_version);
-        if let Some(v) = synapse_version {
-            versions.insert("synapse".into(), v);
-        }
+        add_config(&mut w, cfg, &config_path)?;
         let manifest = Manifest {
             format: archive::FORMAT,
-            kind: kind.to_string(),
+            kind: kind2,
             created_at,
             server_name: cfg.server_name.clone(),
             versions,
@@ -127,19 +152,22 @@ pub async fn make(cfg: &Config, config_path: &Path, dir: &Path, kind: &str) -> R
                 row_counts: counts,
             },
             parts: std::mem::take(&mut w.parts),
-            skipped: std::mem::take(&mut w.skipped),
+            skipped: w.take_skipped(),
         };
         let mut inner = w.finish(&manifest)?;
         inner.flush().context("writing the backup")?;
-        manifest
-    };
-    atomic.commit()?;
-    let size = std::fs::metadata(out.join(&name))?.len();
+        drop(inner);
+        atomic.commit()?;
+        Ok(manifest)
+    })
+    .await?;
+    let file = dir.join(&name);
+    let size = std::fs::metadata(&file)?.len();
     for s in &manifest.skipped {
         tracing::warn!("backup: left out {s}");
     }
     Ok(Made {
-        file: out.join(&name),
+        file,
         size,
         created_at,
         kind: kind.to_string(),
@@ -148,6 +176,39 @@ pub async fn make(cfg: &Config, config_path: &Path, dir: &Path, kind: &str) -> R
         files: manifest.parts.len(),
         skipped: manifest.skipped,
     })
+}
+
+/// Runs `f` on tokio's blocking pool: file walks and archive reads take minutes on a big
+/// media store, and must not hold an async worker (or its 2 MiB stack) that long.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .context("the backup's worker thread failed")?
+}
+
+/// The manifest's size, about: a line of JSON per file.
+fn manifest_bytes(files: usize) -> u64 {
+    64 * 1024 + files as u64 * 512
+}
+
+/// Fails when `needed` more bytes would leave `dir`'s file system with less than a reserve
+/// (5% of it, at most 256 MiB) for everything else on it (PostgreSQL, Synapse's media).
+fn check_space(dir: &Path, needed: u64) -> Result<()> {
+    let (free, total) = crate::fsutil::space(dir)
+        .with_context(|| format!("reading the free space of {}", dir.display()))?;
+    let reserve = (total / 20).min(256 << 20);
+    if needed.saturating_add(reserve) > free {
+        bail!(
+            "this backup needs {} in {}, which has {} free (and keeps {} in reserve): free space there, move old backups off the box, or set [backup] dir to a bigger disk; `homelab-matrix status` shows the last good backup",
+            crate::units::human_size(needed),
+            dir.display(),
+            crate::units::human_size(free),
+            crate::units::human_size(reserve)
+        );
+    }
+    Ok(())
 }
 
 /// The directory a backup goes into: made root 0700 when missing; an existing one must be
@@ -173,14 +234,14 @@ fn add_state<W: Write>(w: &mut Writer<W>, cfg: &Config) -> Result<()> {
     let state = Dir::open(&cfg.state_dir())?;
     for area in restore::ROOT_AREAS {
         if let Some(d) = state.open_sub(OsStr::new(area))? {
-            w.add_tree(&d, &format!("state/{area}"))?;
+            w.add_tree(d, &format!("state/{area}"))?;
         }
     }
     let Some(data) = state.open_sub(OsStr::new(restore::SYNAPSE_DATA))? else {
         return Ok(());
     };
     let key = format!("state/{}/signing.key", restore::SYNAPSE_DATA);
-    if !w.add_file(&data, OsStr::new("signing.key"), &key)? {
+    if !w.add_file(&data, OsStr::new("signing.key"), &key)? && !w.measuring() {
         tracing::warn!(
             "backup: Synapse has no signing key yet (it makes one at its first start); this backup has none"
         );
@@ -189,7 +250,7 @@ fn add_state<W: Write>(w: &mut Writer<W>, cfg: &Config) -> Result<()> {
         for sub in ["local_content", "local_thumbnails"] {
             if let Some(d) = media.open_sub(OsStr::new(sub))? {
                 w.add_tree(
-                    &d,
+                    d,
                     &format!("state/{}/media_store/{sub}", restore::SYNAPSE_DATA),
                 )?;
             }
@@ -219,7 +280,7 @@ fn add_config<W: Write>(w: &mut Writer<W>, cfg: &Config, config_path: &Path) -> 
         if let Ok((parent, name)) = parent_and_name(p)
             && let Some(d) = parent.open_sub(name)?
         {
-            w.add_tree(&d, prefix)?;
+            w.add_tree(d, prefix)?;
         }
     }
     Ok(())
@@ -255,8 +316,9 @@ pub struct CountMismatch {
 /// Checks every part's hash, restores the dump into a scratch database, compares the row
 /// counts with the manifest's, and drops the scratch database again.
 pub async fn verify(cfg: &Config, file: &Path) -> Result<Verified> {
-    let scratch_dir = file.parent().unwrap_or(Path::new("."));
-    let checked = archive::check(file, scratch_dir)?;
+    let scratch_dir = file.parent().unwrap_or(Path::new(".")).to_owned();
+    let path = file.to_owned();
+    let checked = blocking(move || archive::check(&path, &scratch_dir)).await?;
     let password = Secrets::open(&cfg.state_dir()).get(Kind::PostgresPassword)?;
     let scratch = format!(
         "{}_verify_{}",

@@ -6,6 +6,7 @@
 //! emptied before Synapse's first start (Synapse docs, "Backups"), and the service started.
 
 use std::ffi::OsStr;
+use std::io::Read;
 use std::path::Path;
 use std::time::Duration;
 
@@ -15,7 +16,7 @@ use super::archive::{self, Manifest};
 use super::db;
 use crate::config::Config;
 use crate::fsutil::{Dir, Owner, ensure_dir};
-use crate::secrets::{Kind, Secrets};
+use crate::secrets::{Kind, Secret, Secrets};
 use crate::supervisor::{self, Command, RunAs};
 
 /// Directories of the state dir that root owns and a backup holds whole.
@@ -47,6 +48,10 @@ pub enum Refused {
         "{0}: not a part this version can restore; use the homelab-matrix that made the backup"
     )]
     UnknownPart(String),
+    #[error(
+        "the backup has no {0}: it is not a complete homelab-matrix backup and cannot be restored; use another backup"
+    )]
+    Incomplete(String),
 }
 
 /// Where one archive member goes.
@@ -57,8 +62,12 @@ struct Target {
     rel: Vec<String>,
     owner: Owner,
     dir_mode: u32,
-    /// None: the mode recorded in the archive.
+    /// None: the mode recorded in the archive, masked.
     file_mode: Option<u32>,
+    /// What of a recorded mode is kept: never a group or other write bit, nor set-id bits
+    /// (a synapse.d file recorded 0666 came back root-owned and world-writable: any local
+    /// user could then rewrite Synapse's config).
+    mask: u32,
 }
 
 fn target(cfg: &Config, config_path: &Path, synapse: Owner, name: &str) -> Result<Target> {
@@ -72,19 +81,21 @@ fn target(cfg: &Config, config_path: &Path, synapse: Owner, name: &str) -> Resul
     }
     let root = Owner::root();
     let config_dir = config_path.parent().unwrap_or(Path::new("/"));
-    let t = |base: &Path, rel: &[&str], owner, dir_mode, file_mode| Target {
+    let t = |base: &Path, rel: &[&str], owner, dir_mode, file_mode, mask| Target {
         base: base.to_owned(),
         rel: rel.iter().map(|s| s.to_string()).collect(),
         owner,
         dir_mode,
         file_mode,
+        mask,
     };
     Ok(match parts.as_slice() {
         ["state", "secrets", rest @ ..] if rest.len() == 1 => {
-            t(&cfg.state_dir(), &parts[1..], root, 0o700, Some(0o600))
+            t(&cfg.state_dir(), &parts[1..], root, 0o700, Some(0o600), 0)
         }
+        // The internal CA's root.pem is 0644 (DESIGN.md §3); the rest are root's 0600.
         ["state", area, rest @ ..] if ROOT_AREAS.contains(area) && !rest.is_empty() => {
-            t(&cfg.state_dir(), &parts[1..], root, 0o700, None)
+            t(&cfg.state_dir(), &parts[1..], root, 0o700, None, 0o644)
         }
         ["state", SYNAPSE_DATA, "signing.key"]
         | [
@@ -93,7 +104,7 @@ fn target(cfg: &Config, config_path: &Path, synapse: Owner, name: &str) -> Resul
             "media_store",
             "local_content" | "local_thumbnails",
             ..,
-        ] => t(&cfg.state_dir(), &parts[1..], synapse, 0o700, None),
+        ] => t(&cfg.state_dir(), &parts[1..], synapse, 0o700, None, 0o600),
         ["config", "homelab-matrix.toml"] => {
             let file = config_path
                 .file_name()
@@ -105,22 +116,35 @@ fn target(cfg: &Config, config_path: &Path, synapse: Owner, name: &str) -> Resul
                 owner: root,
                 dir_mode: 0o755,
                 file_mode: Some(0o640),
+                mask: 0,
             }
         }
-        ["config", "element.json"] => t(config_dir, &parts[1..], root, 0o755, None),
-        ["config", "synapse.d", rest @ ..] if !rest.is_empty() => {
-            t(Path::new(&cfg.synapse.config_dir), rest, root, 0o755, None)
-        }
-        ["config", "tls", rest @ ..] if !rest.is_empty() => {
-            t(Path::new(&cfg.tls.files_dir), rest, root, 0o750, None)
-        }
+        ["config", "element.json"] => t(config_dir, &parts[1..], root, 0o755, None, 0o644),
+        ["config", "synapse.d", rest @ ..] if !rest.is_empty() => t(
+            Path::new(&cfg.synapse.config_dir),
+            rest,
+            root,
+            0o755,
+            None,
+            0o644,
+        ),
+        // Keys stay 0600 or 0640, as the operator had them; never more.
+        ["config", "tls", rest @ ..] if !rest.is_empty() => t(
+            Path::new(&cfg.tls.files_dir),
+            rest,
+            root,
+            0o750,
+            None,
+            0o640,
+        ),
         _ => bail!(Refused::UnknownPart(name.to_string())),
     })
 }
 
 /// Writes `data` at `t`, making the directories on the way (each through its parent's
-/// descriptor, never following a link).
-fn write(t: &Target, data: &[u8], mode: u32) -> Result<()> {
+/// descriptor, never following a link). The file appears only when what was read has the
+/// sha256 `want` (the archive may have changed since it was checked).
+fn write(t: &Target, data: &mut dyn Read, mode: u32, want: &str) -> Result<()> {
     let (file, dirs) = t.rel.split_last().expect("at least a file name");
     let mut dir = match t.base.parent() {
         Some(p) if !p.as_os_str().is_empty() => {
@@ -134,7 +158,18 @@ fn write(t: &Target, data: &[u8], mode: u32) -> Result<()> {
     for d in dirs {
         dir = dir.ensure_sub(d, t.owner, t.dir_mode)?;
     }
-    dir.write_atomic(file, data, t.owner, t.file_mode.unwrap_or(mode & 0o777))
+    let mode = t.file_mode.unwrap_or(mode & t.mask);
+    let mut out = dir.create_atomic(file, t.owner, mode)?;
+    let mut r = archive::Hashing::new(data);
+    std::io::copy(&mut r, out.file())
+        .with_context(|| format!("writing {}", dir.join(file).display()))?;
+    if r.finish().1 != want {
+        bail!(
+            "{} changed since the backup was checked; run the restore again",
+            dir.join(file).display()
+        );
+    }
+    out.commit()
 }
 
 /// What a restore did, for the operator.
@@ -179,7 +214,16 @@ impl std::fmt::Display for Restored {
     }
 }
 
-/// Runs the restore; see the module doc.
+/// The database password's member: restored first, as the role's password, to restore the
+/// dump as that role.
+fn password_member() -> String {
+    format!("state/secrets/{}", Kind::PostgresPassword.file_name())
+}
+
+/// Runs the restore; see the module doc. Everything that can refuse a backup is checked
+/// before anything changes (the archive's members, their types, sizes, hashes and places, the
+/// server name, the database's users), and the dump goes into a database of its own first:
+/// a refused backup or a dump that does not restore leaves the appliance as it was.
 pub async fn restore(
     cfg: &Config,
     config_path: &Path,
@@ -194,7 +238,12 @@ pub async fn restore(
     }
     let state = cfg.state_dir();
     ensure_dir(&state, Owner::root(), 0o755)?;
-    let checked = archive::check(file, &state)?;
+    // Removing a deep tree a child left holds a descriptor per level (fsutil::Dir::remove).
+    crate::fdlimit::raise();
+    let checked = {
+        let (file, state) = (file.to_owned(), state.clone());
+        super::blocking(move || archive::check(&file, &state)).await?
+    };
     let m = &checked.manifest;
     if m.server_name != cfg.server_name {
         bail!(Refused::OtherServer {
@@ -206,6 +255,12 @@ pub async fn restore(
     for p in &m.parts {
         target(cfg, config_path, synapse, &p.path)?;
     }
+    let password = match archive::read_member(file, &password_member(), 4096)? {
+        Some(b) if !String::from_utf8_lossy(&b).trim().is_empty() => {
+            Secret::new(String::from_utf8_lossy(&b).trim().to_string())
+        }
+        _ => bail!(Refused::Incomplete(password_member())),
+    };
     let existing = db::users_besides_ours(cfg).await?;
     if let Some(users) = existing
         && users > 0
@@ -217,44 +272,83 @@ pub async fn restore(
         });
     }
 
+    // The database, into a scratch database as the role with the backup's password; only
+    // when it restored does the old one go.
+    let old_password = Secrets::open(&state).get(Kind::PostgresPassword).ok();
+    let scratch = format!(
+        "{}_restore_{}",
+        &cfg.postgres.database[..cfg.postgres.database.len().min(40)],
+        &crate::secrets::random_token(&ring::rand::SystemRandom::new())?[..8]
+    );
+    let restored = async {
+        crate::postgres::provision(cfg, &password)
+            .await
+            .context("making the role and database for the restore")?;
+        db::create_database(cfg, &scratch).await?;
+        db::restore(cfg, &password, &scratch, checked.dump).await?;
+        db::truncate_excluded(cfg, &password, &scratch).await
+    }
+    .await;
+    if let Err(e) = restored {
+        let _ = db::drop_database(cfg, &scratch).await;
+        if let Some(old) = &old_password {
+            let _ = crate::postgres::provision(cfg, old).await;
+        }
+        return Err(e.context(
+            "the database dump did not restore; the appliance, its files and its database are as they were",
+        ));
+    }
+
     // Files: what the backup holds replaces what is there (a fresh install's own secrets,
     // signing key and CA must not survive next to the restored ones). Synapse's directory
     // goes whole: it is the child's, so anything in it may be a link it planted where the
     // restore writes; rebuilt by root, it holds only what the backup does (remote media and
     // URL previews are caches Synapse fetches again). A disk mounted on it or below it is
     // emptied and kept (fsutil::Dir::remove).
-    let state_dir = Dir::open(&state)?;
-    for area in ROOT_AREAS.into_iter().chain([SYNAPSE_DATA]) {
-        state_dir.remove(area)?;
-    }
-    let mut files = 0;
-    // Looked up once per member: a media store holds tens of thousands of files.
-    let sha256_of: std::collections::HashMap<&str, &str> = m
-        .parts
-        .iter()
-        .map(|p| (p.path.as_str(), p.sha256.as_str()))
-        .collect();
-    archive::for_each_file(file, |name, data, mode| {
-        let want = sha256_of.get(name);
-        if want.is_none_or(|sha| *sha != crate::secrets::sha256_hex(data)) {
-            bail!("{name} changed since the backup was checked; run the restore again");
-        }
-        write(&target(cfg, config_path, synapse, name)?, data, mode)?;
-        files += 1;
-        Ok(())
-    })?;
-
-    // The database: dropped when it exists (checked above), then made exactly as provisioning
-    // makes it, with the restored role password.
-    if existing.is_some() {
-        db::drop_database(cfg, &cfg.postgres.database).await?;
-    }
-    let password = Secrets::ensure(&state)?.get(Kind::PostgresPassword)?;
-    crate::postgres::provision(cfg, &password)
+    let files = {
+        let (cfg, config_path, file) = (cfg.clone(), config_path.to_owned(), file.to_owned());
+        let parts: std::collections::HashMap<String, String> = m
+            .parts
+            .iter()
+            .map(|p| (p.path.clone(), p.sha256.clone()))
+            .collect();
+        super::blocking(move || {
+            let state_dir = Dir::open(&cfg.state_dir())?;
+            for area in ROOT_AREAS.into_iter().chain([SYNAPSE_DATA]) {
+                state_dir.remove(area)?;
+            }
+            let mut files = 0;
+            archive::for_each_file(&file, |name, data, _size, mode| {
+                let Some(want) = parts.get(name) else {
+                    bail!("{name} changed since the backup was checked; run the restore again");
+                };
+                write(&target(&cfg, &config_path, synapse, name)?, data, mode, want)?;
+                files += 1;
+                Ok(())
+            })?;
+            Ok(files)
+        })
         .await
-        .context("making the role and database for the restore")?;
-    db::restore(cfg, &password, &cfg.postgres.database, checked.dump).await?;
-    db::truncate_excluded(cfg, &password, &cfg.postgres.database).await?;
+        .with_context(|| {
+            format!(
+                "the restore stopped while it put the files back; the restored database waits as {scratch}. Fix the cause and run the restore again with --force"
+            )
+        })?
+    };
+
+    // The restored database takes the place of the old one.
+    db::drop_database(cfg, &cfg.postgres.database).await?;
+    db::superuser_sql(
+        cfg,
+        "postgres",
+        &format!(
+            "ALTER DATABASE {} RENAME TO {}",
+            crate::postgres::ident(&scratch),
+            crate::postgres::ident(&cfg.postgres.database)
+        ),
+    )
+    .await
+    .with_context(|| format!("renaming the restored database {scratch}"))?;
     // The versions this backup ran with: Synapse's start after the restore is no upgrade
     // unless the installed one is newer.
     super::upgrade::forget_versions(cfg);

@@ -164,12 +164,6 @@ pub fn judge_disk(what: &str, path: &Path, free: u64, total: u64) -> Check {
     }
 }
 
-fn statvfs(path: &Path) -> nix::Result<(u64, u64)> {
-    let s = nix::sys::statvfs::statvfs(path)?;
-    let f = s.fragment_size();
-    Ok((s.blocks_available() * f, s.blocks() * f))
-}
-
 pub async fn disk(ctx: &Ctx<'_>) -> Vec<Check> {
     // The database's data directory: only a superuser (or pg_read_all_settings) may ask; the
     // Debian default is the fallback.
@@ -189,7 +183,7 @@ pub async fn disk(ctx: &Ctx<'_>) -> Vec<Check> {
         while !p.exists() {
             p = p.parent().unwrap_or(Path::new("/"));
         }
-        out.push(match statvfs(p) {
+        out.push(match crate::fsutil::space(p) {
             Ok((free, total)) => judge_disk(what, &path, free, total),
             Err(e) => Check::warn(
                 format!("disk:{what}"),
