@@ -47,3 +47,30 @@ mkdir -p "$CARGO_TARGET_DIR"
 # Add traversal only: the parent may be a shared directory such as /tmp (mode 1777).
 chmod a+x "$(dirname "$CARGO_TARGET_DIR")"
 chmod a+rx "$CARGO_TARGET_DIR"
+
+# The Rust toolchain a source build needs (Cargo.toml's rust-version), put on PATH from
+# rustup's place when it is there. Without one it prints the exact commands to get it and
+# fails, before anything is installed. $1 names the caller in the message.
+need_rust() {
+  local want have=""
+  want=$(sed -n 's/^rust-version = "\(.*\)"$/\1/p' Cargo.toml)
+  if [ -x "${HOME:-/root}/.cargo/bin/cargo" ]; then
+    PATH=${HOME:-/root}/.cargo/bin:$PATH
+    export PATH
+  fi
+  if command -v cargo >/dev/null 2>&1 && have=$(rustc --version 2>/dev/null | awk '{print $2}') \
+    && dpkg --compare-versions "$have" ge "$want"; then
+    return 0
+  fi
+  cat >&2 <<MSG
+$1: building homelab-matrix from source needs Rust $want or newer (cargo and rustc), and this
+machine has ${have:-none}. Debian's own rustc is older than that. Get it with rustup (as root,
+into ~/.cargo; nothing else on the system changes), then run this again:
+
+  curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --default-toolchain $want
+  . "\$HOME/.cargo/env"
+
+Nothing was installed yet.
+MSG
+  return 1
+}
