@@ -74,3 +74,22 @@ Nothing was installed yet.
 MSG
   return 1
 }
+
+# What a cross build for Debian architecture $1 (Rust target $2, GNU triplet $3) needs on
+# this host: the cross compiler, the target's libc as a foreign architecture (dpkg-shlibdeps
+# reads its symbols), rustup's target, and qemu-user's binfmt handler (the build runs the
+# binary it made). Idempotent.
+cross_tools() {
+  local arch=$1 rust=$2 gnu=$3
+  if ! dpkg --print-foreign-architectures | grep -qx "$arch"; then
+    dpkg --add-architecture "$arch"
+    apt-get update -qq
+  fi
+  apt_install "gcc-$gnu" "libc6-dev-$arch-cross" qemu-user-static binfmt-support "libc6:$arch"
+  rustup target list --installed | grep -qx "$rust" || rustup target add "$rust"
+  if [ ! -e /proc/sys/fs/binfmt_misc/register ]; then
+    mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
+  fi
+  local q=qemu-${rust%%-*}
+  [ -e "/proc/sys/fs/binfmt_misc/$q" ] || update-binfmts --enable "$q"
+}
