@@ -529,6 +529,7 @@ fn matrixrtc_authorization_service() {
     let _run = lab.start();
     let alice_pw = add_user(&lab, "alice");
     let bob_pw = add_user(&lab, "bob");
+    let carol_pw = add_user(&lab, "carol");
     let service = format!("https://{}/livekit/jwt", lab.matrix_host());
     let focus = serde_json::json!({"type": "livekit", "livekit_service_url": service});
 
@@ -606,7 +607,30 @@ fn matrixrtc_authorization_service() {
         };
         let alice_openid = openid("alice", &alice).await;
         assert_eq!(alice_openid["matrix_server_name"], lab.server_name.as_str());
-        let room = "!call:matrix.test";
+        // Alice's private room: the call is hers and her guests' only (issue #24 item 5).
+        let client = |method: reqwest::Method, path: String, token: &str, body: Value| {
+            let (http, url, token) = (
+                http.clone(),
+                format!("https://{}{path}", lab.matrix_host()),
+                token.to_string(),
+            );
+            async move {
+                let resp = http.request(method, &url).bearer_auth(&token).json(&body).send().await.unwrap();
+                let st = resp.status().as_u16();
+                let v: Value = resp.json().await.unwrap_or(Value::Null);
+                assert_eq!(st, 200, "{url}: {v}");
+                v
+            }
+        };
+        let created = client(
+            reqwest::Method::POST,
+            "/_matrix/client/v3/createRoom".into(),
+            &alice,
+            serde_json::json!({"preset": "private_chat", "name": "alice's calls"}),
+        )
+        .await;
+        let room_id = created["room_id"].as_str().unwrap().to_string();
+        let room = room_id.as_str();
         let ask = |openid: &Value, claimed: &str| {
             serde_json::json!({
                 "room_id": room,
@@ -633,7 +657,7 @@ fn matrixrtc_authorization_service() {
             claims.sub,
             lk_hash(r#"["@alice:matrix.test","PHONE1","member-1"]"#)
         );
-        let alias = lk_hash(r#"["!call:matrix.test","m.call#ROOM"]"#);
+        let alias = lk_hash(&serde_json::to_string(&[room, "m.call#ROOM"]).unwrap());
         assert_eq!(claims.video.room, alias);
         assert!(claims.video.room_join && claims.video.room_create);
         assert_eq!(claims.video.can_publish, Some(true));
@@ -665,6 +689,41 @@ fn matrixrtc_authorization_service() {
         assert_eq!(claims.sub, "@alice:matrix.test:PHONE1");
         assert_eq!(claims.video.room, alias);
 
+        // Bob has a real token of this server but is not in alice's room: nothing, on either
+        // request; invited is not joined either.
+        let bob_openid = openid("bob", &bob).await;
+        let refused = |v: &Value, st: u16, what: &str| {
+            assert_eq!((st, v["errcode"].as_str()), (403, Some("M_FORBIDDEN")), "{what}: {v}");
+            assert!(v.get("jwt").is_none(), "{what}: {v}");
+        };
+        let legacy = |openid: &Value, room: &str| {
+            serde_json::json!({"room": room, "openid_token": openid, "device_id": "DEV"})
+        };
+        let (st, v) = post(&http, &format!("{service}/get_token"), ask(&bob_openid, "@bob:matrix.test")).await;
+        refused(&v, st, "bob, not in the room");
+        let (st, v) = post(&http, &format!("{service}/sfu/get"), legacy(&bob_openid, room)).await;
+        refused(&v, st, "bob, not in the room, legacy request");
+        let invite = format!("/_matrix/client/v3/rooms/{room}/invite");
+        client(reqwest::Method::POST, invite.clone(), &alice, serde_json::json!({"user_id": "@bob:matrix.test"})).await;
+        let (st, v) = post(&http, &format!("{service}/get_token"), ask(&bob_openid, "@bob:matrix.test")).await;
+        refused(&v, st, "bob, invited only");
+        // A room that does not exist, and a room ID that is none.
+        let (st, v) = post(&http, &format!("{service}/sfu/get"), legacy(&alice_openid, "!nowhere:matrix.test")).await;
+        refused(&v, st, "a room that does not exist");
+        let (st, v) = post(&http, &format!("{service}/sfu/get"), legacy(&alice_openid, "call-room")).await;
+        assert_eq!(st, 400, "{v}");
+        // Carol joins and gets a token; deactivated, her OpenID token (good for an hour
+        // still) gets none.
+        let carol = login("carol", &carol_pw).await;
+        client(reqwest::Method::POST, invite, &alice, serde_json::json!({"user_id": "@carol:matrix.test"})).await;
+        client(reqwest::Method::POST, format!("/_matrix/client/v3/join/{room}"), &carol, serde_json::json!({})).await;
+        let carol_openid = openid("carol", &carol).await;
+        let (st, v) = post(&http, &format!("{service}/sfu/get"), legacy(&carol_openid, room)).await;
+        assert_eq!(st, 200, "carol, joined: {v}");
+        lab.ok(&["user", "deactivate", "carol", "--yes"]);
+        let (st, v) = post(&http, &format!("{service}/sfu/get"), legacy(&carol_openid, room)).await;
+        refused(&v, st, "carol, deactivated");
+
         // Refused: a forged OpenID token, a real one claimed for someone else, one from
         // another server, a delegation this server cannot carry out.
         let mut forged = alice_openid.clone();
@@ -672,7 +731,6 @@ fn matrixrtc_authorization_service() {
         let (st, v) = post(&http, &format!("{service}/get_token"), ask(&forged, "@alice:matrix.test")).await;
         assert_eq!((st, v["errcode"].as_str()), (401, Some("M_UNAUTHORIZED")), "{v}");
         assert!(v.get("jwt").is_none());
-        let bob_openid = openid("bob", &bob).await;
         let (st, v) = post(&http, &format!("{service}/get_token"), ask(&bob_openid, "@alice:matrix.test")).await;
         assert_eq!(st, 401, "bob's token passed as alice's: {v}");
         let mut foreign = bob_openid.clone();

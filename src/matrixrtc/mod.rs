@@ -9,7 +9,8 @@
 //! Element Call request), `GET /healthz`.
 //!
 //! Only this server's users get tokens: their OpenID tokens are verified with our own
-//! Synapse, on loopback. The appliance has no LiveKit server API client (only the
+//! Synapse, on loopback, and only for a room they are joined to, with an account that is
+//! active (asked of Synapse's admin API at every request). The appliance has no LiveKit server API client (only the
 //! `livekit-api` crate's access tokens), so it does not create rooms on the SFU beforehand
 //! or take over a client's delayed leave event: its tokens let its own users create the
 //! room by joining it (`roomCreate`), as LiveKit's default `auto_create` does anyway.
@@ -24,7 +25,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::config::{self, Config};
-use crate::synapse::admin::Synapse;
+use crate::secrets::Secrets;
+use crate::synapse::admin::{Admin, AdminError, Synapse};
 
 /// How long a minted LiveKit token is valid for joining (lk-jwt-service: an hour). LiveKit
 /// checks it when a participant connects, not for the length of the call.
@@ -111,6 +113,11 @@ pub struct Service {
     secret_file: PathBuf,
     server_name: String,
     synapse: Synapse,
+    /// Where the appliance's admin account's token is kept: membership and account state
+    /// are asked of Synapse's admin API with it.
+    secrets: Secrets,
+    /// That admin session, once made.
+    admin: tokio::sync::Mutex<Option<Admin>>,
     focus: Value,
 }
 
@@ -125,6 +132,8 @@ impl Service {
             secret_file: cfg.matrixrtc.api_secret_file.clone().into(),
             server_name: cfg.server_name.clone(),
             synapse: Synapse::new(&cfg.synapse_local_url()),
+            secrets: Secrets::open(&cfg.state_dir()),
+            admin: tokio::sync::Mutex::new(None),
             focus,
         })
     }
@@ -203,6 +212,9 @@ impl Service {
                 "the OpenID token belongs to another user than member.claimed_user_id",
             );
         }
+        if let Err(refused) = self.may_join(&ask.room, &user).await {
+            return refused;
+        }
         let (Some(key), Some(secret)) = (
             config::first_line(&self.key_file),
             config::first_line(&self.secret_file),
@@ -252,6 +264,79 @@ impl Service {
             }
         }
     }
+}
+
+impl Service {
+    /// The admin session (made once; made again when Synapse stops taking its token).
+    async fn admin(&self, fresh: bool) -> Result<Admin, Answer> {
+        let mut slot = self.admin.lock().await;
+        if fresh || slot.is_none() {
+            match self.synapse.service_session(&self.secrets).await {
+                Ok(a) => *slot = Some(a),
+                Err(e) => {
+                    tracing::warn!("MatrixRTC: no admin session with Synapse: {e:#}");
+                    return Err(unavailable());
+                }
+            }
+        }
+        Ok(slot.clone().expect("set above"))
+    }
+
+    /// A token only for a user joined to the room's call, with an account that is active
+    /// (MSC4195; lk-jwt-service checks membership too). An OpenID token stays valid for up to
+    /// an hour after it was issued, also once its account is deactivated or has left the
+    /// room, so both are asked of Synapse now, on loopback, at every request.
+    async fn may_join(&self, room: &str, user: &str) -> Result<(), Answer> {
+        if !room.starts_with('!') {
+            return Err(bad_json(
+                "room_id is not a Matrix room ID (it starts with '!')",
+            ));
+        }
+        let mut admin = self.admin(false).await?;
+        for retry in [true, false] {
+            let local = user
+                .rsplit_once(':')
+                .is_some_and(|(_, server)| server == self.server_name);
+            let checked = async {
+                if local {
+                    let u = admin.get_user(user).await?;
+                    if u.deactivated || u.locked {
+                        return Ok(Some(false));
+                    }
+                }
+                admin.is_joined(room, user).await
+            }
+            .await;
+            return match checked {
+                Ok(Some(true)) => Ok(()),
+                Ok(Some(false)) | Ok(None) | Err(AdminError::NoSuchUser(_)) => Err(error(
+                    StatusCode::FORBIDDEN,
+                    "M_FORBIDDEN",
+                    "a call's token is only for an active account joined to that room: join the room first",
+                )),
+                // The stored admin token stopped working: log in again, once.
+                Err(AdminError::Api { status, .. })
+                    if retry && status == StatusCode::UNAUTHORIZED =>
+                {
+                    admin = self.admin(true).await?;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!("MatrixRTC: cannot check room membership with Synapse: {e}");
+                    Err(unavailable())
+                }
+            };
+        }
+        Err(unavailable())
+    }
+}
+
+fn unavailable() -> Answer {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "M_UNKNOWN",
+        "the homeserver cannot check room membership right now; try again shortly",
+    )
 }
 
 /// What `status` says when no LiveKit server is configured.

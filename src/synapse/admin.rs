@@ -655,6 +655,38 @@ impl Admin {
         Ok(u)
     }
 
+    /// Whether `user_id` is joined to `room_id` now: admin API "Room Members"
+    /// (`GET /_synapse/admin/v1/rooms/<room_id>/members`), which lists the joined members
+    /// only, so an invite, a leave, a kick or a ban is not joined. None when Synapse knows no
+    /// such room (404) or the room ID is not one (400).
+    pub async fn is_joined(
+        &self,
+        room_id: &str,
+        user_id: &str,
+    ) -> Result<Option<bool>, AdminError> {
+        let s = &self.synapse;
+        let url = s.url(&format!(
+            "/_synapse/admin/v1/rooms/{}/members",
+            path_escape(room_id)
+        ));
+        match s
+            .call("listing a room's members", self.authed(s.http.get(url)))
+            .await
+        {
+            Ok((_, v)) => {
+                Ok(Some(v["members"].as_array().is_some_and(|m| {
+                    m.iter().any(|u| u.as_str() == Some(user_id))
+                })))
+            }
+            Err(AdminError::Api { status, .. })
+                if status == StatusCode::NOT_FOUND || status == StatusCode::BAD_REQUEST =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// The account with its devices and joined-room count (admin API "List all devices",
     /// "List joined rooms of a user").
     pub async fn user_details(&self, user_id: &str) -> Result<UserDetails, AdminError> {
