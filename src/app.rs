@@ -383,6 +383,8 @@ pub fn routes(
             max: cfg.max_upload_bytes(),
         }),
         Arc::new(ForwardedHeaders),
+        // Registration-token guesses through /register and the validity endpoint, per address.
+        Arc::new(front::ratelimit::RegistrationLimit::default()),
     ];
     let rtc = crate::matrixrtc::Service::from_config(
         cfg,

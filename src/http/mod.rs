@@ -6,6 +6,7 @@
 //! - `layers`: admin guard, forwarded headers, body limit, HSTS;
 //! - `handlers`: the small answers (well-known, ACME HTTP-01, landing page);
 //! - `proxy`: the handler that forwards to Synapse;
+//! - `ratelimit`: the registration-token oracle's budget per client address;
 //! - `wire`: the lean HTTP/1.1 client its long-polls go through.
 //!
 //! Nothing here imports a feature module: Element and the rest are registered by `app`.
@@ -13,6 +14,7 @@
 pub mod handlers;
 pub mod layers;
 pub mod proxy;
+pub mod ratelimit;
 pub mod router;
 pub mod transport;
 pub mod wire;
