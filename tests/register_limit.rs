@@ -29,6 +29,12 @@ fn call(
             .arg(b.to_string());
     }
     let out = c.output().unwrap();
+    if !out.status.success() {
+        eprintln!(
+            "curl {method} {path} from {from}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     let text = String::from_utf8_lossy(&out.stdout).replace("\r\n", "\n");
     // The last header block (curl -i prints each response's).
     let (head, body) = text.rsplit_once("\n\n").unwrap_or((&text, ""));

@@ -18,11 +18,12 @@ use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
 use serde_json::json;
 
 use super::layers::Layer;
 use super::transport::addr_key;
-use super::{Body, Cx, full};
+use super::{Body, Cx, Drained, full};
 
 /// Requests at once per address: two people behind one NAT signing up together, each with a
 /// retry, fit.
@@ -132,7 +133,14 @@ impl Layer for RegistrationLimit {
             None => Step::Next(req),
             Some(wait) => {
                 tracing::debug!(peer = %cx.peer, "registration attempts over the limit: 429");
-                Step::Answer(too_many(wait))
+                // Read the guess (a few hundred bytes) before the 429 ends: see `Drained`.
+                let (parts, body) = too_many(wait).into_parts();
+                let drained = Drained {
+                    body,
+                    req: Some(req.into_body()),
+                    left: 64 * 1024,
+                };
+                Step::Answer(Response::from_parts(parts, drained.boxed()))
             }
         }
     }
