@@ -479,29 +479,49 @@ struct OtherWebServer {
     child: std::process::Child,
 }
 
+/// A certificate for `name` from the lab's internal CA, in `d` (cert.pem, key.pem).
+fn lab_cert(lab: &Lab, d: &std::path::Path, name: &str) {
+    let ca = lab.state().join("ca");
+    let sh = format!(
+        "set -e; cd {d}; openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout key.pem -subj /CN={name} -out req.pem 2>/dev/null; \
+         printf 'subjectAltName=DNS:{name}\\n' > ext; \
+         openssl x509 -req -in req.pem -CA {ca}/root.pem -CAkey {ca}/root.key -CAcreateserial -days 2 -extfile ext -out cert.pem 2>/dev/null",
+        d = d.display(),
+        ca = ca.display()
+    );
+    let st = std::process::Command::new("sh")
+        .args(["-c", &sh])
+        .status()
+        .unwrap();
+    assert!(st.success(), "making a certificate for {name}");
+}
+
+/// Writes `files` under `d`/www; returns that directory.
+fn www(d: &std::path::Path, files: &[(&str, &str)]) -> std::path::PathBuf {
+    let www = d.join("www");
+    for (path, body) in files {
+        let f = www.join(path.trim_start_matches('/'));
+        fs::create_dir_all(f.parent().unwrap()).unwrap();
+        fs::write(f, body).unwrap();
+    }
+    fs::create_dir_all(&www).unwrap();
+    www
+}
+
+fn wait_listening(ip: &str, port: u16) {
+    let addr: std::net::SocketAddr = format!("{ip}:{port}").parse().unwrap();
+    common::wait_until(
+        "the web server listening",
+        std::time::Duration::from_secs(10),
+        || std::net::TcpStream::connect(addr).is_ok(),
+    );
+}
+
 impl OtherWebServer {
     fn start(lab: &Lab, name: &str, ip: &str, port: u16, files: &[(&str, &str)]) -> OtherWebServer {
         let d = lab.path(&format!("web-{name}"));
-        let www = d.join("www");
-        for (path, body) in files {
-            let f = www.join(path.trim_start_matches('/'));
-            fs::create_dir_all(f.parent().unwrap()).unwrap();
-            fs::write(f, body).unwrap();
-        }
-        fs::create_dir_all(&www).unwrap();
-        let ca = lab.state().join("ca");
-        let sh = format!(
-            "set -e; cd {d}; openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout key.pem -subj /CN={name} -out req.pem 2>/dev/null; \
-             printf 'subjectAltName=DNS:{name}\\n' > ext; \
-             openssl x509 -req -in req.pem -CA {ca}/root.pem -CAkey {ca}/root.key -CAcreateserial -days 2 -extfile ext -out cert.pem 2>/dev/null",
-            d = d.display(),
-            ca = ca.display()
-        );
-        let st = std::process::Command::new("sh")
-            .args(["-c", &sh])
-            .status()
-            .unwrap();
-        assert!(st.success(), "making a certificate for {name}");
+        let www = www(&d, files);
+        lab_cert(lab, &d, name);
         let child = std::process::Command::new("openssl")
             .args(["s_server", "-quiet", "-WWW", "-accept"])
             .arg(format!("{ip}:{port}"))
@@ -514,12 +534,35 @@ impl OtherWebServer {
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("running openssl s_server");
-        let addr: std::net::SocketAddr = format!("{ip}:{port}").parse().unwrap();
-        common::wait_until(
-            "s_server listening",
-            std::time::Duration::from_secs(10),
-            || std::net::TcpStream::connect(addr).is_ok(),
+        wait_listening(ip, port);
+        OtherWebServer { child }
+    }
+
+    /// The same, but its files served as JSON with CORS headers, as a well-made (and here
+    /// hostile) well-known server does: Python's http.server over TLS.
+    fn json(lab: &Lab, name: &str, ip: &str, port: u16, files: &[(&str, &str)]) -> OtherWebServer {
+        let d = lab.path(&format!("json-{name}"));
+        let www = www(&d, files);
+        lab_cert(lab, &d, name);
+        let py = format!(
+            "import http.server as h, ssl\n\
+             class H(h.SimpleHTTPRequestHandler):\n  \
+               def end_headers(s):\n    \
+                 s.send_header('Access-Control-Allow-Origin', '*'); s.send_header('Content-Type', 'application/json'); super().end_headers()\n  \
+               def log_message(s, *a): pass\n\
+             c = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); c.load_cert_chain('{d}/cert.pem', '{d}/key.pem')\n\
+             s = h.ThreadingHTTPServer(('{ip}', {port}), H); s.socket = c.wrap_socket(s.socket, server_side=True)\n\
+             s.serve_forever()\n",
+            d = d.display()
         );
+        let child = std::process::Command::new("python3")
+            .args(["-c", &py])
+            .current_dir(&www)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("running python3's http.server");
+        wait_listening(ip, port);
         OtherWebServer { child }
     }
 }
@@ -637,6 +680,86 @@ fn server_discovery_follows_srv_records_and_a_missing_or_corsless_well_known_fai
         "{text}"
     );
     assert!(l.contains("with Access-Control-Allow-Origin: *"), "{text}");
+}
+
+/// Issue #24 item 7: a well-known is someone else's word. One naming loopback (a client
+/// base_url over plain http with a path and fragment of its choosing, then an https one at a
+/// loopback address; an m.server at a loopback address and port) gets a failed check naming
+/// the fix, and no connection reaches the port it named.
+#[test]
+fn a_hostile_well_known_does_not_send_the_doctor_to_loopback() {
+    if !require_appliance() {
+        return;
+    }
+    let lab = Lab::new("doctor-ssrf");
+    let _run = lab.start();
+    // What the well-known wants the doctor to knock on: a port on loopback nothing of ours
+    // listens on, recording whoever connects.
+    let trap = std::net::TcpListener::bind("127.0.0.3:0").unwrap();
+    trap.set_nonblocking(true).unwrap();
+    let port = trap.local_addr().unwrap().port();
+    let knocked = || match trap.accept() {
+        Ok((_, from)) => Some(from),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
+        Err(e) => panic!("{e}"),
+    };
+    let elsewhere = ["matrix.test=127.0.0.2"];
+    for (base, refused) in [
+        (
+            format!("http://127.0.0.3:{port}/_synapse/admin/v1/steal?x=1#"),
+            "is not an https:// URL",
+        ),
+        (
+            format!("https://127.0.0.3:{port}/"),
+            "127.0.0.3 is not a public address",
+        ),
+    ] {
+        let web = OtherWebServer::json(
+            &lab,
+            "matrix.test",
+            "127.0.0.2",
+            lab.https_port,
+            &[
+                (
+                    ".well-known/matrix/client",
+                    &format!("{{\"m.homeserver\": {{\"base_url\": \"{base}\"}}}}"),
+                ),
+                (
+                    ".well-known/matrix/server",
+                    &format!("{{\"m.server\": \"127.0.0.3:{port}\"}}"),
+                ),
+            ],
+        );
+        let run = |only: &str| {
+            let (code, text) = doctor(&lab, &["--only", only], &elsewhere);
+            eprintln!("{text}");
+            assert_eq!(code, Some(1), "{text}");
+            line(&text, only).to_string()
+        };
+        let l = run("delegation-client");
+        assert!(
+            l.starts_with("❌") && l.contains(refused) && l.contains("fix: serve "),
+            "{l}"
+        );
+        for check in ["delegation-server", "federation-in"] {
+            let l = run(check);
+            assert!(
+                l.starts_with("❌")
+                    && l.contains(&format!("127.0.0.3:{port}"))
+                    && l.contains("not a public address"),
+                "{l}"
+            );
+        }
+        drop(web);
+        assert_eq!(knocked(), None, "the doctor connected to the trap");
+    }
+    // The trap records: the same connection from here is seen.
+    let _probe = std::net::TcpStream::connect(("127.0.0.3", port)).unwrap();
+    common::wait_until(
+        "the trap sees a connection",
+        std::time::Duration::from_secs(5),
+        || knocked().is_some(),
+    );
 }
 
 /// A's doctor, run on B: its config and state (shared by the file system), B's network.

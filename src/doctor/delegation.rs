@@ -37,12 +37,11 @@ impl Target {
         )
     }
 
-    /// A client whose requests to `base()` reach this target.
+    /// A client whose requests to `base()` reach this target: a discovered one, so only at
+    /// a public address unless it is the appliance's own (`Net::untrusted`).
     pub async fn client(&self, net: &super::Net) -> anyhow::Result<reqwest::Client> {
-        match &self.via {
-            Some(via) => net.client_via(&self.host, via, self.port).await,
-            None => Ok(net.http().clone()),
-        }
+        net.untrusted(&self.host, self.via.as_deref(), self.port)
+            .await
     }
 }
 
@@ -320,9 +319,32 @@ pub async fn client(ctx: &Ctx<'_>) -> Check {
             fix,
         );
     };
+    // The client-server API is served over TLS (spec "API standards": clients SHOULD use
+    // HTTPS), and a web client on an https origin cannot call anything else.
+    let parsed = reqwest::Url::parse(base).ok();
+    let Some((host, port)) = parsed
+        .as_ref()
+        .filter(|u| u.scheme() == "https")
+        .and_then(|u| {
+            Some((
+                u.host_str()?.trim_matches(['[', ']']),
+                u.port_or_known_default()?,
+            ))
+        })
+    else {
+        return Check::fail(
+            NAME,
+            format!("{url}: base_url {base:?} is not an https:// URL"),
+            fix,
+        );
+    };
+    let via = match ctx.net.untrusted(host, None, port).await {
+        Ok(c) => c,
+        Err(e) => return Check::fail(NAME, format!("base_url {base}: {e:#}"), fix),
+    };
     let versions = format!("{}/_matrix/client/versions", base.trim_end_matches('/'));
     let answer = match super::net::get_json(
-        ctx.net.http().get(&versions),
+        via.get(&versions),
         NAME,
         &format!("base_url {base}: {versions}"),
         "see `homelab-matrix status`: Synapse must be running behind the front door",

@@ -94,7 +94,7 @@ pub async fn inbound(ctx: &Ctx<'_>, discovered: &Discovered) -> Check {
     );
     let client = match target.client(&ctx.net).await {
         Ok(c) => c,
-        Err(e) => return Check::fail(NAME, format!("{e:#}"), fix),
+        Err(e) => return Check::fail(NAME, format!("{}; but {e:#}", target.how), fix),
     };
     let doc = match get_json(client.get(&url), NAME, &format!("GET {url}"), &fix, &fix).await {
         Ok(v) => v,

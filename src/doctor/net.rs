@@ -25,6 +25,9 @@ pub const TIMEOUT: Duration = Duration::from_secs(15);
 
 pub struct Net {
     overrides: Vec<(String, IpAddr)>,
+    /// The appliance's own names (server_name, `[hosts]`, the `--resolve` ones): discovered
+    /// targets that are these may be anywhere (split-horizon DNS), others only public.
+    own: Vec<String>,
     /// The front door's HTTPS port (443 on a real host) and federation port (8448).
     pub https_port: u16,
     pub federation_port: u16,
@@ -68,8 +71,26 @@ impl Net {
             .expect("ring supports the default TLS versions")
             .with_root_certificates(trusted)
             .with_no_client_auth();
+        let mut own: Vec<String> = [
+            &cfg.server_name,
+            &cfg.hosts.matrix,
+            &cfg.hosts.element,
+            &cfg.hosts.turn,
+        ]
+        .into_iter()
+        .map(|n| {
+            n.rsplit_once(':')
+                .map_or(n.as_str(), |(h, _)| h)
+                .to_string()
+        })
+        .chain(overrides.iter().map(|(n, _)| n.clone()))
+        .filter(|n| !n.is_empty())
+        .collect();
+        own.sort();
+        own.dedup();
         Net {
             overrides: overrides.to_vec(),
+            own,
             https_port: cfg.public_https_port(),
             federation_port: cfg.listen.federation.v().port(),
             system,
@@ -83,15 +104,35 @@ impl Net {
         http_client(&self.tls, &self.overrides, extra)
     }
 
-    /// A client whose requests for `name` go to `connect`'s addresses instead (server
-    /// discovery's SRV case: the certificate and Host stay `name`'s).
-    pub async fn client_via(
+    /// A client for a target someone else named (a well-known, an SRV record): its requests
+    /// for `name` go to `connect`'s address (server discovery's SRV case: the certificate and
+    /// Host stay `name`'s; None: `name`'s own). Unless `connect` is the appliance's own name
+    /// or address, only a public address will do, and the one checked is the one connected
+    /// to (pinned: a second DNS answer cannot move it). A hostile well-known must not make
+    /// root's doctor knock on loopback or the LAN.
+    pub async fn untrusted(
         &self,
         name: &str,
-        connect: &str,
+        connect: Option<&str>,
         port: u16,
     ) -> Result<reqwest::Client> {
-        let ip = self.resolve(connect).await?[0];
+        let connect = connect.unwrap_or(name);
+        let addrs = self.resolve(connect).await?;
+        let own = self.own.iter().any(|n| n.eq_ignore_ascii_case(connect));
+        let Some(ip) = addrs.iter().copied().find(|ip| own || !internal(*ip)) else {
+            let (is, hint) = if connect.parse::<IpAddr>().is_ok() {
+                (String::new(), "delegate to one of its names".to_string())
+            } else {
+                let list: Vec<String> = addrs.iter().map(IpAddr::to_string).collect();
+                (
+                    format!(" ({})", list.join(", ")),
+                    format!("name it in [hosts] or pass --resolve {connect}=ADDRESS"),
+                )
+            };
+            bail!(
+                "{connect}{is} is not a public address: the doctor does not follow a discovered target there (if it is this appliance, {hint})"
+            );
+        };
         Ok(self.client(&[(name, SocketAddr::new(ip, port))]))
     }
 
@@ -290,6 +331,41 @@ fn http_client(
     b.build().expect("building the doctor's HTTP client")
 }
 
+/// An address the internet does not route to (RFC 6890's special-purpose registries):
+/// loopback, private (RFC 1918, RFC 4193), link-local, shared (RFC 6598), unspecified,
+/// multicast and broadcast, documentation and benchmarking ranges, IPv4 in IPv6.
+pub fn internal(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v) => {
+            let [a, b, ..] = v.octets();
+            v.is_loopback()
+                || v.is_private()
+                || v.is_link_local()
+                || v.is_unspecified()
+                || v.is_multicast()
+                || v.is_broadcast()
+                || v.is_documentation()
+                || a == 0
+                || (a == 100 && (64..128).contains(&b))
+                || (a == 198 && (b == 18 || b == 19))
+                || a >= 240
+        }
+        IpAddr::V6(v) => {
+            if let Some(v4) = v.to_ipv4_mapped() {
+                return internal(IpAddr::V4(v4));
+            }
+            let first = v.segments()[0];
+            v.is_loopback()
+                || v.is_unspecified()
+                || v.is_multicast()
+                || (first & 0xfe00) == 0xfc00 // unique local
+                || (first & 0xffc0) == 0xfe80 // link-local
+                || (first == 0x2001 && v.segments()[1] == 0x0db8) // documentation
+                || (first == 0 && v.segments()[..6].iter().all(|s| *s == 0)) // IPv4-compatible
+        }
+    }
+}
+
 /// The any-address of `of`'s family, port 0: where a socket that talks to `of` binds.
 pub fn unspecified(of: SocketAddr) -> SocketAddr {
     let ip = if of.is_ipv4() {
@@ -298,4 +374,37 @@ pub fn unspecified(of: SocketAddr) -> SocketAddr {
         IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
     };
     SocketAddr::new(ip, 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_addresses_the_internet_routes_are_public() {
+        for a in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "255.255.255.255",
+            "224.0.0.1",
+            "192.0.2.1",
+            "::1",
+            "::",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+            "::ffff:10.0.0.1",
+            "2001:db8::1",
+        ] {
+            assert!(internal(a.parse().unwrap()), "{a}");
+        }
+        for a in ["1.1.1.1", "8.8.8.8", "2606:4700::1111", "::ffff:1.1.1.1"] {
+            assert!(!internal(a.parse().unwrap()), "{a}");
+        }
+    }
 }
