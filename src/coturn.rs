@@ -217,7 +217,7 @@ pub fn child_spec(cfg: &Config, run_as: RunAs) -> ChildSpec {
         name: "coturn".into(),
         command,
         readiness: Readiness::TcpConnect {
-            port: cfg.turn.port,
+            ports: vec![cfg.turn.port, cfg.turn.tls_port],
         },
         ready_timeout: Duration::from_secs(60),
         stop_signal: Signal::SIGTERM,

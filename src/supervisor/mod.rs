@@ -29,8 +29,10 @@ pub enum Readiness {
     Spawned,
     /// An HTTP GET on 127.0.0.1 answers 200 (Synapse's `/health`).
     HttpGet { port: u16, path: String },
-    /// A TCP connection to 127.0.0.1:port succeeds (coturn's listener).
-    TcpConnect { port: u16 },
+    /// A TCP connection to 127.0.0.1 succeeds on every one of `ports` (coturn's listeners:
+    /// it opens its plain and TLS ones one after the other, and a check of the first alone
+    /// let the doctor find the TLS one still closed).
+    TcpConnect { ports: Vec<u16> },
 }
 
 /// Everything the supervisor needs to know to run a child.
@@ -338,10 +340,18 @@ async fn probe(r: &Readiness, timeout: Duration) -> bool {
             }
             false
         }
-        Readiness::TcpConnect { port } => {
+        Readiness::TcpConnect { ports } => {
             let deadline = Instant::now() + timeout;
+            let mut open = 0;
             while Instant::now() < deadline {
-                if TcpStream::connect(("127.0.0.1", *port)).await.is_ok() {
+                // A port that answered once is not asked again (each ask is a log line in coturn).
+                while let Some(port) = ports.get(open) {
+                    if TcpStream::connect(("127.0.0.1", *port)).await.is_err() {
+                        break;
+                    }
+                    open += 1;
+                }
+                if open == ports.len() {
                     return true;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -622,5 +632,26 @@ mod tests {
             l("synapse.config.logger - 318 - WARNING - main - Loaded a blank logging config?"),
             Level::WARN
         );
+    }
+
+    #[tokio::test]
+    async fn a_tcp_probe_waits_for_every_port() {
+        use super::{Readiness, probe};
+        use std::time::Duration;
+        let first = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        // A port taken and let go: closed, as coturn's TLS one is before it opens.
+        let second = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port2 = second.local_addr().unwrap().port();
+        drop(second);
+        let r = Readiness::TcpConnect {
+            ports: vec![first.local_addr().unwrap().port(), port2],
+        };
+        assert!(!probe(&r, Duration::from_millis(400)).await);
+        let later = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            std::net::TcpListener::bind(("127.0.0.1", port2)).unwrap()
+        });
+        assert!(probe(&r, Duration::from_secs(5)).await);
+        drop(later.await.unwrap());
     }
 }
