@@ -85,11 +85,39 @@ cross_tools() {
     dpkg --add-architecture "$arch"
     apt-get update -qq
   fi
-  apt_install "gcc-$gnu" "libc6-dev-$arch-cross" qemu-user-static binfmt-support "libc6:$arch"
+  # libsqlite3-sys links the system's sqlite (the bot's crypto store), as the native build does.
+  apt_install "gcc-$gnu" "libc6-dev-$arch-cross" qemu-user-static binfmt-support "libc6:$arch" \
+    "libsqlite3-dev:$arch"
   rustup target list --installed | grep -qx "$rust" || rustup target add "$rust"
   if [ ! -e /proc/sys/fs/binfmt_misc/register ]; then
     mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
   fi
   local q=qemu-${rust%%-*}
   [ -e "/proc/sys/fs/binfmt_misc/$q" ] || update-binfmts --enable "$q"
+}
+
+# Sets this shell up to cross-build for Debian architecture $1 (only arm64 on amd64 is set up):
+# the tools (cross_tools), cargo's target, the target's linker and C compiler (ring and
+# mimalloc compile C), and a target dir of its own: cargo locks one for a whole build, and a
+# cross build shares nothing with the native ones, so it can run beside them.
+cross_env() {
+  local build rust gnu
+  build=$(dpkg --print-architecture)
+  case "$build/$1" in
+    amd64/arm64) rust=aarch64-unknown-linux-gnu; gnu=aarch64-linux-gnu ;;
+    *) echo "cross-building $1 on $build is not set up; arm64 on amd64 is" >&2; return 2 ;;
+  esac
+  cross_tools "$1" "$rust" "$gnu"
+  export CARGO_BUILD_TARGET=$rust
+  export CARGO_TARGET_DIR=$CARGO_TARGET_DIR-$1
+  mkdir -p "$CARGO_TARGET_DIR"
+  chmod a+rx "$CARGO_TARGET_DIR"
+  local t
+  t=$(echo "$rust" | tr 'a-z-' 'A-Z_')
+  export "CARGO_TARGET_${t}_LINKER=$gnu-gcc"
+  export "CC_${rust//-/_}=$gnu-gcc" "AR_${rust//-/_}=$gnu-ar"
+  # pkg-config for the target only: arm64's .pc files (build scripts' own stay native).
+  export "PKG_CONFIG_ALLOW_CROSS_${rust//-/_}=1" "PKG_CONFIG_LIBDIR_${rust//-/_}=/usr/lib/$gnu/pkgconfig:/usr/share/pkgconfig"
+  # debhelper: the build runs what it built, through qemu-user's binfmt handler.
+  export DEB_BUILD_OPTIONS="${DEB_BUILD_OPTIONS:+$DEB_BUILD_OPTIONS }crossbuildcanrunhostbinaries nocheck"
 }
