@@ -14,193 +14,16 @@
 
 mod common;
 
-use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use common::aptrepo::{Apt, deb, key, release, run, serve, stop_agent};
 
-const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+use std::fs;
+use std::process::{Command, Output};
 
 fn have(p: &str) -> bool {
     Command::new("sh")
         .args(["-c", &format!("command -v {p}")])
         .output()
         .is_ok_and(|o| o.status.success())
-}
-
-fn run(c: &mut Command) -> Output {
-    let out = c.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{c:?}: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// A throwaway release key in a keyring of its own; its fingerprint.
-fn key(home: &Path, name: &str) -> String {
-    fs::create_dir_all(home).unwrap();
-    fs::set_permissions(home, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
-    let gpg = || {
-        let mut c = Command::new("gpg");
-        c.env("GNUPGHOME", home).arg("--batch");
-        c
-    };
-    run(gpg().args(["--passphrase", "", "--quick-gen-key"]).args([
-        &format!("{name} <release@homelab-matrix.test>"),
-        "ed25519",
-        "sign",
-        "never",
-    ]));
-    let out = run(gpg().args(["--with-colons", "--list-secret-keys"]));
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|l| l.strip_prefix("fpr:::::::::"))
-        .map(|f| f.trim_end_matches(':').to_string())
-        .expect("a fingerprint")
-}
-
-/// A minimal package named `name`, version `version`, architecture `arch`.
-fn deb(dir: &Path, name: &str, version: &str, arch: &str) -> PathBuf {
-    let root = dir.join(format!("{name}-{version}-{arch}"));
-    fs::create_dir_all(root.join("DEBIAN")).unwrap();
-    fs::create_dir_all(root.join(format!("usr/share/doc/{name}"))).unwrap();
-    fs::write(
-        root.join("DEBIAN/control"),
-        format!(
-            "Package: {name}\nVersion: {version}\nArchitecture: {arch}\nSection: net\nPriority: optional\nMaintainer: t <t@t>\nDescription: stand-in\n stand-in for the repository test\n"
-        ),
-    )
-    .unwrap();
-    fs::write(root.join(format!("usr/share/doc/{name}/README")), version).unwrap();
-    let out = dir.join(format!("{name}_{version}_{arch}.deb"));
-    run(Command::new("dpkg-deb")
-        .args(["--root-owner-group", "--build"])
-        .arg(&root)
-        .arg(&out));
-    out
-}
-
-fn release(gnupg: &Path, repo: &Path, fpr: &str, dists: &[(&str, Vec<PathBuf>)]) {
-    let mut c = Command::new(format!("{ROOT}/packaging/release"));
-    c.env("GNUPGHOME", gnupg)
-        .arg("--repo")
-        .arg(repo)
-        .args(["--key", fpr]);
-    for (d, debs) in dists {
-        c.args(["--dist", d]).args(debs);
-    }
-    run(&mut c);
-}
-
-/// apt with its own sources, lists, cache and (empty) trusted keys: nothing of this host's.
-struct Apt {
-    dir: PathBuf,
-}
-
-impl Apt {
-    fn new(dir: &Path) -> Apt {
-        for d in [
-            "sources",
-            "lists/partial",
-            "cache/archives/partial",
-            "trusted",
-            "dl",
-        ] {
-            fs::create_dir_all(dir.join(d)).unwrap();
-        }
-        Apt {
-            dir: dir.to_owned(),
-        }
-    }
-
-    /// One deb822 source for `suite`, with `Signed-By` when a keyring is given.
-    fn source(&self, port: u16, suite: &str, keyring: Option<&Path>) {
-        let _ = fs::remove_dir_all(self.dir.join("lists"));
-        fs::create_dir_all(self.dir.join("lists/partial")).unwrap();
-        let signed = keyring.map_or(String::new(), |k| format!("Signed-By: {}\n", k.display()));
-        fs::write(
-            self.dir.join("sources/homelab-matrix.sources"),
-            format!(
-                "Types: deb\nURIs: http://127.0.0.1:{port}/\nSuites: {suite}\nComponents: main\n{signed}"
-            ),
-        )
-        .unwrap();
-    }
-
-    fn cmd(&self, tool: &str, arch: &str) -> Command {
-        let d = self.dir.display();
-        let mut c = Command::new(tool);
-        for o in [
-            "Dir::Etc::SourceList=/dev/null".to_string(),
-            format!("Dir::Etc::SourceParts={d}/sources"),
-            format!("Dir::State::Lists={d}/lists"),
-            format!("Dir::Cache={d}/cache"),
-            "Dir::Etc::Trusted=/dev/null".to_string(),
-            format!("Dir::Etc::TrustedParts={d}/trusted"),
-            "Dir::Etc::Preferences=/dev/null".to_string(),
-            "Dir::Etc::PreferencesParts=/dev/null".to_string(),
-            format!("APT::Architecture={arch}"),
-            "APT::Architectures=".to_string(),
-            format!("APT::Architectures::={arch}"),
-            "APT::Sandbox::User=root".to_string(),
-            "Acquire::Languages=none".to_string(),
-        ] {
-            c.arg("-o").arg(o);
-        }
-        c.current_dir(self.dir.join("dl"));
-        c
-    }
-
-    fn update(&self, arch: &str) -> Output {
-        self.cmd("apt-get", arch)
-            .args(["-q", "update"])
-            .output()
-            .unwrap()
-    }
-
-    fn candidate(&self, arch: &str, pkg: &str) -> String {
-        let out = run(self.cmd("apt-cache", arch).args(["policy", pkg]));
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("Candidate: ").map(str::to_string))
-            .unwrap_or_default()
-    }
-}
-
-struct Served(Child);
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// The repository over HTTP on loopback.
-fn serve(repo: &Path) -> (Served, u16) {
-    let port = common::free_port();
-    let child = Command::new("python3")
-        .args([
-            "-m",
-            "http.server",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--directory",
-        ])
-        .arg(repo)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    common::wait_until(
-        "the repository's HTTP server",
-        std::time::Duration::from_secs(30),
-        || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
-    );
-    (Served(child), port)
 }
 
 fn said(o: &Output) -> String {
@@ -347,9 +170,6 @@ fn apt_takes_the_repository_only_with_its_release_key() {
     assert_eq!(apt.candidate("amd64", "homelab-matrix"), "0.1.0");
 
     for home in [&good, &other] {
-        let _ = Command::new("gpgconf")
-            .env("GNUPGHOME", home)
-            .args(["--kill", "gpg-agent"])
-            .status();
+        stop_agent(home);
     }
 }

@@ -1,8 +1,10 @@
-//! The Debian packages as a user's box runs them: a pristine Debian 12 booted with systemd as
-//! PID 1 (systemd-nspawn, tests/common/nspawn.rs), `apt install` of the built .debs with debconf
-//! answers, the unit with its full hardening, `systemctl reload/restart/stop`, crashes of the
-//! supervisor and of Synapse, an upgrade that keeps users, rooms and messages, remove and
-//! purge. Any EPERM, seccomp or AppArmor denial in the container's journal fails it.
+//! The Debian packages as a user's box runs them: a pristine Debian 12, then 13, booted with
+//! systemd as PID 1 (systemd-nspawn, tests/common/nspawn.rs), `apt install homelab-matrix` with
+//! debconf answers from the signed repository the README names (packaging/release, served over HTTP
+//! on loopback, the key fetched and named by `Signed-By`), the unit with its full hardening,
+//! `systemctl reload/restart/stop`, crashes of the supervisor and of Synapse, `apt upgrade` to a
+//! newer version published in the repository (a snapshot first; users, rooms and messages kept),
+//! remove and purge. Any EPERM, seccomp or AppArmor denial in the container's journal fails it.
 //!
 //! The container shares this host's network (apt and pip reach Debian and PyPI through it), so
 //! the appliance takes the host's ports 80/443/8448/3478 and the container's PostgreSQL the
@@ -20,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::aptrepo;
 use common::nspawn::{self, Container, HostPostgresPaused};
 use common::{in_ci, pid_alive, require, require_ok, wait_until};
 use nix::sys::signal::{Signal, kill};
@@ -204,7 +207,7 @@ fn lintian(debs: &[&Path]) {
 }
 
 #[test]
-fn on_debian_12_with_systemd_the_package_installs_survives_crashes_upgrades_and_purges() {
+fn on_debian_12_and_13_with_systemd_the_package_installs_survives_crashes_upgrades_and_purges() {
     let opted_in = in_ci() || std::env::var("HOMELAB_MATRIX_TEST_DEB").is_ok_and(|v| v == "1");
     if !opted_in {
         eprintln!(
@@ -218,11 +221,17 @@ fn on_debian_12_with_systemd_the_package_installs_survives_crashes_upgrades_and_
     if !require("root", common::is_root(), "run the tests as root") || !nspawn::require_nspawn() {
         return;
     }
-    let Some(image) = require_ok("a Debian 12 image (packaging/deb12-image)", nspawn::image())
-    else {
-        return;
-    };
     let t0 = Instant::now();
+    let mut images = vec![];
+    for codename in ["bookworm", "trixie"] {
+        let Some(image) = require_ok(
+            &format!("a Debian {codename} image (packaging/debian-image {codename})"),
+            nspawn::image(codename),
+        ) else {
+            return;
+        };
+        images.push((codename, image));
+    }
 
     // Both versions are built (or found in the cache) before anything on the host is touched.
     let version = String::from_utf8(
@@ -240,14 +249,54 @@ fn on_debian_12_with_systemd_the_package_installs_survives_crashes_upgrades_and_
     let (deb, venv) = nspawn::debs(None);
     let (deb2, venv2) = nspawn::debs(Some(&next));
     lintian(&[&deb, &venv]);
-    let old_dir = deb.parent().unwrap().to_path_buf();
-    let new_dir = deb2.parent().unwrap().to_path_buf();
-    let name = |p: &PathBuf| p.file_name().unwrap().to_string_lossy().into_owned();
+    // The same packages on both releases: built on Debian 12, their dependencies are met by
+    // Debian 13's (PostgreSQL 17, Python 3.13); one life cycle each, one after the other (the
+    // containers take the same host ports).
+    for (codename, image) in &images {
+        let t = Instant::now();
+        life_cycle(
+            codename,
+            image,
+            &version,
+            [&deb, &venv],
+            &next,
+            [&deb2, &venv2],
+        );
+        eprintln!("{codename}: the life cycle took {:.0?}", t.elapsed());
+    }
+    eprintln!(
+        "the systemd test took {:.0?} (builds included)",
+        t0.elapsed()
+    );
+}
+
+/// Install from the signed repository, the unit's hardening, reload, restart, crashes, upgrade
+/// to `next` through the repository, stop, remove, purge, restore, on a pristine `codename`.
+fn life_cycle(
+    codename: &str,
+    image: &Path,
+    version: &str,
+    [deb, venv]: [&PathBuf; 2],
+    next: &str,
+    [deb2, venv2]: [&PathBuf; 2],
+) {
+    // The repository, as packaging/release publishes it: this version for now, the next one
+    // published before the upgrade.
+    let tmp = tempfile::tempdir().unwrap();
+    let gnupg = tmp.path().join("gnupg");
+    let fpr = aptrepo::key(&gnupg, "homelab-matrix test release key");
+    let repo = tmp.path().join("repo");
+    aptrepo::release(
+        &gnupg,
+        &repo,
+        &fpr,
+        &[(codename, vec![deb.clone(), venv.clone()])],
+    );
+    let (_served, port) = aptrepo::serve(&repo);
 
     nspawn::assert_ports_free(&[80, 443, 8448, 3478, 5349], &[3478]);
     let _pg = HostPostgresPaused::pause(5432, Duration::from_secs(900));
-    let tmp = tempfile::tempdir().unwrap();
-    let mut binds = vec![(old_dir, "/debs/old"), (new_dir, "/debs/new")];
+    let mut binds = vec![];
     // This host's trust store (it may hold a proxy's CA that pip needs) and pip settings.
     for f in ["/etc/ssl/certs/ca-certificates.crt", "/etc/pip.conf"] {
         if Path::new(f).exists() {
@@ -256,24 +305,57 @@ fn on_debian_12_with_systemd_the_package_installs_survives_crashes_upgrades_and_
     }
     let booted = Instant::now();
     let Some(ct) = require_ok(
-        "systemd-nspawn booting Debian 12",
-        Container::boot(&image, &binds, &tmp.path().join("nspawn.log")),
+        &format!("systemd-nspawn booting Debian {codename}"),
+        Container::boot(image, &binds, &tmp.path().join("nspawn.log")),
     ) else {
         return;
     };
     eprintln!("booted in {:.1?}", booted.elapsed());
 
-    // Install as a user does: debconf answers, then apt with the package files.
+    // Install as the README says: the key into /etc/apt/keyrings (apt's own downloader: minbase
+    // has no curl), a deb822 source that names it, debconf answers, `apt install`.
+    ct.sh(&format!(
+        "cd /tmp && /usr/lib/apt/apt-helper download-file http://127.0.0.1:{port}/homelab-matrix-archive-keyring.gpg key.gpg \
+         && install -d /etc/apt/keyrings && install -m 0644 key.gpg /etc/apt/keyrings/homelab-matrix-archive-keyring.gpg"
+    ));
+    let source = |signed_by: &str| {
+        ct.sh(&format!(
+            "printf 'Types: deb\\nURIs: http://127.0.0.1:{port}/\\nSuites: {codename}\\nComponents: main\\n{signed_by}' > /etc/apt/sources.list.d/homelab-matrix.sources"
+        ))
+    };
+    // Without the key named, Debian's keys do not vouch for it: apt refuses the repository and
+    // there is nothing to install.
+    source("");
+    let refused = ct.run("apt-get update -q 2>&1");
+    let said = String::from_utf8_lossy(&refused.stdout);
+    assert!(
+        // Debian 12's apt (gpgv) says NO_PUBKEY; Debian 13's (sqv) "Missing key".
+        !refused.status.success() && (said.contains("NO_PUBKEY") || said.contains("Missing key")),
+        "apt took the repository without its key:\n{said}"
+    );
+    assert!(
+        !ct.run(&format!("{APT} install homelab-matrix"))
+            .status
+            .success()
+    );
+    source("Signed-By: /etc/apt/keyrings/homelab-matrix-archive-keyring.gpg\\n");
     let preseed = format!(
         "printf '%s\\n' 'homelab-matrix homelab-matrix/server_name string {SN}' 'homelab-matrix homelab-matrix/tls_mode select internal' | debconf-set-selections"
     );
     ct.sh(&preseed);
     let started = Instant::now();
-    ct.sh(&format!(
-        "apt-get update -q && {APT} install /debs/old/{} /debs/old/{} 2>&1",
-        name(&venv),
-        name(&deb)
+    let said = ct.sh(&format!(
+        "apt-get update -q 2>&1 && {APT} install homelab-matrix 2>&1"
     ));
+    assert!(
+        !said.contains("W: ") && !said.contains("E: "),
+        "apt warned or failed:\n{said}"
+    );
+    // No matrix.org repository here: the Synapse dependency came from ours, this version.
+    assert_eq!(
+        ct.sh("dpkg-query -W -f='${Version} ' homelab-matrix homelab-matrix-synapse-venv"),
+        format!("{version} {version}")
+    );
     eprintln!(
         "apt install (incl. Synapse from PyPI and the first start): {:.0?}",
         started.elapsed()
@@ -283,8 +365,10 @@ fn on_debian_12_with_systemd_the_package_installs_survives_crashes_upgrades_and_
     assert_eq!(ct.sh(&format!("systemctl is-active {UNIT}")), "active");
     assert_eq!(ct.sh(&format!("systemctl is-enabled {UNIT}")), "enabled");
     assert_eq!(
-        prop(&ct, "FragmentPath"),
-        "/lib/systemd/system/homelab-matrix.service"
+        ct.sh(&format!("readlink -f {}", prop(&ct, "FragmentPath"))),
+        // Debian 13's /lib is /usr/lib (merged /usr): systemd names the unit there.
+        ct.sh("readlink -f /lib/systemd/system/homelab-matrix.service"),
+        "the unit is not the package's"
     );
     assert_eq!(prop(&ct, "DropInPaths"), "", "the unit runs with drop-ins");
     assert_eq!(
@@ -338,10 +422,7 @@ fn on_debian_12_with_systemd_the_package_installs_survives_crashes_upgrades_and_
     assert_eq!(st, 200, "{v}");
 
     // Reinstalling the same version changes nothing the operator has.
-    ct.sh(&format!(
-        "{APT} install --reinstall /debs/old/{} 2>&1",
-        name(&deb)
-    ));
+    ct.sh(&format!("{APT} install --reinstall homelab-matrix 2>&1"));
     assert_eq!(String::from_utf8(read(&ct, CONF)).unwrap(), conf);
     assert_eq!(
         ct.sh(&format!("wc -l < {STATE}/masked-units")),
@@ -474,13 +555,22 @@ fn on_debian_12_with_systemd_the_package_installs_survives_crashes_upgrades_and_
     let conf = String::from_utf8(read(&ct, CONF)).unwrap();
     let secrets = secrets_digest(&ct);
     let signing = read(&ct, &format!("{STATE}/synapse-data/signing.key"));
+    // The next version is published; the box takes it the way unattended upgrades would.
+    aptrepo::release(
+        &gnupg,
+        &repo,
+        &fpr,
+        &[(codename, vec![deb2.clone(), venv2.clone()])],
+    );
     let t = Instant::now();
-    ct.sh(&format!(
-        "{APT} install /debs/new/{} /debs/new/{} 2>&1",
-        name(&venv2),
-        name(&deb2)
-    ));
-    assert_eq!(ct.sh("dpkg-query -W -f='${Version}' homelab-matrix"), next);
+    // ca-certificates held: its bundle here is the host's, bound read-only, which its
+    // postinst cannot replace; everything else upgrades as on a user's box.
+    ct.sh("apt-mark hold ca-certificates");
+    ct.sh(&format!("apt-get update -q 2>&1 && {APT} upgrade 2>&1"));
+    assert_eq!(
+        ct.sh("dpkg-query -W -f='${Version} ' homelab-matrix homelab-matrix-synapse-venv"),
+        format!("{next} {next}")
+    );
     wait_ready(&ct, "the appliance after the upgrade");
     eprintln!("upgrade: ready in {:.1?}", t.elapsed());
     // The preinst took a snapshot first (README "Backups"): root-only, a good backup; and once
@@ -586,11 +676,7 @@ fn on_debian_12_with_systemd_the_package_installs_survives_crashes_upgrades_and_
     // signing key are the old ones again.
     ct.sh("runuser -u postgres -- psql -q -c 'DROP DATABASE IF EXISTS synapse' -c 'DROP ROLE IF EXISTS synapse'");
     ct.sh(&preseed);
-    ct.sh(&format!(
-        "{APT} install /debs/new/{} /debs/new/{} 2>&1",
-        name(&venv2),
-        name(&deb2)
-    ));
+    ct.sh(&format!("{APT} install homelab-matrix 2>&1"));
     wait_ready(&ct, "a fresh install after the purge");
     assert_ne!(
         read(&ct, &format!("{STATE}/synapse-data/signing.key")),
@@ -643,8 +729,5 @@ fn on_debian_12_with_systemd_the_package_installs_survives_crashes_upgrades_and_
         "denials in the journal:\n{}",
         denials.join("\n")
     );
-    eprintln!(
-        "the systemd test took {:.0?} (builds included)",
-        t0.elapsed()
-    );
+    aptrepo::stop_agent(&gnupg);
 }

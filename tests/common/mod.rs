@@ -9,6 +9,7 @@
 // shares a process with the supervisor's reaper, and it calls none of these.
 #![allow(clippy::disallowed_methods)]
 
+pub mod aptrepo;
 pub mod element;
 pub mod nspawn;
 pub mod pebble;

@@ -1,6 +1,6 @@
-//! A pristine Debian 12 booted with systemd as PID 1 (systemd-nspawn, ../shared LAB.md §6), for
-//! tests that need what a user's box has: the unit with its hardening, `systemctl`, apt and the
-//! maintainer scripts. The image comes from `packaging/deb12-image` (cached); each boot starts
+//! A pristine Debian (12 or 13) booted with systemd as PID 1 (systemd-nspawn, ../shared LAB.md §6),
+//! for tests that need what a user's box has: the unit with its hardening, `systemctl`, apt and the
+//! maintainer scripts. The image comes from `packaging/debian-image` (cached); each boot starts
 //! from the same fresh system (`--volatile=overlay`), and dropping a [`Container`] stops it.
 //!
 //! The container shares this host's network namespace (apt and pip reach the registries that
@@ -49,12 +49,13 @@ fn script(args: &[&str]) -> Result<Vec<String>, String> {
         .collect())
 }
 
-/// The cached pristine image's path (built on first use, about 1.5 minutes).
-pub fn image() -> Result<PathBuf, String> {
+/// The cached pristine image of Debian `codename` (bookworm, trixie): its path (built on first
+/// use, about 1.5 minutes).
+pub fn image(codename: &str) -> Result<PathBuf, String> {
     Ok(PathBuf::from(
-        script(&["packaging/deb12-image"])?
+        script(&["packaging/debian-image", codename])?
             .pop()
-            .ok_or("deb12-image printed no path")?,
+            .ok_or("debian-image printed no path")?,
     ))
 }
 
@@ -118,7 +119,7 @@ impl Container {
             "--volatile=overlay",
             "--register=no",
             "--keep-unit",
-            "--machine=hm-deb12",
+            "--machine=hm-debian",
             "--console=pipe",
             "-b",
         ]);
