@@ -1,6 +1,8 @@
 //! The quick start's first second (issue #25 item 5): on a machine without a Rust toolchain
 //! it stops before installing anything, with the exact commands to get one; with one, its
-//! checks pass. `--check` runs the same checks the real run makes first, and stops there.
+//! checks pass. Where an apt repository offers the package (the README's install steps), it
+//! takes that, and needs no Rust. `--check` runs the same checks the real run makes first, and
+//! stops there.
 
 // This test drives the script from outside: std's process API is the right tool here.
 #![allow(clippy::disallowed_methods)]
@@ -8,6 +10,8 @@
 mod common;
 
 use std::process::Command;
+
+use common::aptrepo;
 
 fn quickstart(path: &str, home: &std::path::Path) -> std::process::Output {
     Command::new("bash")
@@ -56,4 +60,62 @@ fn without_rust_the_quick_start_stops_first_with_the_command_to_get_it() {
         let said = String::from_utf8_lossy(&out.stdout);
         assert!(said.contains("ready to build and install"), "{said}");
     }
+}
+
+#[test]
+fn where_a_repository_offers_the_package_the_quick_start_installs_it_without_rust() {
+    if !common::require("root", common::is_root(), "the quick start runs as root") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let gnupg = t.join("gnupg");
+    let fpr = aptrepo::key(&gnupg, "homelab-matrix release");
+    let pkgs = t.join("pkgs");
+    std::fs::create_dir_all(&pkgs).unwrap();
+    let repo = t.join("repo");
+    aptrepo::release(
+        &gnupg,
+        &repo,
+        &fpr,
+        &[(
+            "bookworm",
+            vec![aptrepo::deb(&pkgs, "homelab-matrix", "0.9.1", "amd64")],
+        )],
+    );
+    aptrepo::stop_agent(&gnupg);
+    let (_served, port) = aptrepo::serve(&repo);
+    // apt with this repository configured (and nothing else of this host's), as the README's
+    // install steps leave it.
+    let apt = aptrepo::Apt::new(&t.join("apt"));
+    apt.source(
+        port,
+        "bookworm",
+        Some(&repo.join("homelab-matrix-archive-keyring.gpg")),
+    );
+    let o = apt.update("amd64");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let home = tempfile::tempdir().unwrap();
+    let out = Command::new("bash")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/packaging/quickstart"))
+        .arg("--check")
+        .env_clear()
+        // No Rust anywhere: the repository's package needs none.
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("HOME", home.path())
+        .env("APT_CONFIG", apt.config_file("amd64"))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        said.trim(),
+        format!(
+            "quickstart: ready to install homelab-matrix 0.9.1 from http://127.0.0.1:{port} bookworm/main amd64 Packages"
+        )
+    );
 }
