@@ -19,6 +19,8 @@ pub enum Step {
     Next(Request<Body>),
     /// Answer it instead of the handler.
     Answer(Response<Body>),
+    /// Answer it instead of the handler, once this is done (it may read the request first).
+    Later(super::BoxFuture<Response<Body>>),
 }
 
 impl Step {
@@ -27,13 +29,14 @@ impl Step {
         match self {
             Step::Next(r) => r,
             Step::Answer(a) => panic!("answered {}", a.status()),
+            Step::Later(_) => panic!("answers later"),
         }
     }
     #[cfg(test)]
     fn answer(self) -> Response<Body> {
         match self {
             Step::Answer(a) => a,
-            Step::Next(_) => panic!("passed on"),
+            Step::Next(_) | Step::Later(_) => panic!("passed on or answers later"),
         }
     }
 }

@@ -56,47 +56,6 @@ pub fn full_body(body: Bytes) -> Body {
     Full::new(body).map_err(|never| match never {}).boxed()
 }
 
-/// A response body that first reads the unread request body to its end (at most `left`
-/// bytes), then gives its own. An answer given before the request is read (a 429) would
-/// otherwise finish while the client is still sending: HTTP/2 then resets the stream
-/// (RFC 9113 §8.1), and curl and others report the reset, not the answer.
-pub struct Drained {
-    pub body: Body,
-    pub req: Option<Body>,
-    pub left: usize,
-}
-
-impl hyper::body::Body for Drained {
-    type Data = Bytes;
-    type Error = BoxError;
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
-        while let Some(req) = self.req.as_mut() {
-            match Pin::new(req).poll_frame(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Some(Ok(frame))) => {
-                    let n = frame.data_ref().map_or(0, |d| d.len());
-                    match self.left.checked_sub(n) {
-                        Some(left) => self.left = left,
-                        // Too much to be a mistaken client: stop reading, answer anyway.
-                        None => self.req = None,
-                    }
-                }
-                Poll::Ready(_) => self.req = None,
-            }
-        }
-        Pin::new(&mut self.body).poll_frame(cx)
-    }
-    fn is_end_stream(&self) -> bool {
-        self.req.is_none() && self.body.is_end_stream()
-    }
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.body.size_hint()
-    }
-}
-
 /// A request body read whole, or None when it is over `max` bytes or broke off. A handler
 /// that needs the bytes (small JSON) reads them with this.
 pub async fn read_body(mut body: Body, max: usize) -> Option<Bytes> {
@@ -196,6 +155,7 @@ impl FrontDoor {
             req = match layer.request(req, cx) {
                 Step::Next(r) => r,
                 Step::Answer(answer) => return answer,
+                Step::Later(answer) => return answer.await,
             };
         }
         let mut resp = (pipeline.handler)(req, cx.clone()).await;
@@ -283,53 +243,5 @@ impl<T: Unpin> hyper::body::Body for Holding<T> {
     }
     fn size_hint(&self) -> hyper::body::SizeHint {
         self.body.size_hint()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A request body the test sends piece by piece.
-    struct Sent(tokio::sync::mpsc::Receiver<Bytes>);
-    impl hyper::body::Body for Sent {
-        type Data = Bytes;
-        type Error = BoxError;
-        fn poll_frame(
-            mut self: Pin<&mut Self>,
-            cx: &mut Context<'_>,
-        ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
-            self.0
-                .poll_recv(cx)
-                .map(|b| b.map(|b| Ok(hyper::body::Frame::data(b))))
-        }
-    }
-
-    /// The request is read to its end before the answer's first byte; past the cap, the
-    /// answer comes anyway.
-    #[tokio::test]
-    async fn a_drained_answer_reads_the_request_first_and_stops_at_the_cap() {
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        let mut answer = Drained {
-            body: full_body(Bytes::from_static(b"429")),
-            req: Some(Sent(rx).boxed()),
-            left: 10,
-        };
-        tx.send(Bytes::from_static(b"guess")).await.unwrap();
-        let early = tokio::time::timeout(Duration::from_millis(50), answer.frame()).await;
-        assert!(early.is_err(), "answered before the request ended");
-        drop(tx);
-        let got = answer.collect().await.unwrap().to_bytes();
-        assert_eq!(got, "429");
-
-        let mut capped = Drained {
-            body: full_body(Bytes::from_static(b"429")),
-            req: Some(full_body(Bytes::from(vec![b'x'; 11]))),
-            left: 10,
-        };
-        assert!(!hyper::body::Body::is_end_stream(&capped));
-        let got = (&mut capped).collect().await.unwrap().to_bytes();
-        assert_eq!(got, "429");
-        assert!(capped.req.is_none());
     }
 }

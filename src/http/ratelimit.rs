@@ -18,12 +18,11 @@ use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::BodyExt;
 use serde_json::json;
 
 use super::layers::Layer;
 use super::transport::addr_key;
-use super::{Body, Cx, Drained, full};
+use super::{Body, Cx, full, read_body};
 
 /// Requests at once per address: two people behind one NAT signing up together, each with a
 /// retry, fit.
@@ -31,6 +30,9 @@ pub const BURST: u32 = 10;
 /// One more every this long: three guesses a minute, 4,320 a day, against a token of 16+
 /// random characters.
 pub const REFILL: Duration = Duration::from_secs(20);
+/// A refused guess is read up to this much, for at most this long, before its 429.
+const DRAIN_MAX: usize = 64 * 1024;
+const DRAIN_WITHIN: Duration = Duration::from_secs(10);
 /// Addresses remembered at most (a few hundred KB): past it, full buckets go first (they
 /// are as good as forgotten), then the longest idle.
 const MAX_ADDRESSES: usize = 10_000;
@@ -133,14 +135,15 @@ impl Layer for RegistrationLimit {
             None => Step::Next(req),
             Some(wait) => {
                 tracing::debug!(peer = %cx.peer, "registration attempts over the limit: 429");
-                // Read the guess (a few hundred bytes) before the 429 ends: see `Drained`.
-                let (parts, body) = too_many(wait).into_parts();
-                let drained = Drained {
-                    body,
-                    req: Some(req.into_body()),
-                    left: 64 * 1024,
-                };
-                Step::Answer(Response::from_parts(parts, drained.boxed()))
+                Step::Later(Box::pin(async move {
+                    // The guess (a few hundred bytes) is read before the 429's headers go out:
+                    // curl stops sending on an error status that comes first and ends the
+                    // stream short of its Content-Length, which HTTP/2 resets as a protocol
+                    // error (RFC 9113 §8.1.1), so the client sees the reset, not the 429.
+                    let body = req.into_body();
+                    let _ = tokio::time::timeout(DRAIN_WITHIN, read_body(body, DRAIN_MAX)).await;
+                    too_many(wait)
+                }))
             }
         }
     }
@@ -205,5 +208,69 @@ mod tests {
             let _ = l.take(ip, t);
         }
         assert!(l.len() <= MAX_ADDRESSES, "{}", l.len());
+    }
+
+    /// A request body the test sends piece by piece.
+    struct Sent(tokio::sync::mpsc::Receiver<bytes::Bytes>);
+    impl hyper::body::Body for Sent {
+        type Data = bytes::Bytes;
+        type Error = super::super::BoxError;
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+            self.0
+                .poll_recv(cx)
+                .map(|b| b.map(|b| Ok(hyper::body::Frame::data(b))))
+        }
+    }
+
+    /// Over the limit, the guess is read to its end before the 429 exists (its headers would
+    /// otherwise go out first, and curl would stop sending).
+    #[tokio::test]
+    async fn the_429_comes_after_the_guess_is_read() {
+        use http_body_util::BodyExt;
+        let l = RegistrationLimit::default();
+        let cx = Cx {
+            peer: "198.51.100.7".parse().unwrap(),
+            listener: super::super::router::Listener::Https,
+            host: "matrix.example.com".into(),
+            authority: "matrix.example.com".into(),
+        };
+        for _ in 0..BURST {
+            let _ = l.take(cx.peer, Instant::now());
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let req = Request::post("/_matrix/client/v3/register")
+            .body(Sent(rx).boxed())
+            .unwrap();
+        let super::super::layers::Step::Later(mut answer) = l.request(req, &cx) else {
+            panic!("not answered later");
+        };
+        tx.send(bytes::Bytes::from_static(b"{\"auth\":"))
+            .await
+            .unwrap();
+        let early = tokio::time::timeout(Duration::from_millis(50), &mut answer).await;
+        assert!(early.is_err(), "answered before the request ended");
+        drop(tx);
+        let resp = answer.await;
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert!(resp.headers().contains_key(header::RETRY_AFTER));
+        // Past the cap it answers without reading the rest.
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(bytes::Bytes::from(vec![b'x'; DRAIN_MAX + 1]))
+            .await
+            .unwrap();
+        let req = Request::post("/_matrix/client/v3/register")
+            .body(Sent(rx).boxed())
+            .unwrap();
+        let super::super::layers::Step::Later(answer) = l.request(req, &cx) else {
+            panic!("not answered later");
+        };
+        let resp = tokio::time::timeout(Duration::from_secs(5), answer)
+            .await
+            .expect("answered past the cap");
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        drop(tx);
     }
 }
