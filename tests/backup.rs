@@ -603,6 +603,32 @@ fn a_new_synapse_gets_a_snapshot_first_and_status_says_how_to_get_back() {
     let broken = lab.path("synapse.d/99-broken.yaml");
     fs::write(&broken, "listeners: 7\n").unwrap();
     fs::set_permissions(&broken, fs::Permissions::from_mode(0o644)).unwrap();
+    // And the first question for Synapse's version fails, as a slow import on a loaded box can:
+    // the upgrade must be noticed all the same (a Python that answers nothing is asked again).
+    let marks = lab.path("python-marks");
+    fs::create_dir(&marks).unwrap();
+    fs::set_permissions(&marks, fs::Permissions::from_mode(0o777)).unwrap();
+    let python = lab.path("python-once");
+    fs::write(
+        &python,
+        format!(
+            "#!/bin/sh\ncase \"$*\" in *__version__*) [ -e {m}/asked ] || {{ : > {m}/asked; echo 'ImportError: simulated' >&2; exit 1; }} ;; esac\nexec {py} \"$@\"\n",
+            m = marks.display(),
+            py = common::SYNAPSE_PYTHON
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&python, fs::Permissions::from_mode(0o755)).unwrap();
+    let config = fs::read_to_string(&lab.config).unwrap();
+    fs::write(
+        &lab.config,
+        config.replacen(
+            "[synapse]\n",
+            &format!("[synapse]\npython = \"{}\"\n", python.display()),
+            1,
+        ),
+    )
+    .unwrap();
     let log = fs::File::create(lab.path("run2.log")).unwrap();
     // A missed snapshot was seen once in CI and not since: what the supervisor said, if again.
     let _log = common::LogOnPanic(lab.path("run2.log"));
@@ -617,6 +643,10 @@ fn a_new_synapse_gets_a_snapshot_first_and_status_says_how_to_get_back() {
             .iter()
             .any(|f| f.to_string_lossy().ends_with("-pre-upgrade.tar"))
     });
+    assert!(
+        marks.join("asked").exists(),
+        "the first version question was not the wrapper's"
+    );
     let snap = backups(&lab)[0].clone();
     let mut text = String::new();
     wait_until(

@@ -42,12 +42,28 @@ pub async fn synapse_version(cfg: &Config) -> Result<String> {
     Ok(v)
 }
 
-/// The versions of what runs: `homelab-matrix` and `synapse`.
+/// The versions of what runs: `homelab-matrix` and `synapse`. Synapse's is asked up to three
+/// times: one that cannot be told is taken for no upgrade (see [`changed`]), so a single slow or
+/// failed import on a loaded box must not cost the snapshot before a real one.
 pub async fn current(cfg: &Config) -> BTreeMap<String, String> {
     let mut v = BTreeMap::new();
     v.insert("homelab-matrix".into(), env!("CARGO_PKG_VERSION").into());
-    if let Ok(s) = synapse_version(cfg).await {
-        v.insert("synapse".into(), s);
+    for attempt in 1..=3 {
+        match synapse_version(cfg).await {
+            Ok(s) => {
+                v.insert("synapse".into(), s);
+                break;
+            }
+            Err(e) => {
+                tracing::warn!(
+                    attempt,
+                    "{e:#}; an upgrade of Synapse is not noticed without it: check synapse.python and that the venv imports"
+                );
+                if attempt < 3 {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
     }
     v
 }
