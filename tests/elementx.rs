@@ -347,14 +347,22 @@ fn element_x_path_through_the_front_door() {
         bob.room_in_list(&room, RoomState::Joined).await;
         let bob_tl = bob.timeline(&room).await;
         let alice_tl = alice.timeline(&room).await;
-        assert!(
-            alice_tl
-                .room()
-                .latest_encryption_state()
-                .await
-                .unwrap()
-                .is_encrypted()
-        );
+        // The room was made encrypted; sliding sync may bring its m.room.encryption a little
+        // after the room itself (CI once saw it not yet there), so it is waited for, bounded.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !alice_tl
+            .room()
+            .latest_encryption_state()
+            .await
+            .unwrap()
+            .is_encrypted()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the room alice made encrypted is still not encrypted for her after 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
 
         // A live message: sent after both are syncing, it reaches Bob decrypted.
         let text = format!("hello from the Element X path {}", std::process::id());
