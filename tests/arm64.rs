@@ -95,11 +95,14 @@ fn the_arm64_package_runs_under_qemu() {
         ),
     )
     .unwrap();
-    let out = Command::new(&bin)
-        .args(["check-config", "--config"])
-        .arg(&good)
-        .output()
-        .unwrap();
+    let check_config = |config: &Path| {
+        Command::new(&bin)
+            .args(["check-config", "--config"])
+            .arg(config)
+            .output()
+            .unwrap()
+    };
+    let out = check_config(&good);
     assert!(
         out.status.success(),
         "{}{}",
@@ -112,11 +115,7 @@ fn the_arm64_package_runs_under_qemu() {
         "server_name = \"pi.example\"\n[tls]\nmode = \"sometimes\"\n",
     )
     .unwrap();
-    let out = Command::new(&bin)
-        .args(["check-config", "--config"])
-        .arg(&bad)
-        .output()
-        .unwrap();
+    let out = check_config(&bad);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("tls.mode"), "{err}");
