@@ -56,6 +56,9 @@ struct App {
     /// `alerts::ELEMENT_UPDATE`.
     alerts: Alerts,
     bot: Bot,
+    /// An upgrade Synapse has not been healthy on yet (backup::upgrade): Synapse gets
+    /// `rollback::PATIENCE` to become healthy, and a failed one is undone.
+    upgrading: bool,
 }
 
 /// Internal-CA certificates: a year, re-issued when a third is left (browsers cap private-CA
@@ -132,7 +135,7 @@ pub async fn run(config_path: &Path) -> Result<(), RunError> {
     let upgrade = crate::backup::upgrade::before_start(&cfg, config_path).await;
     let bot = Bot::idle(&cfg);
     let supervisor = Supervisor::new();
-    let synapse_child = supervisor.start(synapse::child_spec(&cfg, synapse_user));
+    let synapse_child = supervisor.start(synapse_spec(&cfg, synapse_user, upgrade.is_some()));
     let app = Arc::new(App {
         config_path: config_path.to_owned(),
         cfg,
@@ -147,7 +150,17 @@ pub async fn run(config_path: &Path) -> Result<(), RunError> {
         element,
         alerts,
         bot,
+        upgrading: upgrade.is_some(),
     });
+    if let Some(r) = crate::backup::rollback::load(&app.cfg) {
+        // Said at every start until a later upgrade is healthy (the bot repeats it at most
+        // once a day, alerts::REPEAT_AFTER).
+        app.alerts
+            .raise(crate::backup::rollback::ALERT, r.summary());
+    }
+    if let Some(u) = &upgrade {
+        tokio::spawn(watch_upgrade(app.clone(), u.clone(), stop_rx.clone()));
+    }
     tokio::spawn(maintain_internal(app.clone(), stop_rx.clone()));
     tokio::spawn(watch_problems(app.clone(), stop_rx.clone()));
 
@@ -181,8 +194,7 @@ pub async fn run(config_path: &Path) -> Result<(), RunError> {
         app.alerts.clone(),
         stop_rx.clone(),
     ));
-    let healthy_cfg = app.cfg.clone();
-    tokio::spawn(async move { crate::backup::upgrade::healthy(&healthy_cfg).await });
+    tokio::spawn(record_healthy(app.clone(), stop_rx.clone()));
     tokio::spawn(crate::backup::schedule::daily(
         app.cfg.clone(),
         app.config_path.clone(),
@@ -212,8 +224,21 @@ async fn start_rest(
     synapse_child: &Child,
     stop_rx: watch::Receiver<bool>,
 ) -> Result<()> {
-    // Restarts with backoff until ready; the timeout bounds a crash loop at start.
-    synapse_child.wait_ready(Duration::from_secs(600)).await?;
+    if app.upgrading {
+        // After an upgrade Synapse may migrate its schema for long, and apt waits for this
+        // start (the postinst restarts the unit): READY goes out after a while anyway, so apt
+        // finishes, and watch_upgrade decides whether the upgrade failed.
+        tokio::select! {
+            r = synapse_child.wait_ready(crate::backup::rollback::PATIENCE) => r?,
+            _ = tokio::time::sleep(UPGRADE_READY_AFTER) => {
+                notify("READY=1\nSTATUS=upgraded: waiting for Synapse on the new version");
+                synapse_child.wait_ready(crate::backup::rollback::PATIENCE).await?;
+            }
+        }
+    } else {
+        // Restarts with backoff until ready; the timeout bounds a crash loop at start.
+        synapse_child.wait_ready(Duration::from_secs(600)).await?;
+    }
     let client = admin::Synapse::new(&app.cfg.synapse_local_url());
     // Without it `token` commands cannot work, but chat does: warn and carry on.
     if let Err(e) = client.service_session(&app.secrets).await {
@@ -242,6 +267,120 @@ async fn start_rest(
         stop_rx,
     );
     Ok(())
+}
+
+/// Synapse is healthy: what runs is the new baseline of the upgrade check, and a pending
+/// upgrade is done (backup::upgrade), once apt and dpkg are done too. This start may be a
+/// postinst's, with packages still to configure (a venv whose Synapse then fails): healthy on
+/// files apt has not finished with proves nothing yet, and watch_upgrade goes on watching.
+async fn record_healthy(app: Arc<App>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let synapse_up =
+            app.synapse.lock().unwrap().status().state == crate::supervisor::State::Running;
+        if synapse_up && !crate::apt::dpkg_busy() {
+            break;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = stop.changed() => return,
+        }
+    }
+    if let Some(v) = crate::backup::upgrade::healthy(&app.cfg).await {
+        crate::backup::rollback::healthy_on(&app.cfg, &v);
+        app.alerts.clear(crate::backup::upgrade::ALERT);
+        if crate::backup::rollback::load(&app.cfg).is_none() {
+            // A later upgrade is healthy: the rollback before it is history.
+            app.alerts.clear(crate::backup::rollback::ALERT);
+        }
+    }
+}
+
+/// How long a start after an upgrade holds back READY while Synapse is not up yet.
+const UPGRADE_READY_AFTER: Duration = Duration::from_secs(30);
+
+/// Synapse's child spec; while an upgrade is pending a start may take as long as a migration
+/// may (`rollback::PATIENCE`) before it counts as hung.
+fn synapse_spec(cfg: &Config, user: RunAs, upgrading: bool) -> crate::supervisor::ChildSpec {
+    let mut spec = synapse::child_spec(cfg, user);
+    if upgrading {
+        spec.ready_timeout = crate::backup::rollback::PATIENCE;
+    }
+    spec
+}
+
+/// Until the upgrade `pending` has been healthy (record_healthy): when Synapse fails on it
+/// (`rollback::decide`), hands over to `homelab-matrix rollback`, or, where that cannot work
+/// (no kept packages, no snapshot), tells the admins how to go back by hand. Failed starts
+/// while apt or dpkg runs do not count: a dist-upgrade may start the service before it has
+/// rebuilt Synapse's venv.
+async fn watch_upgrade(
+    app: Arc<App>,
+    pending: crate::backup::upgrade::Pending,
+    mut stop: watch::Receiver<bool>,
+) {
+    use crate::backup::rollback::{self, Decision};
+    // Synapse's restart count when apt and dpkg were last seen done.
+    let mut after_apt_from: Option<u32> = None;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = stop.changed() => return,
+        }
+        // Done once the upgrade's baseline is recorded (record_healthy), not at READY.
+        if crate::backup::upgrade::load_pending(&app.cfg).is_none() {
+            return;
+        }
+        let synapse = app.synapse.lock().unwrap().status();
+        if crate::apt::dpkg_busy() {
+            after_apt_from = None;
+            continue;
+        }
+        // A reload replaces the child, whose count starts again.
+        let from = *after_apt_from
+            .filter(|f| *f <= synapse.restarts)
+            .get_or_insert(synapse.restarts);
+        after_apt_from = Some(from);
+        let after_apt = synapse.restarts - from;
+        let now = unix(std::time::SystemTime::now());
+        let failures = synapse.restarts;
+        let Decision::RollBack(reason) =
+            rollback::decide(&pending, &synapse, failures, after_apt, now)
+        else {
+            continue;
+        };
+        match rollback::plan(&pending, Path::new(crate::apt::KEPT_DIR)) {
+            Ok(_) => {
+                tracing::error!("{reason}: undoing the upgrade (homelab-matrix rollback)");
+                app.alerts.raise(
+                    rollback::ALERT,
+                    format!(
+                        "{reason}: rolling the upgrade back (`homelab-matrix status` follows it)"
+                    ),
+                );
+                if let Err(e) = rollback::launch(&app.config_path, &reason).await {
+                    tracing::error!("starting the rollback: {e:#}");
+                    app.alerts.raise(
+                        rollback::ALERT,
+                        format!(
+                            "{reason}, and the rollback did not start: {e:#}. {}",
+                            pending.how_to_go_back()
+                        ),
+                    );
+                }
+            }
+            Err(why) => {
+                tracing::error!("{reason}; it cannot be undone by itself: {why}");
+                app.alerts.raise(
+                    crate::backup::upgrade::ALERT,
+                    format!(
+                        "{reason}; it cannot be undone by itself: {why}. {}",
+                        pending.how_to_go_back()
+                    ),
+                );
+            }
+        }
+        return;
+    }
 }
 
 /// Turns what the supervisor and ACME report into alerts: a child in a crash loop, a name whose
@@ -679,7 +818,7 @@ async fn reload(app: &App) -> ReloadReport {
         let old = app.synapse.lock().unwrap().clone();
         let fresh = app
             .supervisor
-            .replace(&old, synapse::child_spec(&app.cfg, user))
+            .replace(&old, synapse_spec(&app.cfg, user, app.upgrading))
             .await;
         *app.synapse.lock().unwrap() = fresh.clone();
         report.restarted = Some(fresh);

@@ -14,7 +14,9 @@ use crate::secrets::{Kind, Secrets};
 use crate::synapse::admin::{self, RegistrationToken};
 use crate::units::human_duration;
 
+mod pg;
 mod users;
+pub use pg::PostgresCmd;
 pub use users::UserCmd;
 
 #[derive(Debug, Parser)]
@@ -50,6 +52,9 @@ pub enum Cmd {
     Reload,
     /// Create or check PostgreSQL's role and database for Synapse now (run does it at every start).
     ProvisionDb,
+    /// The local PostgreSQL: `postgres upgrade` moves the database to the newest major installed.
+    #[command(subcommand)]
+    Postgres(PostgresCmd),
     /// Check the appliance from the outside in (certificates, delegation, federation, Synapse,
     /// PostgreSQL, disk, clock, Element): one line per check with what was seen and the fix;
     /// exit 0 when none fails (warnings allowed), 1 when one fails.
@@ -74,6 +79,22 @@ pub enum Cmd {
         /// Replace a database that already holds users.
         #[arg(long)]
         force: bool,
+    },
+    /// Install new versions of the appliance's packages (and Synapse's) from the configured apt
+    /// sources, nothing else; a snapshot comes first, and an upgrade on which Synapse never
+    /// becomes healthy is undone by itself. homelab-matrix-upgrade.timer runs it daily.
+    Upgrade {
+        /// As the timer runs it: does nothing unless upgrades.unattended is on.
+        #[arg(long)]
+        unattended: bool,
+    },
+    /// Undo the pending upgrade (one on which Synapse has not been healthy yet): the kept
+    /// packages of before it installed again and held, then its snapshot restored. The service
+    /// does this by itself when Synapse fails on the new version.
+    Rollback {
+        /// Why, for `status` (the service gives its own).
+        #[arg(long, hide = true)]
+        reason: Option<String>,
     },
     /// Internal: the PostgreSQL provisioning helper, run as the postgres user by `run`.
     #[command(hide = true)]
@@ -240,6 +261,16 @@ async fn dispatch(cli: Cli) -> i32 {
             Err(e) => return config_exit(e),
             Ok(cfg) => backup(&cfg, &path, args).await,
         },
+        Cmd::Postgres(p) => match Config::load(&path) {
+            Err(e) => return config_exit(e),
+            Ok(cfg) => pg::run(&cfg, &path, p).await,
+        },
+        Cmd::Rollback { reason } => match Config::load(&path) {
+            Err(e) => return config_exit(e),
+            Ok(cfg) => crate::backup::rollback::run(&cfg, &path, reason)
+                .await
+                .map(|r| println!("{r}")),
+        },
         Cmd::Restore { file, force } => match Config::load(&path) {
             Err(e) => return config_exit(e),
             Ok(cfg) => crate::backup::restore::restore(&cfg, &path, &file, force)
@@ -314,6 +345,9 @@ async fn other(cmd: Cmd, cfg: &Config) -> Result<()> {
     match cmd {
         Cmd::Status { json } => status(cfg, json).await,
         Cmd::Reload => reload(cfg).await,
+        Cmd::Upgrade { unattended } => crate::apt::unattended::run(cfg, unattended)
+            .await
+            .map(|r| println!("{r}")),
         Cmd::ProvisionDb => {
             let secrets = Secrets::ensure(&cfg.state_dir())?;
             let report = postgres::provision(cfg, &secrets.get(Kind::PostgresPassword)?).await?;
@@ -343,6 +377,8 @@ async fn other(cmd: Cmd, cfg: &Config) -> Result<()> {
         | Cmd::GenerateAssets { .. }
         | Cmd::Backup(_)
         | Cmd::Restore { .. }
+        | Cmd::Rollback { .. }
+        | Cmd::Postgres(_)
         | Cmd::Doctor(_) => {
             unreachable!("handled in dispatch")
         }
@@ -483,7 +519,33 @@ async fn reload(cfg: &Config) -> Result<()> {
 }
 
 async fn status(cfg: &Config, json: bool) -> Result<()> {
-    let mut v = control::request(&cfg.control_socket(), "status").await?;
+    let rollback = crate::backup::rollback::load(cfg);
+    let mut v = match control::request(&cfg.control_socket(), "status").await {
+        Ok(v) => v,
+        Err(e) => {
+            // The service is down; a rollback under way (or one that failed) is why.
+            if let Some(r) = &rollback {
+                eprintln!("{}", r.summary());
+            }
+            return Err(e);
+        }
+    };
+    v["rollback"] = serde_json::to_value(&rollback)?;
+    // The database on an older PostgreSQL than one a dist-upgrade installed beside it.
+    let pg_behind = if cfg.postgres.superuser_dsn.is_empty() {
+        let clusters = postgres::clusters::list().await.unwrap_or_default();
+        postgres::clusters::behind(
+            &clusters,
+            cfg.postgres.port,
+            postgres::clusters::newest_installed(),
+        )
+    } else {
+        None
+    };
+    v["postgres_behind"] = match &pg_behind {
+        Some((old, newest)) => serde_json::json!({"serving": old.version, "newest": newest}),
+        None => serde_json::Value::Null,
+    };
     let doctor = crate::doctor::load_last(cfg);
     let backup = crate::backup::schedule::load_last(cfg);
     let upgrade = crate::backup::upgrade::load_pending(cfg);
@@ -619,6 +681,15 @@ async fn status(cfg: &Config, json: bool) -> Result<()> {
     print_backup(cfg, backup.as_ref(), now);
     if let Some(u) = &upgrade {
         println!("UPGRADE: {}", u.how_to_go_back());
+    }
+    if let Some(r) = &rollback {
+        println!("{}", r.summary());
+    }
+    if let Some((old, newest)) = &pg_behind {
+        println!(
+            "POSTGRES: the database lives on PostgreSQL {} while {newest} is installed (a dist-upgrade): `homelab-matrix postgres upgrade` moves it, a snapshot first",
+            old.version
+        );
     }
     for p in v["problems"].as_array().into_iter().flatten() {
         println!(

@@ -33,6 +33,7 @@ pub struct Config {
     pub supervisor: Supervisor,
     pub matrixrtc: MatrixRtc,
     pub backup: Backup,
+    pub upgrades: Upgrades,
 }
 
 /// Empty host names are derived from `server_name` (`matrix.<server_name>` and so on).
@@ -309,6 +310,22 @@ impl Default for Backup {
             repository: String::new(),
             password_file: String::new(),
         }
+    }
+}
+
+/// Package upgrades (README "Upgrades"). Each one is undone by itself when Synapse never
+/// becomes healthy on the new version.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Upgrades {
+    /// homelab-matrix-upgrade.timer installs new versions of the appliance's packages (and of
+    /// Synapse's) once a day: Synapse's security releases reach a box nobody looks after.
+    pub unattended: bool,
+}
+
+impl Default for Upgrades {
+    fn default() -> Self {
+        Upgrades { unattended: true }
     }
 }
 

@@ -7,6 +7,7 @@
 pub mod acme;
 pub mod alerts;
 pub mod app;
+pub mod apt;
 pub mod backup;
 pub mod bot;
 pub mod certs;

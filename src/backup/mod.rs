@@ -16,6 +16,7 @@ pub mod archive;
 pub mod db;
 pub mod restic;
 pub mod restore;
+pub mod rollback;
 pub mod schedule;
 pub mod upgrade;
 

@@ -363,7 +363,7 @@ pub async fn restore(
 
 /// With systemd: starts the unit and waits until the service is ready. Without (a test lab, a
 /// container): None, and the operator starts it.
-async fn start_service(cfg: &Config) -> Result<Option<String>> {
+pub async fn start_service(cfg: &Config) -> Result<Option<String>> {
     if !Path::new("/run/systemd/system").exists() {
         return Ok(None);
     }

@@ -42,12 +42,20 @@ pub async fn synapse_version(cfg: &Config) -> Result<String> {
     Ok(v)
 }
 
-/// The versions of what runs: `homelab-matrix` and `synapse`. Synapse's is asked up to three
+/// Key prefix of an installed package's version in the versions map.
+pub const PACKAGE: &str = "package:";
+
+/// The versions of what runs: `homelab-matrix`, `synapse`, and `package:<name>` for each of
+/// our packages dpkg has installed (apt::PACKAGES; a repacked package of the same program is
+/// an upgrade too, and its version is what a rollback reinstalls). Synapse's is asked up to three
 /// times: one that cannot be told is taken for no upgrade (see [`changed`]), so a single slow or
 /// failed import on a loaded box must not cost the snapshot before a real one.
 pub async fn current(cfg: &Config) -> BTreeMap<String, String> {
     let mut v = BTreeMap::new();
     v.insert("homelab-matrix".into(), env!("CARGO_PKG_VERSION").into());
+    for (name, version) in crate::apt::versions().await {
+        v.insert(format!("{PACKAGE}{name}"), version);
+    }
     for attempt in 1..=3 {
         match synapse_version(cfg).await {
             Ok(s) => {
@@ -105,15 +113,39 @@ impl Pending {
         s
     }
 
+    /// The packages the upgrade changed, with the versions they had before it (what a rollback
+    /// installs again); a package the upgrade brought in new has no version to go back to.
+    pub fn changed_packages(&self) -> Vec<(String, Option<String>)> {
+        self.to
+            .iter()
+            .filter_map(|(k, v)| {
+                let name = k.strip_prefix(PACKAGE)?;
+                let old = self.from.get(k);
+                (old != Some(v)).then(|| (name.to_string(), old.cloned()))
+            })
+            .collect()
+    }
+
     fn reinstall(&self) -> String {
         let mut how = vec![];
-        if let Some(v) = self.from.get("homelab-matrix")
+        let packages: Vec<String> = self
+            .changed_packages()
+            .into_iter()
+            .filter_map(|(name, old)| Some(format!("{name}={}", old?)))
+            .collect();
+        if !packages.is_empty() {
+            how.push(format!(
+                "apt install --allow-downgrades {}",
+                packages.join(" ")
+            ));
+        } else if let Some(v) = self.from.get("homelab-matrix")
             && self.to.get("homelab-matrix") != Some(v)
         {
             how.push(format!("apt install homelab-matrix={v}"));
         }
         if let Some(v) = self.from.get("synapse")
             && self.to.get("synapse") != Some(v)
+            && packages.is_empty()
         {
             how.push(format!(
                 "Synapse {v}: apt install matrix-synapse-py3={v}* or /opt/venvs/matrix-synapse/bin/pip install matrix-synapse=={v}"
@@ -127,11 +159,12 @@ impl Pending {
     }
 }
 
-fn read<T: for<'de> Deserialize<'de>>(cfg: &Config, name: &str) -> Option<T> {
+/// A JSON file of the backup state directory (root 0700, files 0600).
+pub(super) fn read<T: for<'de> Deserialize<'de>>(cfg: &Config, name: &str) -> Option<T> {
     serde_json::from_slice(&std::fs::read(schedule::state_dir(cfg).join(name)).ok()?).ok()
 }
 
-fn write<T: Serialize>(cfg: &Config, name: &str, v: &T) -> Result<()> {
+pub(super) fn write<T: Serialize>(cfg: &Config, name: &str, v: &T) -> Result<()> {
     let d = ensure_dir(&schedule::state_dir(cfg), Owner::root(), 0o700)?;
     d.write_atomic(
         name,
@@ -225,26 +258,29 @@ fn changed(from: &BTreeMap<String, String>, to: &BTreeMap<String, String>) -> bo
 }
 
 /// Synapse is healthy with these versions: they are the new baseline; no upgrade is pending.
-/// A baseline without Synapse's version is not recorded; the last full one stays.
-pub async fn healthy(cfg: &Config) {
+/// A baseline without Synapse's version is not recorded; the last full one stays. Returns the
+/// versions recorded.
+pub async fn healthy(cfg: &Config) -> Option<BTreeMap<String, String>> {
     let v = current(cfg).await;
     if !v.contains_key("synapse") {
         tracing::warn!(
             "Synapse is healthy but its version could not be read; the versions of the last healthy start stay the baseline for the upgrade check"
         );
-        return;
+        return None;
     }
     if let Err(e) = write(cfg, VERSIONS_FILE, &v) {
         tracing::warn!("recording the versions: {e:#}");
     }
     let _ = std::fs::remove_file(schedule::state_dir(cfg).join(PENDING_FILE));
+    Some(v)
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn v(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    /// A versions map from pairs.
+    pub(in crate::backup) fn v(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))

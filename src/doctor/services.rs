@@ -63,7 +63,8 @@ pub async fn synapse(ctx: &Ctx<'_>) -> Check {
 }
 
 /// What a database Synapse runs on must be (Synapse's docs/postgres.md "Set up database"):
-/// at least the floor, UTF8, collation and ctype C.
+/// at least the floor, UTF8, collation and ctype C; and on the newest PostgreSQL installed
+/// (`newer`: one a dist-upgrade put beside it, postgres::clusters), or a warning says how.
 pub fn judge_postgres(
     version_num: u32,
     version: &str,
@@ -71,6 +72,7 @@ pub fn judge_postgres(
     collate: &str,
     ctype: &str,
     database: &str,
+    newer: Option<u32>,
 ) -> Check {
     const NAME: &str = "postgres";
     let seen = format!(
@@ -93,6 +95,16 @@ pub fn judge_postgres(
             format!(
                 "recreate the database: CREATE DATABASE \"{database}\" ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0 (a new server: drop it and run `homelab-matrix provision-db`; with data: dump, recreate, restore; see Synapse's docs/postgres.md)"
             ),
+        );
+    }
+    if let Some(newer) = newer {
+        return Check::warn(
+            NAME,
+            format!(
+                "{seen}; PostgreSQL {newer} is installed beside it (a dist-upgrade), and the database still lives on {}",
+                version_num / 10_000
+            ),
+            "homelab-matrix postgres upgrade (a snapshot first; the old cluster is kept, stopped, until you drop it)",
         );
     }
     Check::pass(
@@ -124,6 +136,19 @@ pub async fn postgres(ctx: &Ctx<'_>) -> Check {
             &[],
         )
         .await;
+    // A server of this host (not one named by superuser_dsn): Debian's clusters say whether
+    // a newer major is installed beside it.
+    let newer = if p.superuser_dsn.is_empty() {
+        let clusters = crate::postgres::clusters::list().await.unwrap_or_default();
+        crate::postgres::clusters::behind(
+            &clusters,
+            p.port,
+            crate::postgres::clusters::newest_installed(),
+        )
+        .map(|(_, n)| n)
+    } else {
+        None
+    };
     match row {
         Ok(r) => judge_postgres(
             r.get::<_, i32>(0) as u32,
@@ -132,6 +157,7 @@ pub async fn postgres(ctx: &Ctx<'_>) -> Check {
             r.get(3),
             r.get(4),
             &p.database,
+            newer,
         ),
         Err(e) => Check::fail(
             "postgres",
@@ -342,14 +368,32 @@ mod tests {
 
     #[test]
     fn postgres_below_synapses_floor_or_with_a_wrong_locale_fails() {
-        let ok = judge_postgres(150_014, "15.14", "UTF8", "C", "C", "synapse");
+        let ok = judge_postgres(150_014, "15.14", "UTF8", "C", "C", "synapse", None);
         assert_eq!(ok.status, Status::Pass, "{ok:?}");
-        let old = judge_postgres(130_020, "13.20", "UTF8", "C", "C", "synapse");
+        let old = judge_postgres(130_020, "13.20", "UTF8", "C", "C", "synapse", None);
         assert_eq!(old.status, Status::Fail);
         assert!(old.seen.contains("needs PostgreSQL 14"), "{old:?}");
-        let loc = judge_postgres(150_014, "15.14", "UTF8", "en_US.UTF-8", "C", "synapse");
+        let loc = judge_postgres(
+            150_014,
+            "15.14",
+            "UTF8",
+            "en_US.UTF-8",
+            "C",
+            "synapse",
+            None,
+        );
         assert_eq!(loc.status, Status::Fail);
         assert!(loc.fix.unwrap().contains("LC_COLLATE 'C'"));
+        // After a dist-upgrade: still good, but behind, with the command that moves it.
+        let behind = judge_postgres(150_014, "15.14", "UTF8", "C", "C", "synapse", Some(17));
+        assert_eq!(behind.status, Status::Warn, "{behind:?}");
+        assert!(behind.seen.contains("PostgreSQL 17 is installed beside it"));
+        assert!(
+            behind
+                .fix
+                .unwrap()
+                .contains("homelab-matrix postgres upgrade")
+        );
     }
 
     #[test]

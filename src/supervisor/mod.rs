@@ -469,6 +469,21 @@ pub struct Output {
     pub stderr: Vec<u8>,
 }
 
+/// Runs a one-shot command (apt, dpkg, systemctl, pg_upgradecluster) with no input; what it
+/// said (stdout, then stderr), or an error naming `what` with all of it.
+pub async fn run_checked(cmd: Command, what: &str, timeout: Duration) -> Result<String> {
+    let out = run_helper(cmd, b"", timeout).await?;
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.exit.success() {
+        anyhow::bail!("{what} failed ({}):\n{}", out.exit, said.trim_end());
+    }
+    Ok(said)
+}
+
 /// Runs a one-shot helper to completion through the process layer, feeding it `input` on stdin.
 /// Killed (with its group) after `timeout`.
 pub async fn run_helper(cmd: Command, input: &[u8], timeout: Duration) -> Result<Output> {

@@ -18,6 +18,8 @@ use tokio_postgres::{Client, NoTls};
 
 use crate::config::Config;
 use crate::secrets::Secret;
+pub mod clusters;
+
 use crate::supervisor::{self, Command, RunAs};
 
 /// What the helper is asked to do.
