@@ -34,6 +34,14 @@ const UNIT: &str = "homelab-matrix";
 const CONF: &str = "/etc/homelab-matrix/homelab-matrix.toml";
 const STATE: &str = "/var/lib/homelab-matrix";
 const APT: &str = "DEBIAN_FRONTEND=noninteractive apt-get -y -q -o Dpkg::Use-Pty=0";
+/// debian/keep-debs keeps each installed version of our packages here.
+const KEPT: &str = "/var/cache/homelab-matrix/packages";
+/// The venv package of a broken release: Synapse cannot start on it (its entry point exits at
+/// import), while its version can still be read.
+const BROKEN_VENV_POSTINST: &str = "#!/bin/sh\nset -e\n[ \"$1\" = configure ] || exit 0\n\
+    for f in /opt/venvs/matrix-synapse/lib/python3*/site-packages/synapse/app/homeserver.py; do\n\
+    sed -i '1i raise SystemExit(\"this Synapse cannot start: a broken release made by tests/systemd.rs\")' \"$f\"\ndone\n\
+    systemctl try-restart homelab-matrix.service || true\n";
 /// debian/homelab-matrix.service's TimeoutStopSec.
 const TIMEOUT_STOP: Duration = Duration::from_secs(90);
 
@@ -223,6 +231,16 @@ fn on_debian_12_and_13_with_systemd_the_package_installs_survives_crashes_upgrad
     }
     let t0 = Instant::now();
     let mut images = vec![];
+    // HOMELAB_MATRIX_TEST_RELEASES=trixie (or bookworm, dist-upgrade, comma-separated) runs
+    // only those parts, for a quicker try by hand; CI runs all.
+    let only = std::env::var("HOMELAB_MATRIX_TEST_RELEASES").unwrap_or_default();
+    let runs = |part: &str| {
+        let yes = in_ci() || only.is_empty() || only.split(',').any(|c| c == part);
+        if !yes {
+            eprintln!("HOMELAB_MATRIX_TEST_RELEASES={only}: not running {part}");
+        }
+        yes
+    };
     for codename in ["bookworm", "trixie"] {
         let Some(image) = require_ok(
             &format!("a Debian {codename} image (packaging/debian-image {codename})"),
@@ -249,10 +267,28 @@ fn on_debian_12_and_13_with_systemd_the_package_installs_survives_crashes_upgrad
     let (deb, venv) = nspawn::debs(None);
     let (deb2, venv2) = nspawn::debs(Some(&next));
     lintian(&[&deb, &venv]);
+    // A broken release after it: the same programs, with a venv package whose Synapse
+    // cannot start.
+    let broken_dir = tempfile::tempdir().unwrap();
+    let broken = format!("{version}+upgrade2");
+    let deb3 = aptrepo::repack(&deb2, broken_dir.path(), &broken, None);
+    let venv3 = aptrepo::repack(
+        &venv2,
+        broken_dir.path(),
+        &broken,
+        Some(BROKEN_VENV_POSTINST),
+    );
+    // And the fix published after it.
+    let fixed = format!("{version}+upgrade3");
+    let deb4 = aptrepo::repack(&deb2, broken_dir.path(), &fixed, None);
+    let venv4 = aptrepo::repack(&venv2, broken_dir.path(), &fixed, None);
     // The same packages on both releases: built on Debian 12, their dependencies are met by
     // Debian 13's (PostgreSQL 17, Python 3.13); one life cycle each, one after the other (the
     // containers take the same host ports).
     for (codename, image) in &images {
+        if !runs(codename) {
+            continue;
+        }
         let t = Instant::now();
         life_cycle(
             codename,
@@ -261,8 +297,18 @@ fn on_debian_12_and_13_with_systemd_the_package_installs_survives_crashes_upgrad
             [&deb, &venv],
             &next,
             [&deb2, &venv2],
+            [&broken, &fixed],
+            [[&deb3, &venv3], [&deb4, &venv4]],
         );
         eprintln!("{codename}: the life cycle took {:.0?}", t.elapsed());
+    }
+    // The host's own upgrade, Debian 12 to 13, with the appliance and its data on it.
+    if let Some((_, image)) = images.iter().find(|(c, _)| *c == "bookworm")
+        && runs("dist-upgrade")
+    {
+        let t = Instant::now();
+        dist_upgrade(image, &version, [&deb, &venv]);
+        eprintln!("the dist-upgrade from 12 to 13 took {:.0?}", t.elapsed());
     }
     eprintln!(
         "the systemd test took {:.0?} (builds included)",
@@ -270,8 +316,26 @@ fn on_debian_12_and_13_with_systemd_the_package_installs_survives_crashes_upgrad
     );
 }
 
-/// Install from the signed repository, the unit's hardening, reload, restart, crashes, upgrade
-/// to `next` through the repository, stop, remove, purge, restore, on a pristine `codename`.
+/// A pristine `codename` from `image`, booted, with this host's trust store (it may hold a
+/// proxy's CA that pip needs) and pip settings; its log in `dir`.
+fn boot(image: &Path, codename: &str, dir: &Path) -> Option<Container> {
+    let mut binds = vec![];
+    for f in ["/etc/ssl/certs/ca-certificates.crt", "/etc/pip.conf"] {
+        if Path::new(f).exists() {
+            binds.push((PathBuf::from(f), f));
+        }
+    }
+    require_ok(
+        &format!("systemd-nspawn booting Debian {codename}"),
+        Container::boot(image, &binds, &dir.join("nspawn.log")),
+    )
+}
+
+/// Install from the signed repository, the unit's hardening, reload, restart, crashes, the
+/// unattended upgrade to `next` through the repository, then to a broken release (`later[0]`)
+/// and back by itself, then to its fix (`later[1]`), stop, remove, purge, restore, on a
+/// pristine `codename`.
+#[allow(clippy::too_many_arguments)]
 fn life_cycle(
     codename: &str,
     image: &Path,
@@ -279,6 +343,8 @@ fn life_cycle(
     [deb, venv]: [&PathBuf; 2],
     next: &str,
     [deb2, venv2]: [&PathBuf; 2],
+    later: [&str; 2],
+    later_debs: [[&PathBuf; 2]; 2],
 ) {
     // The repository, as packaging/release publishes it: this version for now, the next one
     // published before the upgrade.
@@ -296,18 +362,8 @@ fn life_cycle(
 
     nspawn::assert_ports_free(&[80, 443, 8448, 3478, 5349], &[3478]);
     let _pg = HostPostgresPaused::pause(5432, Duration::from_secs(900));
-    let mut binds = vec![];
-    // This host's trust store (it may hold a proxy's CA that pip needs) and pip settings.
-    for f in ["/etc/ssl/certs/ca-certificates.crt", "/etc/pip.conf"] {
-        if Path::new(f).exists() {
-            binds.push((PathBuf::from(f), f));
-        }
-    }
     let booted = Instant::now();
-    let Some(ct) = require_ok(
-        &format!("systemd-nspawn booting Debian {codename}"),
-        Container::boot(image, &binds, &tmp.path().join("nspawn.log")),
-    ) else {
+    let Some(ct) = boot(image, codename, tmp.path()) else {
         return;
     };
     eprintln!("booted in {:.1?}", booted.elapsed());
@@ -406,6 +462,27 @@ fn life_cycle(
     assert!(conf.contains(&format!("server_name = \"{SN}\"")), "{conf}");
     assert!(conf.contains("mode = \"internal\""), "{conf}");
     assert_eq!(ct.sh(&format!("stat -c %a {CONF}")), "640");
+    // Unattended upgrades are on by default (the debconf question's default, README
+    // "Upgrades"), and the timer that runs them is enabled and waiting.
+    assert!(conf.contains("[upgrades]\nunattended = true"), "{conf}");
+    assert_eq!(
+        ct.sh("systemctl is-enabled homelab-matrix-upgrade.timer"),
+        "enabled"
+    );
+    assert_eq!(
+        ct.sh("systemctl is-active homelab-matrix-upgrade.timer"),
+        "active"
+    );
+    // The installed packages are kept (from apt's archive: apt read its hooks before the
+    // first install brought ours).
+    let kept = ct.sh(&format!("ls {KEPT}"));
+    for name in ["homelab-matrix", "homelab-matrix-synapse-venv"] {
+        assert!(
+            kept.lines()
+                .any(|l| l.starts_with(&format!("{name}_{version}_"))),
+            "{name} {version} not kept: {kept}"
+        );
+    }
     for unit in ["coturn.service", "matrix-synapse.service"] {
         assert_eq!(
             ct.sh(&format!("readlink /etc/systemd/system/{unit}")),
@@ -555,7 +632,8 @@ fn life_cycle(
     let conf = String::from_utf8(read(&ct, CONF)).unwrap();
     let secrets = secrets_digest(&ct);
     let signing = read(&ct, &format!("{STATE}/synapse-data/signing.key"));
-    // The next version is published; the box takes it the way unattended upgrades would.
+    // The next version is published; the box takes it by itself: the timer's service (run
+    // now rather than at night) upgrades our packages and nothing else.
     aptrepo::release(
         &gnupg,
         &repo,
@@ -563,10 +641,12 @@ fn life_cycle(
         &[(codename, vec![deb2.clone(), venv2.clone()])],
     );
     let t = Instant::now();
-    // ca-certificates held: its bundle here is the host's, bound read-only, which its
-    // postinst cannot replace; everything else upgrades as on a user's box.
-    ct.sh("apt-mark hold ca-certificates");
-    ct.sh(&format!("apt-get update -q 2>&1 && {APT} upgrade 2>&1"));
+    ct.sh("systemctl start homelab-matrix-upgrade.service");
+    let said = ct.sh("journalctl -u homelab-matrix-upgrade --no-pager -o cat");
+    assert!(
+        said.contains(&format!("homelab-matrix {version} -> {next}")),
+        "{said}"
+    );
     assert_eq!(
         ct.sh("dpkg-query -W -f='${Version} ' homelab-matrix homelab-matrix-synapse-venv"),
         format!("{next} {next}")
@@ -625,6 +705,14 @@ fn life_cycle(
     );
     assert_history_has(&ct, &token, &room, "written before the upgrade");
 
+    broken_upgrade_is_undone(
+        &ct,
+        (&gnupg, &repo, &fpr, codename),
+        [version, next, later[0], later[1]],
+        later_debs,
+        &room,
+    );
+
     // systemctl stop: clean, within TimeoutStopSec, nothing left running.
     let t = Instant::now();
     ct.sh(&format!("systemctl stop {UNIT}"));
@@ -659,7 +747,7 @@ fn life_cycle(
     // Purge: nothing of ours is left, debconf answers included.
     ct.sh(&format!("{APT} purge homelab-matrix 2>&1"));
     ct.sh(&format!(
-        "for p in /etc/homelab-matrix {STATE} /usr/share/doc/homelab-matrix /lib/systemd/system/homelab-matrix.service; do test ! -e $p || {{ echo $p left; exit 1; }}; done"
+        "for p in /etc/homelab-matrix {STATE} /usr/share/doc/homelab-matrix /lib/systemd/system/homelab-matrix.service {KEPT} /etc/apt/apt.conf.d/50homelab-matrix; do test ! -e $p || {{ echo $p left; exit 1; }}; done"
     ));
     assert_eq!(
         ct.sh("debconf-show homelab-matrix 2>/dev/null || true"),
@@ -728,6 +816,325 @@ fn life_cycle(
         denials.is_empty(),
         "denials in the journal:\n{}",
         denials.join("\n")
+    );
+    aptrepo::stop_agent(&gnupg);
+}
+
+/// The rollback file (backup::rollback) as JSON, or Null while there is none.
+fn rollback_record(ct: &Container) -> Value {
+    let out = ct.run(&format!("cat {STATE}/backup/rollback.json"));
+    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+}
+
+/// A release whose Synapse cannot start, published and taken by the unattended upgrade: the
+/// appliance sees Synapse fail on it, installs the kept packages of `next` again, holds them,
+/// restores the snapshot taken before, and says so; nothing written before is lost. Then the
+/// fix is published, and unheld as `status` says, the next upgrade takes it.
+fn broken_upgrade_is_undone(
+    ct: &Container,
+    (gnupg, repo, fpr, codename): (&Path, &Path, &str, &str),
+    [version, next, broken, fixed]: [&str; 4],
+    [[deb3, venv3], [deb4, venv4]]: [[&PathBuf; 2]; 2],
+    room: &str,
+) {
+    let token = login(ct, "alice", "sd-password-1");
+    let (st, v) = api(
+        ct,
+        "PUT",
+        &format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/t2"),
+        Some(&token),
+        Some(json!({"msgtype": "m.text", "body": "written before the broken upgrade"})),
+    );
+    assert_eq!(st, 200, "{v}");
+    aptrepo::release(
+        gnupg,
+        repo,
+        fpr,
+        &[(codename, vec![deb3.clone(), venv3.clone()])],
+    );
+    let t = Instant::now();
+    ct.sh("systemctl start homelab-matrix-upgrade.service");
+    eprintln!("broken release installed in {:.0?}", t.elapsed());
+    assert_eq!(
+        ct.sh("dpkg-query -W -f='${Version} ' homelab-matrix homelab-matrix-synapse-venv"),
+        format!("{broken} {broken}")
+    );
+    wait_until(
+        "the appliance to undo the broken upgrade",
+        Duration::from_secs(1200),
+        || {
+            let r = rollback_record(ct);
+            r["outcome"] == "rolled-back" || r["outcome"] == "failed"
+        },
+    );
+    let record = rollback_record(ct);
+    assert_eq!(
+        record["outcome"],
+        "rolled-back",
+        "{record:#}\n{}",
+        ct.sh("journalctl -u homelab-matrix-rollback --no-pager | tail -n 60")
+    );
+    eprintln!("broken upgrade: undone {:.0?} after it began", t.elapsed());
+    assert!(
+        record["reason"]
+            .as_str()
+            .unwrap()
+            .contains("starts in a row"),
+        "{record:#}"
+    );
+    assert_eq!(
+        ct.sh("dpkg-query -W -f='${Version} ' homelab-matrix homelab-matrix-synapse-venv"),
+        format!("{next} {next}"),
+        "not back on the packages of before"
+    );
+    let held = ct.sh("apt-mark showhold");
+    assert!(
+        held.contains("homelab-matrix\n") && held.contains("homelab-matrix-synapse-venv"),
+        "{held}"
+    );
+    wait_ready(ct, "the appliance after the rollback");
+    let status = ct.sh("homelab-matrix status");
+    eprintln!("homelab-matrix status after the rollback:\n{status}");
+    assert!(
+        status.contains("ROLLED BACK")
+            && status.contains(&format!("{next} -> {broken}"))
+            && status.contains("apt-mark unhold homelab-matrix homelab-matrix-synapse-venv"),
+        "{status}"
+    );
+    // Everything written before the broken upgrade is there.
+    let token = login(ct, "alice", "sd-password-1");
+    assert_history_has(ct, &token, room, "written before the broken upgrade");
+    // Held: the next unattended run leaves the broken release alone.
+    ct.sh("systemctl start homelab-matrix-upgrade.service");
+    let said = ct.sh("journalctl -u homelab-matrix-upgrade --no-pager -o cat | tail -n 8");
+    assert!(said.contains("held: homelab-matrix"), "{said}");
+    assert_eq!(
+        ct.sh("dpkg-query -W -f='${Version} ' homelab-matrix homelab-matrix-synapse-venv"),
+        format!("{next} {next}")
+    );
+    let kept = ct.sh(&format!("ls {KEPT}"));
+    eprintln!("kept packages:\n{kept}");
+    for v in [version, next, broken] {
+        assert!(
+            kept.contains(&format!("homelab-matrix-synapse-venv_{v}_all.deb")),
+            "{v} not kept: {kept}"
+        );
+    }
+    // The fix is published; unheld as `status` says, the next run takes it, and once Synapse
+    // is healthy on it the rollback is history.
+    aptrepo::release(
+        gnupg,
+        repo,
+        fpr,
+        &[(codename, vec![deb4.clone(), venv4.clone()])],
+    );
+    ct.sh("apt-mark unhold homelab-matrix homelab-matrix-synapse-venv");
+    ct.sh("systemctl start homelab-matrix-upgrade.service");
+    assert_eq!(
+        ct.sh("dpkg-query -W -f='${Version} ' homelab-matrix homelab-matrix-synapse-venv"),
+        format!("{fixed} {fixed}")
+    );
+    wait_ready(ct, "the appliance on the fixed release");
+    wait_until(
+        "the rollback to be history once the fix is healthy",
+        Duration::from_secs(60),
+        || rollback_record(ct).is_null(),
+    );
+    assert!(!ct.sh("homelab-matrix status").contains("ROLLED BACK"));
+    let token = login(ct, "alice", "sd-password-1");
+    assert_history_has(ct, &token, room, "written before the broken upgrade");
+}
+
+/// A Debian 12 box with the appliance, a user, an encrypted room with a message and a picture,
+/// switched to trixie and `apt full-upgrade`d as Debian's release notes say: the Synapse venv,
+/// built for Python 3.11, is built again for 3.13 (its package's trigger on python3) and the
+/// service comes back with everything, still on PostgreSQL 15's cluster, which `doctor` and
+/// `status` point out; `homelab-matrix postgres upgrade` then moves it to 17, and all is still
+/// there.
+fn dist_upgrade(image: &Path, version: &str, [deb, venv]: [&PathBuf; 2]) {
+    let tmp = tempfile::tempdir().unwrap();
+    let gnupg = tmp.path().join("gnupg");
+    let fpr = aptrepo::key(&gnupg, "homelab-matrix test release key");
+    let repo = tmp.path().join("repo");
+    // The same packages in both suites, as the release workflow publishes them.
+    aptrepo::release(
+        &gnupg,
+        &repo,
+        &fpr,
+        &[
+            ("bookworm", vec![deb.clone(), venv.clone()]),
+            ("trixie", vec![deb.clone(), venv.clone()]),
+        ],
+    );
+    let (_served, port) = aptrepo::serve(&repo);
+    nspawn::assert_ports_free(&[80, 443, 8448, 3478, 5349, 5433], &[3478]);
+    let _pg = HostPostgresPaused::pause(5432, Duration::from_secs(900));
+    let Some(ct) = boot(image, "bookworm", tmp.path()) else {
+        return;
+    };
+    ct.sh(&format!(
+        "cd /tmp && /usr/lib/apt/apt-helper download-file http://127.0.0.1:{port}/homelab-matrix-archive-keyring.gpg key.gpg \
+         && install -d /etc/apt/keyrings && install -m 0644 key.gpg /etc/apt/keyrings/homelab-matrix-archive-keyring.gpg \
+         && printf 'Types: deb\\nURIs: http://127.0.0.1:{port}/\\nSuites: bookworm\\nComponents: main\\nSigned-By: /etc/apt/keyrings/homelab-matrix-archive-keyring.gpg\\n' > /etc/apt/sources.list.d/homelab-matrix.sources \
+         && printf '%s\\n' 'homelab-matrix homelab-matrix/server_name string {SN}' 'homelab-matrix homelab-matrix/tls_mode select internal' | debconf-set-selections"
+    ));
+    ct.sh(&format!(
+        "apt-get update -q 2>&1 && {APT} install homelab-matrix 2>&1"
+    ));
+    wait_ready(&ct, "the appliance on Debian 12");
+    assert_eq!(
+        ct.sh("python3 -c 'import sys; print(sys.version_info[1])'"),
+        "11"
+    );
+
+    // What the upgrade must keep: a user, an encrypted room, a message, a picture.
+    ct.sh("umask 077; echo du-password-1 > /root/pw && homelab-matrix user add alice --password-file /root/pw");
+    let token = login(&ct, "alice", "du-password-1");
+    let (st, v) = api(
+        &ct,
+        "POST",
+        "/_matrix/client/v3/createRoom",
+        Some(&token),
+        Some(json!({"name": "kept", "initial_state": [
+            {"type": "m.room.encryption", "state_key": "", "content": {"algorithm": "m.megolm.v1.aes-sha2"}}
+        ]})),
+    );
+    assert_eq!(st, 200, "{v}");
+    let room = v["room_id"].as_str().unwrap().to_string();
+    let (st, v) = api(
+        &ct,
+        "PUT",
+        &format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/d1"),
+        Some(&token),
+        Some(json!({"msgtype": "m.text", "body": "written on Debian 12"})),
+    );
+    assert_eq!(st, 200, "{v}");
+    let picture: Vec<u8> = (0..40_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let picture_file = tmp.path().join("picture.bin");
+    fs::write(&picture_file, &picture).unwrap();
+    // curl on this host (minbase has none), through the front door as a client would.
+    let curl = |ct: &Container, token: &str| {
+        let mut c = Command::new("curl");
+        c.args(["-sS", "--fail", "--max-time", "60"])
+            .arg("--cacert")
+            .arg(ct.path(&format!("{STATE}/ca/root.pem")))
+            .arg("--resolve")
+            .arg(format!("matrix.{SN}:443:127.0.0.1"))
+            .args(["-H", &format!("Authorization: Bearer {token}")]);
+        c
+    };
+    let out = aptrepo::run(
+        curl(&ct, &token)
+            .args([
+                "-H",
+                "Content-Type: application/octet-stream",
+                "--data-binary",
+            ])
+            .arg(format!("@{}", picture_file.display()))
+            .arg(format!("https://matrix.{SN}/_matrix/media/v3/upload")),
+    );
+    let mxc = serde_json::from_slice::<Value>(&out.stdout).unwrap()["content_uri"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let media = |ct: &Container, token: &str| -> Vec<u8> {
+        let path = mxc.trim_start_matches("mxc://");
+        aptrepo::run(curl(ct, token).arg(format!(
+            "https://matrix.{SN}/_matrix/client/v1/media/download/{path}"
+        )))
+        .stdout
+    };
+    assert_eq!(media(&ct, &token), picture, "the picture as uploaded");
+
+    // Debian's release notes: point the sources at trixie, `apt update`, `apt upgrade
+    // --without-new-pkgs`, then `apt full-upgrade`. Our repository's trixie suite too.
+    let t = Instant::now();
+    ct.sh("sed -i 's/bookworm/trixie/g' /etc/apt/sources.list.d/debian.sources /etc/apt/sources.list.d/homelab-matrix.sources");
+    // ca-certificates held: its bundle here is the host's, bound read-only.
+    ct.sh("apt-mark hold ca-certificates");
+    let opts = "-o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold";
+    ct.sh(&format!(
+        "apt-get update -q 2>&1 && {APT} {opts} upgrade --without-new-pkgs 2>&1 | tail -n 5 && {APT} {opts} full-upgrade 2>&1 | tail -n 20"
+    ));
+    eprintln!("apt full-upgrade to trixie: {:.0?}", t.elapsed());
+    assert_eq!(
+        ct.sh("python3 -c 'import sys; print(sys.version_info[1])'"),
+        "13"
+    );
+    // Our packages are the same in both suites: nothing of ours was upgraded.
+    assert_eq!(
+        ct.sh("dpkg-query -W -f='${Version} ' homelab-matrix homelab-matrix-synapse-venv"),
+        format!("{version} {version}")
+    );
+    // The venv runs on the new Python: the trigger built it again.
+    ct.sh("/opt/venvs/matrix-synapse/bin/python -c 'import synapse.app.homeserver, psycopg2'");
+    assert!(
+        ct.sh("/opt/venvs/matrix-synapse/bin/python -V")
+            .contains("3.13"),
+        "the venv is not on Python 3.13"
+    );
+    // The release notes end with a reboot; the service's restart is what matters here.
+    ct.sh(&format!("systemctl restart {UNIT}"));
+    wait_ready(&ct, "the appliance after the dist-upgrade");
+    let token = login(&ct, "alice", "du-password-1");
+    assert_history_has(&ct, &token, &room, "written on Debian 12");
+    assert!(media(&ct, &token) == picture, "the picture changed");
+
+    // PostgreSQL 17 came beside 15, whose cluster still holds the database: said, with the
+    // command that moves it.
+    let clusters = ct.sh("pg_lsclusters --no-header");
+    eprintln!("clusters after the dist-upgrade:\n{clusters}");
+    assert!(
+        clusters.contains("15  main    5432 online")
+            || clusters
+                .lines()
+                .any(|l| l.starts_with("15 ") && l.contains("5432")),
+        "{clusters}"
+    );
+    let status = ct.sh("homelab-matrix status");
+    assert!(
+        status.contains("POSTGRES: the database lives on PostgreSQL 15 while 17 is installed")
+            && status.contains("homelab-matrix postgres upgrade"),
+        "{status}"
+    );
+    let doctor = ct.run("homelab-matrix doctor --only postgres");
+    let said = String::from_utf8_lossy(&doctor.stdout);
+    assert!(
+        said.contains("PostgreSQL 17 is installed beside it"),
+        "doctor:\n{said}"
+    );
+
+    let t = Instant::now();
+    let said = ct.sh("homelab-matrix postgres upgrade 2>&1");
+    eprintln!("postgres upgrade: {:.0?}\n{said}", t.elapsed());
+    let clusters = ct.sh("pg_lsclusters --no-header");
+    assert!(
+        clusters
+            .lines()
+            .any(|l| l.starts_with("17 ") && l.contains(" 5432 ") && l.contains("online")),
+        "{clusters}"
+    );
+    wait_ready(&ct, "the appliance on PostgreSQL 17");
+    assert!(!ct.sh("homelab-matrix status").contains("POSTGRES:"));
+    let token = login(&ct, "alice", "du-password-1");
+    assert_history_has(&ct, &token, &room, "written on Debian 12");
+    assert!(media(&ct, &token) == picture, "the picture changed");
+    let (st, v) = api(
+        &ct,
+        "GET",
+        &format!("/_matrix/client/v3/rooms/{room}/state/m.room.encryption/"),
+        Some(&token),
+        None,
+    );
+    assert_eq!(
+        (st, v["algorithm"].as_str()),
+        (200, Some("m.megolm.v1.aes-sha2")),
+        "{v}"
+    );
+    assert!(
+        ct.sh("ls /var/backups/homelab-matrix")
+            .contains("-pre-upgrade.tar"),
+        "no snapshot before the database moved"
     );
     aptrepo::stop_agent(&gnupg);
 }

@@ -79,6 +79,47 @@ pub fn deb(dir: &Path, name: &str, version: &str, arch: &str) -> PathBuf {
     out
 }
 
+/// `deb` rebuilt into `dir` as `version`, its postinst replaced by `postinst` when given (and
+/// its triggers dropped with it): a release made from this build, good or deliberately broken.
+pub fn repack(deb: &Path, dir: &Path, version: &str, postinst: Option<&str>) -> PathBuf {
+    let root = dir.join(format!("repack-{version}"));
+    let _ = fs::remove_dir_all(&root);
+    run(Command::new("dpkg-deb").arg("-R").arg(deb).arg(&root));
+    let control = root.join("DEBIAN/control");
+    let text = fs::read_to_string(&control).unwrap();
+    let field = |f: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(f)?.strip_prefix(": "))
+            .unwrap()
+            .to_string()
+    };
+    let (name, arch) = (field("Package"), field("Architecture"));
+    let text: String = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("Version: ") {
+                format!("Version: {version}\n")
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    fs::write(&control, text).unwrap();
+    if let Some(script) = postinst {
+        let p = root.join("DEBIAN/postinst");
+        fs::write(&p, script).unwrap();
+        fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let _ = fs::remove_file(root.join("DEBIAN/triggers"));
+    }
+    let out = dir.join(format!("{name}_{version}_{arch}.deb"));
+    run(Command::new("dpkg-deb")
+        .args(["-Zgzip", "--root-owner-group", "--build"])
+        .arg(&root)
+        .arg(&out));
+    fs::remove_dir_all(&root).unwrap();
+    out
+}
+
 /// apt with its own sources, lists, cache and (empty) trusted keys: nothing of this host's.
 pub struct Apt {
     pub dir: PathBuf,
