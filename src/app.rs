@@ -59,6 +59,8 @@ struct App {
     /// An upgrade Synapse has not been healthy on yet (backup::upgrade): Synapse gets
     /// `rollback::PATIENCE` to become healthy, and a failed one is undone.
     upgrading: bool,
+    /// The upgrade changed packages: apt restarted the service, and may not be done.
+    upgraded_packages: bool,
 }
 
 /// Internal-CA certificates: a year, re-issued when a third is left (browsers cap private-CA
@@ -151,6 +153,9 @@ pub async fn run(config_path: &Path) -> Result<(), RunError> {
         alerts,
         bot,
         upgrading: upgrade.is_some(),
+        upgraded_packages: upgrade
+            .as_ref()
+            .is_some_and(|u| !u.changed_packages().is_empty()),
     });
     if let Some(r) = crate::backup::rollback::load(&app.cfg) {
         // Said at every start until a later upgrade is healthy (the bot repeats it at most
@@ -270,14 +275,15 @@ async fn start_rest(
 }
 
 /// Synapse is healthy: what runs is the new baseline of the upgrade check, and a pending
-/// upgrade is done (backup::upgrade), once apt and dpkg are done too. This start may be a
-/// postinst's, with packages still to configure (a venv whose Synapse then fails): healthy on
-/// files apt has not finished with proves nothing yet, and watch_upgrade goes on watching.
+/// upgrade is done (backup::upgrade). After an upgrade of packages, once apt and dpkg are done
+/// too: this start may be a postinst's, with packages still to configure (a venv whose Synapse
+/// then fails), so healthy on files apt has not finished with proves nothing yet, and
+/// watch_upgrade goes on watching.
 async fn record_healthy(app: Arc<App>, mut stop: watch::Receiver<bool>) {
     loop {
         let synapse_up =
             app.synapse.lock().unwrap().status().state == crate::supervisor::State::Running;
-        if synapse_up && !crate::apt::dpkg_busy() {
+        if synapse_up && !(app.upgraded_packages && crate::apt::dpkg_busy()) {
             break;
         }
         tokio::select! {
