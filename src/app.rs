@@ -301,8 +301,10 @@ async fn record_healthy(app: Arc<App>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-/// How long a start after an upgrade holds back READY while Synapse is not up yet.
-const UPGRADE_READY_AFTER: Duration = Duration::from_secs(30);
+/// How long a start after an upgrade holds back READY while Synapse is not up yet: a minute,
+/// which a Synapse that only loads (no migration) takes even on a loaded 2-core box, and which
+/// an apt run waiting on the postinst's restart can afford.
+const UPGRADE_READY_AFTER: Duration = Duration::from_secs(60);
 
 /// Synapse's child spec; while an upgrade is pending a start may take as long as a migration
 /// may (`rollback::PATIENCE`) before it counts as hung.

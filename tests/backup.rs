@@ -682,7 +682,9 @@ fn a_new_synapse_gets_a_snapshot_first_and_status_says_how_to_get_back() {
     // Fixed: once healthy, the upgrade is done; no second snapshot for the same upgrade.
     fs::remove_file(&broken).unwrap();
     let _run = lab.start();
-    wait_until("the upgrade to be done", WAIT, || {
+    // After an upgrade READY may come before Synapse is up (app.rs UPGRADE_READY_AFTER): the
+    // wait covers Synapse's start too, which on a loaded CI box took over a minute.
+    wait_until("the upgrade to be done", Duration::from_secs(300), || {
         !lab.ok(&["status"]).contains("UPGRADE:")
     });
     assert_eq!(backups(&lab).len(), 1);
