@@ -712,6 +712,14 @@ fn life_cycle(
         later_debs,
         &room,
     );
+    // Two more upgrades took their snapshots, and retention keeps the newest two pre-upgrade
+    // ones (README "Backups"): the purge and restore below start from the newest.
+    let snaps = ct.sh("ls /var/backups/homelab-matrix | grep -- '-pre-upgrade.tar$'");
+    assert_eq!(snaps.lines().count(), 2, "{snaps}");
+    let snap = format!(
+        "/var/backups/homelab-matrix/{}",
+        snaps.lines().last().unwrap().trim()
+    );
 
     // systemctl stop: clean, within TimeoutStopSec, nothing left running.
     let t = Instant::now();
