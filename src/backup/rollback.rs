@@ -188,7 +188,7 @@ pub fn plan(p: &Pending, kept: &Path) -> std::result::Result<(PathBuf, Vec<PathB
 /// outlives the service's stop.
 pub async fn launch(config_path: &Path, reason: &str) -> Result<()> {
     let exe = std::env::current_exe().context("finding the homelab-matrix binary")?;
-    let out = supervisor::run_helper(
+    supervisor::run_checked(
         Command::new("systemd-run")
             .arg(format!("--unit={UNIT}"))
             .arg("--collect")
@@ -200,17 +200,10 @@ pub async fn launch(config_path: &Path, reason: &str) -> Result<()> {
             .arg("rollback")
             .arg("--reason")
             .arg(reason),
-        b"",
+        "systemd-run",
         Duration::from_secs(60),
     )
     .await?;
-    if !out.exit.success() {
-        bail!(
-            "systemd-run failed ({}): {}",
-            out.exit,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
     Ok(())
 }
 

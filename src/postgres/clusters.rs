@@ -43,19 +43,13 @@ pub async fn list() -> Result<Vec<Cluster>> {
     if !Path::new("/usr/bin/pg_lsclusters").exists() {
         return Ok(vec![]);
     }
-    let out = supervisor::run_helper(
+    let said = supervisor::run_checked(
         Command::new("pg_lsclusters").arg("--no-header"),
-        b"",
+        "pg_lsclusters",
         Duration::from_secs(30),
     )
     .await?;
-    if !out.exit.success() {
-        bail!(
-            "pg_lsclusters failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(parse(&String::from_utf8_lossy(&out.stdout)))
+    Ok(parse(&said))
 }
 
 /// The newest PostgreSQL server major installed (Debian's /usr/lib/postgresql/<major>/).
