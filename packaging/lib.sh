@@ -13,6 +13,15 @@ apt_install() {
   fi
 }
 
+# The number of the Debian release named $1 (the releases this project builds for), or fails.
+debian_number() {
+  case "$1" in
+    bookworm) echo 12 ;;
+    trixie) echo 13 ;;
+    *) return 1 ;;
+  esac
+}
+
 # Starts the Debian PostgreSQL cluster if it is down. Under systemd, through systemctl; without
 # systemd as PID 1 (containers, CI), with pg_ctlcluster directly.
 start_postgres() {

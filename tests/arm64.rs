@@ -10,16 +10,18 @@
 
 mod common;
 
+use common::aptrepo;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
-/// The arm64 package, built once per source state (packaging/debs caches it).
-fn arm64_deb() -> PathBuf {
+/// The arm64 package for `release`, built once per source state (packaging/debs caches it).
+fn arm64_deb(release: &str) -> PathBuf {
     let out = Command::new(format!("{ROOT}/packaging/debs"))
-        .args(["--arch", "arm64"])
+        .args(["--arch", "arm64", "--release", release])
         .stderr(Stdio::inherit())
         .output()
         .unwrap();
@@ -30,16 +32,6 @@ fn arm64_deb() -> PathBuf {
         .find(|l| l.ends_with("_arm64.deb"))
         .unwrap_or_else(|| panic!("no arm64 package in {text}"));
     PathBuf::from(deb)
-}
-
-fn field(deb: &Path, f: &str) -> String {
-    let out = Command::new("dpkg-deb")
-        .arg("-f")
-        .arg(deb)
-        .arg(f)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 #[test]
@@ -57,12 +49,18 @@ fn the_arm64_package_runs_under_qemu() {
     ) {
         return;
     }
-    let deb = arm64_deb();
-    assert_eq!(field(&deb, "Architecture"), "arm64");
-    assert_eq!(field(&deb, "Package"), "homelab-matrix");
-    // dpkg-shlibdeps read the arm64 libc: the dependency names Debian's libc6.
-    let depends = field(&deb, "Depends");
-    assert!(depends.contains("libc6 (>="), "{depends}");
+    // Debian 13's package: the same program, packaged by trixie's own tools.
+    let trixie = arm64_deb("trixie");
+    let deb = arm64_deb("bookworm");
+    for (deb, n) in [(&deb, 12), (&trixie, 13)] {
+        assert_eq!(aptrepo::field(deb, "Architecture"), "arm64");
+        assert_eq!(aptrepo::field(deb, "Package"), "homelab-matrix");
+        let version = aptrepo::field(deb, "Version");
+        assert!(version.ends_with(&format!("+deb{n}")), "{version}");
+        // dpkg-shlibdeps read the arm64 libc: the dependency names Debian's libc6.
+        let depends = aptrepo::field(deb, "Depends");
+        assert!(depends.contains("libc6 (>="), "{depends}");
+    }
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("root");
     let st = Command::new("dpkg-deb")

@@ -251,63 +251,79 @@ fn on_debian_12_and_13_with_systemd_the_package_installs_survives_crashes_upgrad
         images.push((codename, image));
     }
 
-    // Both versions are built (or found in the cache) before anything on the host is touched.
-    let version = String::from_utf8(
-        Command::new("dpkg-parsechangelog")
-            .args(["-S", "Version", "-l"])
-            .arg(format!("{}/debian/changelog", env!("CARGO_MANIFEST_DIR")))
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap()
-    .trim()
-    .to_string();
-    let next = format!("{version}+upgrade1");
-    let (deb, venv) = nspawn::debs(None);
-    let (deb2, venv2) = nspawn::debs(Some(&next));
-    lintian(&[&deb, &venv]);
-    // A broken release after it: the same programs, with a venv package whose Synapse
-    // cannot start.
+    // Every package is built (or found in the cache) before anything on the host is touched:
+    // for each release its own build (packaging/build-deb --release), the next version, a
+    // broken release after it (the same programs, with a venv package whose Synapse cannot
+    // start), and the fix published after that.
+    struct Release {
+        version: String,
+        debs: [PathBuf; 2],
+        next: String,
+        next_debs: [PathBuf; 2],
+        later: [String; 2],
+        later_debs: [[PathBuf; 2]; 2],
+    }
     let broken_dir = tempfile::tempdir().unwrap();
-    let broken = format!("{version}+upgrade2");
-    let deb3 = aptrepo::repack(&deb2, broken_dir.path(), &broken, None);
-    let venv3 = aptrepo::repack(
-        &venv2,
-        broken_dir.path(),
-        &broken,
-        Some(BROKEN_VENV_POSTINST),
-    );
-    // And the fix published after it.
-    let fixed = format!("{version}+upgrade3");
-    let deb4 = aptrepo::repack(&deb2, broken_dir.path(), &fixed, None);
-    let venv4 = aptrepo::repack(&venv2, broken_dir.path(), &fixed, None);
-    // The same packages on both releases: built on Debian 12, their dependencies are met by
-    // Debian 13's (PostgreSQL 17, Python 3.13); one life cycle each, one after the other (the
-    // containers take the same host ports).
-    for (codename, image) in &images {
+    let mut releases = vec![];
+    for (codename, _) in &images {
+        let (deb, venv) = nspawn::debs(codename, None);
+        let version = aptrepo::field(&deb, "Version");
+        let n = if *codename == "bookworm" { 12 } else { 13 };
+        assert!(
+            version.ends_with(&format!("+deb{n}")),
+            "{codename}'s package has version {version}"
+        );
+        assert_eq!(aptrepo::field(&venv, "Version"), version);
+        lintian(&[&deb, &venv]);
+        let next = format!("{version}+upgrade1");
+        let (deb2, venv2) = nspawn::debs(codename, Some(&next));
+        let dir = broken_dir.path().join(codename);
+        fs::create_dir_all(&dir).unwrap();
+        let broken = format!("{version}+upgrade2");
+        let deb3 = aptrepo::repack(&deb2, &dir, &broken, None);
+        let venv3 = aptrepo::repack(&venv2, &dir, &broken, Some(BROKEN_VENV_POSTINST));
+        let fixed = format!("{version}+upgrade3");
+        let deb4 = aptrepo::repack(&deb2, &dir, &fixed, None);
+        let venv4 = aptrepo::repack(&venv2, &dir, &fixed, None);
+        releases.push(Release {
+            version,
+            debs: [deb, venv],
+            next,
+            next_debs: [deb2, venv2],
+            later: [broken, fixed],
+            later_debs: [[deb3, venv3], [deb4, venv4]],
+        });
+    }
+    // One life cycle per release, one after the other (the containers take the same host
+    // ports).
+    for ((codename, image), r) in images.iter().zip(&releases) {
         if !runs(codename) {
             continue;
         }
         let t = Instant::now();
+        let [deb, venv] = &r.debs;
+        let [deb2, venv2] = &r.next_debs;
+        let [[deb3, venv3], [deb4, venv4]] = &r.later_debs;
         life_cycle(
             codename,
             image,
-            &version,
-            [&deb, &venv],
-            &next,
-            [&deb2, &venv2],
-            [&broken, &fixed],
-            [[&deb3, &venv3], [&deb4, &venv4]],
+            &r.version,
+            [deb, venv],
+            &r.next,
+            [deb2, venv2],
+            [&r.later[0], &r.later[1]],
+            [[deb3, venv3], [deb4, venv4]],
         );
         eprintln!("{codename}: the life cycle took {:.0?}", t.elapsed());
     }
-    // The host's own upgrade, Debian 12 to 13, with the appliance and its data on it.
+    // The host's own upgrade, Debian 12 to 13, with the appliance and its data on it: from
+    // the bookworm build to the trixie one.
     if let Some((_, image)) = images.iter().find(|(c, _)| *c == "bookworm")
         && runs("dist-upgrade")
     {
         let t = Instant::now();
-        dist_upgrade(image, &version, [&deb, &venv]);
+        let [old, new] = [&releases[0], &releases[1]];
+        dist_upgrade(image, [&old.version, &new.version], &old.debs, &new.debs);
         eprintln!("the dist-upgrade from 12 to 13 took {:.0?}", t.elapsed());
     }
     eprintln!(
@@ -959,20 +975,19 @@ fn broken_upgrade_is_undone(
 /// service comes back with everything, still on PostgreSQL 15's cluster, which `doctor` and
 /// `status` point out; `homelab-matrix postgres upgrade` then moves it to 17, and all is still
 /// there.
-fn dist_upgrade(image: &Path, version: &str, [deb, venv]: [&PathBuf; 2]) {
+/// `old` (the bookworm build, at `version[0]`) installed, then the box upgraded to trixie,
+/// where the repository offers `new` (the trixie build, `version[1]`).
+fn dist_upgrade(image: &Path, version: [&str; 2], old: &[PathBuf; 2], new: &[PathBuf; 2]) {
     let tmp = tempfile::tempdir().unwrap();
     let gnupg = tmp.path().join("gnupg");
     let fpr = aptrepo::key(&gnupg, "homelab-matrix test release key");
     let repo = tmp.path().join("repo");
-    // The same packages in both suites, as the release workflow publishes them.
+    // Each suite with its own build, as the release workflow publishes them.
     aptrepo::release(
         &gnupg,
         &repo,
         &fpr,
-        &[
-            ("bookworm", vec![deb.clone(), venv.clone()]),
-            ("trixie", vec![deb.clone(), venv.clone()]),
-        ],
+        &[("bookworm", old.to_vec()), ("trixie", new.to_vec())],
     );
     let (_served, port) = aptrepo::serve(&repo);
     nspawn::assert_ports_free(&[80, 443, 8448, 3478, 5349, 5433], &[3478]);
@@ -990,6 +1005,10 @@ fn dist_upgrade(image: &Path, version: &str, [deb, venv]: [&PathBuf; 2]) {
         "apt-get update -q 2>&1 && {APT} install homelab-matrix 2>&1"
     ));
     wait_ready(&ct, "the appliance on Debian 12");
+    assert_eq!(
+        ct.sh("dpkg-query -W -f='${Version}' homelab-matrix"),
+        version[0]
+    );
     assert_eq!(
         ct.sh("python3 -c 'import sys; print(sys.version_info[1])'"),
         "11"
@@ -1069,10 +1088,10 @@ fn dist_upgrade(image: &Path, version: &str, [deb, venv]: [&PathBuf; 2]) {
         ct.sh("python3 -c 'import sys; print(sys.version_info[1])'"),
         "13"
     );
-    // Our packages are the same in both suites: nothing of ours was upgraded.
+    // Ours came along: the trixie builds replaced the bookworm ones.
     assert_eq!(
         ct.sh("dpkg-query -W -f='${Version} ' homelab-matrix homelab-matrix-synapse-venv"),
-        format!("{version} {version}")
+        format!("{0} {0}", version[1])
     );
     // The venv runs on the new Python: the trigger built it again.
     ct.sh("/opt/venvs/matrix-synapse/bin/python -c 'import synapse.app.homeserver, psycopg2'");

@@ -81,6 +81,12 @@ pub fn deb(dir: &Path, name: &str, version: &str, arch: &str) -> PathBuf {
 
 /// `deb` rebuilt into `dir` as `version`, its postinst replaced by `postinst` when given (and
 /// its triggers dropped with it): a release made from this build, good or deliberately broken.
+/// One field of a package's control file (`dpkg-deb -f`).
+pub fn field(deb: &Path, f: &str) -> String {
+    let out = run(Command::new("dpkg-deb").arg("-f").arg(deb).arg(f));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 pub fn repack(deb: &Path, dir: &Path, version: &str, postinst: Option<&str>) -> PathBuf {
     let root = dir.join(format!("repack-{version}"));
     let _ = fs::remove_dir_all(&root);

@@ -59,17 +59,18 @@ pub fn image(codename: &str) -> Result<PathBuf, String> {
     ))
 }
 
-/// This checkout's two packages (appliance, Synapse venv) at `version` (None: the changelog's),
-/// from `packaging/debs`: built once per source state, then reused by every test and run.
-pub fn debs(version: Option<&str>) -> (PathBuf, PathBuf) {
-    let mut args = vec!["packaging/debs"];
+/// This checkout's two packages (appliance, Synapse venv) for Debian `release`, at `version`
+/// (None: their build's), from `packaging/debs`: built once per source state, then reused by
+/// every test and run.
+pub fn debs(release: &str, version: Option<&str>) -> (PathBuf, PathBuf) {
+    let mut args = vec!["packaging/debs", "--release", release];
     if let Some(v) = version {
         args.extend(["--version", v]);
     }
     let started = Instant::now();
     let lines = script(&args).unwrap_or_else(|e| panic!("{e}"));
     eprintln!(
-        "packages {version:?}: {lines:?} in {:.0?}",
+        "packages {release} {version:?}: {lines:?} in {:.0?}",
         started.elapsed()
     );
     assert_eq!(lines.len(), 2, "packaging/debs printed {lines:?}");
