@@ -3,7 +3,8 @@
 //! qemu-user-static): the binary in the package is an aarch64 ELF that tells its version,
 //! accepts a valid config and refuses a bad one naming the key, as the amd64 one does. The
 //! library's unit tests also run under qemu-user in `packaging/run-tests`. What this does not
-//! prove: the package installed in an arm64 Debian with systemd, and Synapse under it.
+//! prove: the package installed in an arm64 Debian with systemd, and Synapse under it (tried
+//! by hand under nspawn with a patched emulation stack; README "Installing the package").
 
 // This test drives the packaging scripts and the binary from outside.
 #![allow(clippy::disallowed_methods)]
