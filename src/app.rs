@@ -46,6 +46,10 @@ struct App {
     secrets: Secrets,
     supervisor: Supervisor,
     synapse: Mutex<Arc<Child>>,
+    /// Synapse's worker processes (`[synapse] workers`), started once the main one is ready.
+    workers: Mutex<Vec<Arc<Child>>>,
+    /// The front door's way to Synapse: it routes around workers that are down.
+    upstream: Arc<front::proxy::Upstream>,
     phase: Mutex<&'static str>,
     certs: Arc<CertStore>,
     ca: InternalCa,
@@ -119,8 +123,9 @@ pub async fn run(config_path: &Path) -> Result<(), RunError> {
     )?;
     tokio::spawn(element.clone().maintain(stop_rx.clone()));
     let limits = Limits::from_config(&cfg).fit_descriptors(nofile);
+    let upstream = synapse_upstream(&cfg, &limits);
     let front = FrontDoor::new(
-        routes(&cfg, &certs, https_port, &limits, Some(&element)),
+        routes_to(&cfg, &certs, https_port, Some(&element), upstream.clone()),
         https_port,
     );
     let tls = crate::tls::acceptor(certs.clone());
@@ -137,6 +142,9 @@ pub async fn run(config_path: &Path) -> Result<(), RunError> {
     let upgrade = crate::backup::upgrade::before_start(&cfg, config_path).await;
     let bot = Bot::idle(&cfg);
     let supervisor = Supervisor::new();
+    if cfg.synapse_workers() > 0 {
+        start_redis(&cfg, &supervisor, &synapse_user).await?;
+    }
     let synapse_child = supervisor.start(synapse_spec(&cfg, synapse_user, upgrade.is_some()));
     let app = Arc::new(App {
         config_path: config_path.to_owned(),
@@ -144,6 +152,8 @@ pub async fn run(config_path: &Path) -> Result<(), RunError> {
         secrets,
         supervisor,
         synapse: Mutex::new(synapse_child.clone()),
+        workers: Mutex::new(vec![]),
+        upstream,
         phase: Mutex::new("starting"),
         certs,
         ca,
@@ -245,6 +255,7 @@ async fn start_rest(
         synapse_child.wait_ready(Duration::from_secs(600)).await?;
     }
     let client = admin::Synapse::new(&app.cfg.synapse_local_url());
+    start_workers(app, &client).await?;
     // Without it `token` commands cannot work, but chat does: warn and carry on.
     if let Err(e) = client.service_session(&app.secrets).await {
         tracing::error!("the appliance's admin account is not usable: {e:#}");
@@ -436,6 +447,63 @@ async fn watch_problems(app: Arc<App>, mut stop: watch::Receiver<bool>) {
     }
 }
 
+/// Redis for Synapse's workers, ready before any Synapse process starts (they connect at once).
+async fn start_redis(cfg: &Config, supervisor: &Supervisor, synapse_user: &RunAs) -> Result<()> {
+    let user = RunAs::lookup(&cfg.synapse.redis_user)?;
+    crate::redis::prepare(cfg, &user, synapse_user)?;
+    let redis = supervisor.start(crate::redis::child_spec(cfg, user));
+    redis
+        .wait_ready(Duration::from_secs(60))
+        .await
+        .context("Redis (for Synapse's workers) did not start; its log lines above say why")
+}
+
+/// The workers' child specs, each wired to its health flag in the front door (backend i + 1:
+/// 0 is the main process), which the supervisor clears the moment a worker stops being ready.
+fn worker_specs(
+    app: &App,
+    user: &RunAs,
+) -> Vec<(synapse::workers::Worker, crate::supervisor::ChildSpec)> {
+    let mut specs = synapse::worker_specs(&app.cfg, user);
+    for (i, (_, spec)) in specs.iter_mut().enumerate() {
+        spec.up = app.upstream.health(i + 1);
+    }
+    specs
+}
+
+/// Once the main process is ready (its schema is current, which a worker checks at start):
+/// the workers, each telling the front door whether it is up (`worker_specs`).
+async fn start_workers(app: &App, client: &admin::Synapse) -> Result<()> {
+    let user = RunAs::lookup(&app.cfg.synapse.user)?;
+    let specs = worker_specs(app, &user);
+    if specs.is_empty() {
+        return Ok(());
+    }
+    match client.server_version().await {
+        Ok(v) if synapse::workers::checked_against(&v) == Some(true) => {}
+        Ok(v) => {
+            let ((a, b), (c, d)) = synapse::workers::WRITTEN_FOR;
+            tracing::warn!(
+                "Synapse {v} runs with workers, but the routing table was written for {a}.{b} to {c}.{d}: requests it does not know go to the main process. Check Synapse's docs/workers.md for changes, or update homelab-matrix"
+            );
+        }
+        Err(e) => tracing::warn!("could not ask Synapse's version: {e}"),
+    }
+    let mut children = vec![];
+    for (w, spec) in specs {
+        tracing::info!(worker = %w.name, port = w.port, roles = ?w.roles, "starting Synapse worker");
+        children.push(app.supervisor.start(spec));
+    }
+    *app.workers.lock().unwrap() = children.clone();
+    for c in &children {
+        if let Err(e) = c.wait_ready(Duration::from_secs(300)).await {
+            // What it serves goes to the main process meanwhile, or answers 503.
+            tracing::error!("{e:#}");
+        }
+    }
+    Ok(())
+}
+
 async fn start_coturn(app: &App) -> Result<Arc<Child>> {
     let user = RunAs::lookup(&app.cfg.turn.user)?;
     let cert = app
@@ -513,6 +581,56 @@ pub fn routes(
     limits: &Limits,
     element: Option<&Arc<Element>>,
 ) -> Router {
+    let upstream = synapse_upstream(cfg, limits);
+    routes_to(cfg, certs, https_port, element, upstream)
+}
+
+/// The way to Synapse: its main process, and with workers a balancer that sends each request
+/// to the process docs/workers.md says serves it (`synapse::workers::ENDPOINTS`).
+fn synapse_upstream(cfg: &Config, limits: &Limits) -> Arc<front::proxy::Upstream> {
+    use crate::synapse::workers::{self, Affinity, Fallback};
+    use front::balance::{self, Balancer, Rule};
+    let plan = synapse::worker_plan(cfg);
+    let mut ports = vec![cfg.synapse.port];
+    ports.extend(plan.iter().map(|w| w.port));
+    let balancer = (!plan.is_empty()).then(|| {
+        let rules = workers::ENDPOINTS
+            .iter()
+            .map(|e| Rule {
+                pattern: e.pattern.to_string(),
+                // Backend i + 1 is worker i (0 is the main process).
+                backends: (0..plan.len())
+                    .filter(|&i| plan[i].has(e.role))
+                    .map(|i| i + 1)
+                    .collect(),
+                affinity: match e.affinity {
+                    Affinity::Any => balance::Affinity::Any,
+                    Affinity::User => balance::Affinity::User,
+                    Affinity::Room => balance::Affinity::Room,
+                    Affinity::Origin => balance::Affinity::Origin,
+                },
+                main_serves_it: e.role.fallback() == Fallback::Main,
+            })
+            .collect();
+        Balancer::new(rules, ports.len())
+            .expect("the worker table's patterns compile (unit-tested)")
+    });
+    Arc::new(front::proxy::Upstream::balanced(
+        &ports,
+        balancer,
+        cfg.max_upload_bytes(),
+        limits,
+    ))
+}
+
+/// [`routes`], with Synapse behind `upstream`.
+fn routes_to(
+    cfg: &Config,
+    certs: &Arc<CertStore>,
+    https_port: u16,
+    element: Option<&Arc<Element>>,
+    upstream: Arc<front::proxy::Upstream>,
+) -> Router {
     use front::handlers;
     use front::layers::{AdminGuard, BodyLimit, ForwardedHeaders};
     let hosts = front::Hosts {
@@ -520,11 +638,6 @@ pub fn routes(
         matrix: cfg.hosts.matrix.clone(),
         element: cfg.hosts.element.clone(),
     };
-    let upstream = Arc::new(front::proxy::Upstream::new(
-        cfg.synapse.port,
-        cfg.max_upload_bytes(),
-        limits,
-    ));
     let synapse_layers: Vec<Arc<dyn front::layers::Layer>> = vec![
         Arc::new(BodyLimit {
             max: cfg.max_upload_bytes(),
@@ -826,9 +939,17 @@ async fn reload(app: &App) -> ReloadReport {
         let old = app.synapse.lock().unwrap().clone();
         let fresh = app
             .supervisor
-            .replace(&old, synapse_spec(&app.cfg, user, app.upgrading))
+            .replace(&old, synapse_spec(&app.cfg, user.clone(), app.upgrading))
             .await;
         *app.synapse.lock().unwrap() = fresh.clone();
+        // Every process reads the shared file: the workers restart with the main one.
+        let old_workers = app.workers.lock().unwrap().clone();
+        let specs = worker_specs(app, &user);
+        let mut fresh_workers = vec![];
+        for (old, (_, spec)) in old_workers.iter().zip(specs) {
+            fresh_workers.push(app.supervisor.replace(old, spec).await);
+        }
+        *app.workers.lock().unwrap() = fresh_workers;
         report.restarted = Some(fresh);
         Ok(true)
     }

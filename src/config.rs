@@ -126,6 +126,89 @@ pub struct Synapse {
     pub presence: bool,
     /// Operator's own Synapse YAML, applied after ours (later files win, whole top-level keys).
     pub config_dir: String,
+    /// Synapse worker processes beside the main one (`synapse::workers`): 0, a number, or
+    /// "auto".
+    pub workers: Workers,
+    /// The first worker's HTTP listener (127.0.0.1); the next ones take the ports after it.
+    pub worker_base_port: u16,
+    /// Redis, which workers need (Synapse docs/workers.md): Debian's redis-server, run as its
+    /// own user on a unix socket only.
+    pub redis_server: String,
+    pub redis_user: String,
+}
+
+/// `[synapse] workers`: `0`, a number, or `"auto"`, written with or without quotes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Workers(pub Setting<WorkerCount>);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerCount {
+    Count(u32),
+    /// `Workers::resolve`: from the cores of the box.
+    Auto,
+}
+
+/// More worker processes than this buys nothing on one box: they share one PostgreSQL and one
+/// Redis, and each costs a Python process's memory (~150 MB).
+pub const MAX_WORKERS: u32 = 16;
+
+impl Parse for WorkerCount {
+    fn parse(text: &str) -> Result<Self, String> {
+        if text == "auto" {
+            return Ok(WorkerCount::Auto);
+        }
+        match text.parse::<u32>() {
+            Ok(n) if n <= MAX_WORKERS => Ok(WorkerCount::Count(n)),
+            _ => Err(format!(
+                "{text:?} is not 0, a number of workers up to {MAX_WORKERS}, or \"auto\""
+            )),
+        }
+    }
+}
+
+impl Workers {
+    /// How many worker processes to run on a box with `cores` cores. "auto" is none below 4
+    /// cores: Synapse recommends the monolith for small instances (docs/workers.md), and on 2
+    /// cores the front door, PostgreSQL and the main process already share them. From 4 cores
+    /// on, one per core beyond two (those two for the main process, PostgreSQL and the front
+    /// door), at most 8: 16 cores get 8, past which one PostgreSQL is the limit.
+    pub fn resolve(&self, cores: usize) -> u32 {
+        match self.0.v() {
+            WorkerCount::Count(n) => n,
+            WorkerCount::Auto if cores < 4 => 0,
+            WorkerCount::Auto => (cores as u32 - 2).min(8),
+        }
+    }
+}
+
+impl Default for Workers {
+    fn default() -> Self {
+        Workers(Setting::new("0"))
+    }
+}
+
+impl Serialize for Workers {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0.value() {
+            Some(WorkerCount::Count(n)) => s.serialize_u32(*n),
+            _ => s.serialize_str(self.0.text()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Workers {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(i64),
+            Text(String),
+        }
+        Ok(Workers(Setting::new(&match Raw::deserialize(d)? {
+            Raw::Number(n) => n.to_string(),
+            Raw::Text(t) => t,
+        })))
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -376,6 +459,10 @@ impl Default for Synapse {
             max_upload_size: Setting::new("50M"),
             presence: false,
             config_dir: "/etc/homelab-matrix/synapse.d".into(),
+            workers: Workers::default(),
+            worker_base_port: 8101,
+            redis_server: "/usr/bin/redis-server".into(),
+            redis_user: "redis".into(),
         }
     }
 }
@@ -711,6 +798,7 @@ impl Config {
         }
         for (key, user) in [
             ("synapse.user", &self.synapse.user),
+            ("synapse.redis_user", &self.synapse.redis_user),
             ("postgres.superuser", &self.postgres.superuser),
             ("turn.user", &self.turn.user),
         ] {
@@ -772,6 +860,36 @@ impl Config {
                 "name a public STUN server, e.g. \"stun.l.google.com:19302\"",
             );
         }
+        if let Some(e) = self.synapse.workers.0.problem() {
+            bad(
+                "synapse.workers",
+                e.into(),
+                "write 0 (one Synapse process), a number such as 4, or \"auto\" (by the cores of this box)",
+            );
+        } else {
+            let n = self.synapse.workers.resolve(usize::MAX);
+            let last = u32::from(self.synapse.worker_base_port) + n.max(1) - 1;
+            let taken = u32::from(self.synapse.port);
+            if self.synapse.worker_base_port == 0 || last > 65535 {
+                bad(
+                    "synapse.worker_base_port",
+                    format!(
+                        "{} leaves no room for the workers' ports",
+                        self.synapse.worker_base_port
+                    ),
+                    "use a port such as 8101; the workers take it and the ones after it",
+                );
+            } else if (u32::from(self.synapse.worker_base_port)..=last).contains(&taken) {
+                bad(
+                    "synapse.worker_base_port",
+                    format!(
+                        "the workers' ports {}..={last} include synapse.port ({taken})",
+                        self.synapse.worker_base_port
+                    ),
+                    "move worker_base_port past synapse.port, e.g. 8101",
+                );
+            }
+        }
         if let Some(e) = self.synapse.max_upload_size.problem() {
             bad(
                 "synapse.max_upload_size",
@@ -781,6 +899,7 @@ impl Config {
         }
         for (key, v) in [
             ("synapse.config_dir", &self.synapse.config_dir),
+            ("synapse.redis_server", &self.synapse.redis_server),
             ("tls.files_dir", &self.tls.files_dir),
             ("postgres.socket_dir", &self.postgres.socket_dir),
             ("state.dir", &self.state.dir),
@@ -981,6 +1100,22 @@ impl Config {
     }
 
     /// `http://127.0.0.1:<port>`: Synapse's plain listener, reachable only from this host.
+    /// Redis's directory: Redis's own (it makes its socket there), entered by Synapse's group.
+    pub fn redis_dir(&self) -> PathBuf {
+        self.state_dir().join("redis")
+    }
+
+    /// The socket Synapse's processes reach Redis on (no TCP listener).
+    pub fn redis_socket(&self) -> PathBuf {
+        self.redis_dir().join("redis.sock")
+    }
+
+    /// How many Synapse worker processes run beside the main one on this box.
+    pub fn synapse_workers(&self) -> u32 {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        self.synapse.workers.resolve(cores)
+    }
+
     pub fn synapse_local_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.synapse.port)
     }
@@ -1013,6 +1148,29 @@ pub fn environment_problems(cfg: &Config) -> Vec<Problem> {
             message: format!("{} does not exist, so Synapse cannot start", cfg.synapse.python),
             fix: "install matrix.org's matrix-synapse-py3 package, or the homelab-matrix-synapse-venv package, or a venv by hand: /usr/bin/python3 -m venv /opt/venvs/matrix-synapse && /opt/venvs/matrix-synapse/bin/pip install 'matrix-synapse[postgres]'; or point synapse.python at a Python that can import synapse".into(),
         });
+    }
+    if cfg.synapse_workers() > 0 {
+        if !Path::new(&cfg.synapse.redis_server).exists() {
+            out.push(Problem {
+                key: "synapse.workers".into(),
+                message: format!(
+                    "workers need Redis, and {} does not exist",
+                    cfg.synapse.redis_server
+                ),
+                fix: "apt install redis-server (its own service may be stopped: `systemctl disable --now redis-server`; homelab-matrix runs its own), or set synapse.workers = 0".into(),
+            });
+        }
+        if nix::unistd::User::from_name(&cfg.synapse.redis_user)
+            .ok()
+            .flatten()
+            .is_none()
+        {
+            out.push(Problem {
+                key: "synapse.redis_user".into(),
+                message: format!("system user {:?} does not exist", cfg.synapse.redis_user),
+                fix: "apt install redis-server (it adds the user redis), or name another unprivileged system user".into(),
+            });
+        }
     }
     if cfg.turn.enabled && !Path::new(crate::coturn::TURNSERVER).exists() {
         out.push(Problem {
@@ -1375,6 +1533,33 @@ x = 1
             ["element.test_release_key"]
         );
         assert!(keys("test_release_key = \"/k.asc\"\ntest_mode = true\n").is_empty());
+    }
+
+    #[test]
+    fn workers_are_a_number_or_auto_and_auto_follows_the_cores() {
+        let c = |w: &str| {
+            Config::from_toml(&format!(
+                "server_name = \"x.org\"\n[synapse]\nworkers = {w}\n"
+            ))
+        };
+        assert_eq!(c("3").unwrap().synapse.workers.resolve(2), 3);
+        assert_eq!(c("\"3\"").unwrap().synapse.workers.resolve(2), 3);
+        let auto = c("\"auto\"").unwrap().synapse.workers;
+        assert_eq!(
+            [2, 3, 4, 8, 16, 64].map(|n| auto.resolve(n)),
+            [0, 0, 2, 6, 8, 8]
+        );
+        assert_eq!(Config::default().synapse.workers.resolve(16), 0);
+        for bad in ["-1", "17", "\"many\""] {
+            let e = c(bad).unwrap_err();
+            assert!(e.iter().any(|p| p.key == "synapse.workers"), "{bad}: {e:?}");
+        }
+        let e = Config::from_toml("server_name = \"x.org\"\n[synapse]\nworkers = 4\nport = 8102\nworker_base_port = 8101\n")
+            .unwrap_err();
+        assert!(
+            e.iter().any(|p| p.key == "synapse.worker_base_port"),
+            "{e:?}"
+        );
     }
 
     #[test]

@@ -223,6 +223,7 @@ pub fn child_spec(cfg: &Config, run_as: RunAs) -> ChildSpec {
         stop_signal: Signal::SIGTERM,
         grace: cfg.grace_period(),
         backoff: BackoffPolicy::default(),
+        up: None,
     }
 }
 

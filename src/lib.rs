@@ -25,6 +25,7 @@ pub mod logging;
 pub mod matrixrtc;
 pub mod notify;
 pub mod postgres;
+pub mod redis;
 pub mod secrets;
 pub mod stun;
 pub mod supervisor;

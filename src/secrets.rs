@@ -30,10 +30,13 @@ pub enum Kind {
     BotPassword,
     /// Passphrase of the bot's sqlite store (its end-to-end encryption keys).
     BotStorePassphrase,
+    /// Synapse `worker_replication_secret`: authenticates HTTP replication between Synapse's
+    /// processes (docs/workers.md: unauthenticated without it).
+    WorkerReplication,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::RegistrationShared,
         Kind::Macaroon,
         Kind::Form,
@@ -42,6 +45,7 @@ impl Kind {
         Kind::ServicePassword,
         Kind::BotPassword,
         Kind::BotStorePassphrase,
+        Kind::WorkerReplication,
     ];
 
     pub fn file_name(self) -> &'static str {
@@ -54,6 +58,7 @@ impl Kind {
             Kind::ServicePassword => "service_account_password",
             Kind::BotPassword => "bot_account_password",
             Kind::BotStorePassphrase => "bot_store_passphrase",
+            Kind::WorkerReplication => "worker_replication_secret",
         }
     }
 }

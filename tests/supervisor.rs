@@ -38,6 +38,7 @@ fn spec(name: &str, command: Command) -> ChildSpec {
             max: Duration::from_millis(800),
             reset_after: Duration::from_secs(60),
         },
+        up: None,
     }
 }
 

@@ -11,6 +11,7 @@
 //!
 //! Nothing here imports a feature module: Element and the rest are registered by `app`.
 
+pub mod balance;
 pub mod handlers;
 pub mod layers;
 pub mod proxy;

@@ -14,6 +14,7 @@ use http_body_util::BodyExt;
 use serde_json::json;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::balance;
 use super::layers::BodyLimit;
 use super::wire;
 use super::{Body, Handler, Holding, Limits, full, handler, matrix_error};
@@ -38,7 +39,10 @@ const MAX_LONG_POLL: Duration = Duration::from_secs(600);
 pub struct Upstream {
     ordinary: Class,
     long_polls: Class,
-    pool: Arc<wire::Pool>,
+    /// One per Synapse process: the main one first, then the workers (`balance`).
+    pools: Vec<Arc<wire::Pool>>,
+    /// Which process answers what, when there are workers.
+    balancer: Option<balance::Balancer>,
     max_body: u64,
     timeout: Duration,
 }
@@ -71,16 +75,33 @@ impl Class {
 
 impl Upstream {
     pub fn new(port: u16, max_body: u64, limits: &Limits) -> Upstream {
+        Upstream::balanced(&[port], None, max_body, limits)
+    }
+
+    /// Synapse with workers: `ports[0]` is the main process's, `ports[i]` backend `i` of the
+    /// balancer. The caps and shares are the same as for one process: they protect the box,
+    /// not one process.
+    pub fn balanced(
+        ports: &[u16],
+        balancer: Option<balance::Balancer>,
+        max_body: u64,
+        limits: &Limits,
+    ) -> Upstream {
         let cap = limits.upstream_max_connections;
+        // Half the ordinary places kept open between requests: 160 streams in flight
+        // (h2load -c 16 -m 10) over 64 idle connections closed and reopened connections
+        // all the time. A /sync that returns is followed by the client's next at once.
+        let idle = cap.div_ceil(2).div_ceil(ports.len().max(1)).max(8);
         Upstream {
             ordinary: Class::new(cap, limits.upstream_share_per_addr()),
             // As many long-polls as client connections (and per address, as many as one
             // address may hold connections): one /sync per client is what clients do.
             long_polls: Class::new(limits.max_connections, limits.max_connections_per_ip),
-            // Half the ordinary places kept open between requests: 160 streams in flight
-            // (h2load -c 16 -m 10) over 64 idle connections closed and reopened connections
-            // all the time. A /sync that returns is followed by the client's next at once.
-            pool: wire::Pool::new(SocketAddr::from(([127, 0, 0, 1], port)), cap.div_ceil(2)),
+            pools: ports
+                .iter()
+                .map(|&p| wire::Pool::new(SocketAddr::from(([127, 0, 0, 1], p)), idle))
+                .collect(),
+            balancer,
             max_body,
             timeout: limits.upstream_timeout,
         }
@@ -95,7 +116,20 @@ impl Upstream {
         })
     }
 
+    /// The balancer's health flag of backend `i` (for whoever supervises the workers).
+    pub fn health(&self, i: usize) -> Option<Arc<std::sync::atomic::AtomicBool>> {
+        self.balancer.as_ref().map(|b| b.health(i))
+    }
+
     pub async fn forward(&self, req: Request<Body>, peer: IpAddr) -> Response<Body> {
+        let pool = match &self.balancer {
+            None => &self.pools[0],
+            Some(b) => match b.pick(req.uri(), req.headers(), peer) {
+                balance::Pick::Backend(i) => &self.pools[i],
+                // Never a hang: the one process that serves it is restarting.
+                balance::Pick::Unavailable => return worker_down(),
+            },
+        };
         let wait = long_poll_wait(req.uri());
         let class = if wait.is_some() {
             &self.long_polls
@@ -119,7 +153,7 @@ impl Upstream {
         // Sent again on a fresh connection if a kept one closes under it: only what may be
         // repeated (RFC 9110 §9.2.2), and /sync, which reads.
         let resend = wait.is_some() || idempotent(&parts.method);
-        let result = self.pool.send(parts, body, head_timeout, resend).await;
+        let result = pool.send(parts, body, head_timeout, resend).await;
         match result {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
@@ -217,18 +251,32 @@ impl Drop for Share {
 /// 503 when the cap on requests to Synapse is reached. The Matrix spec's M_LIMIT_EXCEEDED
 /// with `retry_after_ms`, and Retry-After (spec v1.10+ and RFC 9110 §10.2.3).
 fn busy() -> Response<Body> {
+    unavailable(
+        "M_LIMIT_EXCEEDED",
+        "this server has too many requests in flight to Synapse; retry in a moment",
+        1,
+    )
+}
+
+/// 503 for a request only a worker that is down can answer (a stream's writer, the media
+/// repository): Retry-After, as for `busy`; the supervisor is restarting it.
+fn worker_down() -> Response<Body> {
+    unavailable(
+        "M_UNKNOWN",
+        "the Synapse process that serves this is restarting; retry in a few seconds",
+        5,
+    )
+}
+
+fn unavailable(errcode: &str, error: &str, retry_secs: u64) -> Response<Body> {
     let mut r = full(
         StatusCode::SERVICE_UNAVAILABLE,
         "application/json",
-        json!({
-            "errcode": "M_LIMIT_EXCEEDED",
-            "error": "this server has too many requests in flight to Synapse; retry in a moment",
-            "retry_after_ms": 1000,
-        })
-        .to_string(),
+        json!({"errcode": errcode, "error": error, "retry_after_ms": retry_secs * 1000})
+            .to_string(),
     );
     r.headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        .insert(header::RETRY_AFTER, HeaderValue::from(retry_secs));
     r
 }
 

@@ -8,6 +8,7 @@ pub mod backoff;
 pub mod output;
 pub mod process;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -33,6 +34,10 @@ pub enum Readiness {
     /// it opens its plain and TLS ones one after the other, and a check of the first alone
     /// let the doctor find the TLS one still closed).
     TcpConnect { ports: Vec<u16> },
+    /// A command exits 0 (Redis: `redis-cli ping` on its socket). It runs as an unprivileged
+    /// user of the spec's choosing, so root never connects to a socket in a directory a child
+    /// can change.
+    Command(Command),
 }
 
 /// Everything the supervisor needs to know to run a child.
@@ -46,6 +51,9 @@ pub struct ChildSpec {
     pub stop_signal: Signal,
     pub grace: Duration,
     pub backoff: BackoffPolicy,
+    /// Set while the child is ready, cleared the moment it is not (before `status` says so):
+    /// the front door reads it to route around a worker that is restarting.
+    pub up: Option<Arc<AtomicBool>>,
 }
 
 /// Failures in a row (without a healthy run between) that make a crash loop.
@@ -239,10 +247,17 @@ async fn life_cycle(
                         tracing::info!(child = %spec.name, after_ms = t0.elapsed().as_millis() as u64, "ready");
                         set(&|s| s.status.state = State::Running);
                         let _ = ready_tx.send(true);
-                        tokio::select! {
+                        if let Some(up) = &spec.up {
+                            up.store(true, Ordering::Relaxed);
+                        }
+                        let next = tokio::select! {
                             exit = &mut child.exit => exit.map_or(Step::Lost, Step::Exited),
                             _ = stop_rx.wait_for(|s| *s) => Step::Stop,
+                        };
+                        if let Some(up) = &spec.up {
+                            up.store(false, Ordering::Relaxed);
                         }
+                        next
                     }
                     other => other,
                 };
@@ -355,6 +370,17 @@ async fn probe(r: &Readiness, timeout: Duration) -> bool {
                     return true;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            false
+        }
+        Readiness::Command(cmd) => {
+            let deadline = Instant::now() + timeout;
+            while Instant::now() < deadline {
+                let ask = run_helper(cmd.clone(), b"", Duration::from_secs(5));
+                if ask.await.is_ok_and(|o| o.exit.success()) {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
             false
         }
@@ -668,5 +694,27 @@ mod tests {
         });
         assert!(probe(&r, Duration::from_secs(5)).await);
         drop(later.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_command_probe_waits_for_the_command_to_succeed() {
+        use super::{Command, Readiness, probe};
+        use std::time::Duration;
+        let dir = std::env::temp_dir().join(format!("probe-{}", std::process::id()));
+        let _ = std::fs::remove_file(&dir);
+        let r = Readiness::Command(
+            Command::new("/bin/sh")
+                .arg("-c")
+                .arg(format!("test -e {}", dir.display())),
+        );
+        assert!(!probe(&r, Duration::from_millis(500)).await);
+        let flag = dir.clone();
+        let later = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            std::fs::write(flag, b"").unwrap();
+        });
+        assert!(probe(&r, Duration::from_secs(5)).await);
+        later.await.unwrap();
+        std::fs::remove_file(&dir).unwrap();
     }
 }

@@ -325,6 +325,13 @@ impl Synapse {
         })
     }
 
+    /// The running Synapse's version (Synapse admin API "Server Version", no auth needed).
+    pub async fn server_version(&self) -> Result<String, AdminError> {
+        let req = self.http.get(self.url("/_synapse/admin/v1/server_version"));
+        let (_, v) = self.call("asking Synapse's version", req).await?;
+        Ok(v["server_version"].as_str().unwrap_or_default().to_string())
+    }
+
     /// Whose OpenID token `token` is (Matrix spec, server-server API "OpenID":
     /// `GET /_matrix/federation/v1/openid/userinfo`), or None when Synapse does not know it
     /// (made up, or expired: Synapse's tokens live an hour).

@@ -11,6 +11,7 @@
 //!   directory and HOME.
 
 pub mod admin;
+pub mod workers;
 pub mod yaml;
 
 use std::ffi::OsString;
@@ -73,15 +74,28 @@ impl Layout {
     pub fn pid_file(&self) -> PathBuf {
         self.data.join("homeserver.pid")
     }
+    /// One file per worker process, read after the shared ones.
+    pub fn workers_dir(&self) -> PathBuf {
+        self.dir.join("workers")
+    }
+    pub fn worker_yaml(&self, name: &str) -> PathBuf {
+        self.workers_dir().join(format!("{name}.yaml"))
+    }
 }
 
 /// The secrets Synapse reads, by the file name they get in its own secrets dir.
-const SYNAPSE_SECRETS: [Kind; 4] = [
+const SYNAPSE_SECRETS: [Kind; 5] = [
     Kind::RegistrationShared,
     Kind::Macaroon,
     Kind::Form,
     Kind::TurnShared,
+    Kind::WorkerReplication,
 ];
+
+/// The worker processes this config runs (none: one Synapse process).
+pub fn worker_plan(cfg: &Config) -> Vec<workers::Worker> {
+    workers::plan(cfg.synapse_workers(), cfg.synapse.worker_base_port)
+}
 
 /// Our part of Synapse's config. Secrets are referenced by path (`*_path`, `passfile`) so
 /// that homeserver.yaml itself holds none.
@@ -134,6 +148,24 @@ pub fn homeserver_config(cfg: &Config, l: &Layout) -> Value {
         "trusted_key_servers": [{"server_name": "matrix.org"}],
         "suppress_key_server_warning": true,
     });
+    let plan = worker_plan(cfg);
+    if !plan.is_empty() {
+        let o = v.as_object_mut().expect("an object");
+        o["listeners"]
+            .as_array_mut()
+            .expect("a list")
+            .push(workers::replication_listener(
+                &workers::main_replication_socket(l),
+            ));
+        for (k, val) in workers::shared_config(
+            &plan,
+            l,
+            &cfg.redis_socket(),
+            &l.secrets().join(Kind::WorkerReplication.file_name()),
+        ) {
+            o.insert(k.into(), val);
+        }
+    }
     if cfg.turn.enabled {
         // Synapse docs/turn-howto.md: Synapse hands out credentials signed with the secret
         // coturn checks (use-auth-secret), valid for turn_user_lifetime.
@@ -224,6 +256,21 @@ pub fn render(cfg: &Config, secrets: &Secrets, synapse_user: &RunAs) -> Result<b
     let log = format!("{header}{}", yaml::to_yaml(&log_config()));
     changed |= dir.write_if_changed("log.yaml", log.as_bytes(), group, 0o640)?;
     changed |= sync_overrides(Path::new(&cfg.synapse.config_dir), &conf_d, group)?;
+    let workers_dir = dir.ensure_sub("workers", group, 0o750)?;
+    let plan = worker_plan(cfg);
+    for w in &plan {
+        let body = format!("{header}{}", yaml::to_yaml(&workers::worker_config(w, &l)));
+        changed |= workers_dir.write_if_changed(
+            &format!("{}.yaml", w.name),
+            body.as_bytes(),
+            group,
+            0o640,
+        )?;
+    }
+    changed |= workers_dir.remove_all_but(|n| {
+        plan.iter()
+            .any(|w| n.to_str() == Some(&format!("{}.yaml", w.name)))
+    })?;
     Ok(changed)
 }
 
@@ -235,7 +282,7 @@ pub fn render(cfg: &Config, secrets: &Secrets, synapse_user: &RunAs) -> Result<b
 fn adopt_old_layout(dir: &Dir, data: &Dir) -> Result<()> {
     for name in dir.entries()? {
         match name.to_str() {
-            Some("homeserver.yaml" | "log.yaml" | "conf.d" | "secrets") => {}
+            Some("homeserver.yaml" | "log.yaml" | "conf.d" | "secrets" | "workers") => {}
             Some(n) if WRITTEN_BY_SYNAPSE.contains(&n) => {
                 if data.contains(&name) {
                     tracing::warn!(
@@ -300,27 +347,12 @@ fn sync_overrides(src: &Path, dst: &Dir, owner: Owner) -> Result<bool> {
     Ok(changed)
 }
 
-/// How the supervisor runs Synapse.
+/// How the supervisor runs Synapse's main process.
 pub fn child_spec(cfg: &Config, run_as: RunAs) -> ChildSpec {
     let l = Layout::new(&cfg.state_dir());
-    let mut command = Command::new(&cfg.synapse.python)
-        .arg("-m")
-        .arg("synapse.app.homeserver")
-        .arg("-c")
-        .arg(l.homeserver_yaml())
-        .arg("-c")
-        .arg(l.conf_d())
-        // Synapse's own directory: whatever it or a module writes at run time lands there.
-        .env("HOME", &l.data)
-        .env("USER", &run_as.user)
-        .env("LOGNAME", &run_as.user)
-        .env("LANG", "C.UTF-8")
-        .env("PYTHONUNBUFFERED", "1");
-    command.cwd = l.data.clone();
-    command.run_as = Some(run_as);
     ChildSpec {
         name: "synapse".into(),
-        command,
+        command: python(cfg, &l, run_as, "synapse.app.homeserver", None),
         readiness: Readiness::HttpGet {
             port: cfg.synapse.port,
             path: "/health".into(),
@@ -330,7 +362,65 @@ pub fn child_spec(cfg: &Config, run_as: RunAs) -> ChildSpec {
         stop_signal: Signal::SIGTERM,
         grace: cfg.grace_period(),
         backoff: BackoffPolicy::default(),
+        up: None,
     }
+}
+
+/// How the supervisor runs each worker process: the shared files, then the worker's own
+/// (docs/workers.md "Worker configuration"). Started once the main process is ready, which
+/// has brought the schema up to date (a worker refuses an outdated one).
+pub fn worker_specs(cfg: &Config, run_as: &RunAs) -> Vec<(workers::Worker, ChildSpec)> {
+    let l = Layout::new(&cfg.state_dir());
+    worker_plan(cfg)
+        .into_iter()
+        .map(|w| {
+            let yaml = l.worker_yaml(&w.name);
+            let spec = ChildSpec {
+                name: w.child_name(),
+                command: python(
+                    cfg,
+                    &l,
+                    run_as.clone(),
+                    "synapse.app.generic_worker",
+                    Some(&yaml),
+                ),
+                readiness: Readiness::HttpGet {
+                    port: w.port,
+                    path: "/health".into(),
+                },
+                ready_timeout: Duration::from_secs(300),
+                stop_signal: Signal::SIGTERM,
+                grace: cfg.grace_period(),
+                backoff: BackoffPolicy::default(),
+                up: None,
+            };
+            (w, spec)
+        })
+        .collect()
+}
+
+/// `python -m <app> -c homeserver.yaml -c conf.d [-c worker.yaml]`, as Synapse's user.
+fn python(cfg: &Config, l: &Layout, run_as: RunAs, app: &str, worker: Option<&Path>) -> Command {
+    let mut command = Command::new(&cfg.synapse.python)
+        .arg("-m")
+        .arg(app)
+        .arg("-c")
+        .arg(l.homeserver_yaml())
+        .arg("-c")
+        .arg(l.conf_d());
+    if let Some(w) = worker {
+        command = command.arg("-c").arg(w);
+    }
+    let mut command = command
+        // Synapse's own directory: whatever it or a module writes at run time lands there.
+        .env("HOME", &l.data)
+        .env("USER", &run_as.user)
+        .env("LOGNAME", &run_as.user)
+        .env("LANG", "C.UTF-8")
+        .env("PYTHONUNBUFFERED", "1");
+    command.cwd = l.data.clone();
+    command.run_as = Some(run_as);
+    command
 }
 
 #[cfg(test)]

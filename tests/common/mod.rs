@@ -110,6 +110,20 @@ pub fn relay_range() -> (u16, u16) {
 /// A port free on 127.0.0.1 for TCP and UDP, unique within this test process. Taken from
 /// below Linux's ephemeral range (32768+), so neither another lab's listener nor an outgoing
 /// connection can be handed the same one.
+/// `n` consecutive free ports (the workers' listeners); the first.
+pub fn free_ports(n: u16) -> u16 {
+    loop {
+        let first = free_port();
+        if (1..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", first + i)).is_ok()) {
+            // Skip past them, so free_port never hands one out again.
+            for _ in 1..n {
+                free_port();
+            }
+            return first;
+        }
+    }
+}
+
 pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU16, Ordering};
     static NEXT: AtomicU16 = AtomicU16::new(0);
@@ -175,6 +189,8 @@ pub struct Lab {
     pub relay_ports: (u16, u16),
     /// Extra keys for the `[turn]` table (set before `write_config`).
     pub turn_extra: std::cell::RefCell<String>,
+    /// Extra keys for the `[synapse]` table (set before `write_config`).
+    pub synapse_extra: std::cell::RefCell<String>,
     pub server_name: String,
 }
 
@@ -211,6 +227,7 @@ impl Lab {
             turn_tls_port: free_port(),
             relay_ports: relay_range(),
             turn_extra: std::cell::RefCell::new(String::new()),
+            synapse_extra: std::cell::RefCell::new(String::new()),
             server_name,
         };
         lab.write_config("[tls]\nmode = \"internal\"\n");
@@ -246,7 +263,7 @@ impl Lab {
         let text = format!(
             "server_name = \"{sn}\"\n{extra}\n\
              [listen]\nhttp = \"{ip}:{hp}\"\nhttps = \"{ip}:{sp}\"\nfederation = \"{ip}:{fp}\"\n\
-             [synapse]\nport = {port}\nconfig_dir = \"{d}/synapse.d\"\nmax_upload_size = \"45M\"\n\
+             [synapse]\nport = {port}\nconfig_dir = \"{d}/synapse.d\"\nmax_upload_size = \"45M\"\n{synapse_extra}\
              [postgres]\ndatabase = \"{db}\"\nuser = \"{db}\"\n\
              [state]\ndir = \"{d}/state\"\nrun_dir = \"{d}/run\"\n\
              [supervisor]\ngrace_period = \"10s\"\n\
@@ -257,6 +274,7 @@ impl Lab {
             tp = self.turn_port,
             tsp = self.turn_tls_port,
             turn_extra = self.turn_extra.borrow(),
+            synapse_extra = self.synapse_extra.borrow(),
             hp = self.http_port,
             sp = self.https_port,
             fp = self.federation_port,

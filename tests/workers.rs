@@ -1,0 +1,348 @@
+//! Synapse with workers (`[synapse] workers = 2`) behind the front door: the real binary,
+//! the real Synapse (main process and two generic workers), Debian's redis-server, PostgreSQL.
+//! Requests reach the worker docs/workers.md names for them (checked in each process's access
+//! log), a crashed worker restarts alone and is routed around meanwhile, and going back to one
+//! process loses nothing.
+
+// This test process drives the binary from outside: std's process API is the right tool here.
+#![allow(clippy::disallowed_methods)]
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Lab, free_ports, pid_alive, proc_uid, require, require_appliance, wait_until};
+use serde_json::{Value, json};
+
+const WRITER: &str = "synapse-writer-sender-media";
+const CLIENT: &str = "synapse-federation-client";
+
+/// A request through the front door (TLS, the matrix host); status and JSON body.
+fn front(
+    lab: &Lab,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value, String) {
+    let mut c = lab.curl();
+    c.args(["--max-time", "20", "-D", "-", "--cacert"])
+        .arg(lab.ca_root())
+        .args(["-X", method]);
+    if let Some(t) = token {
+        c.args(["-H", &format!("Authorization: Bearer {t}")]);
+    }
+    if let Some(b) = body {
+        c.args([
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            &b.to_string(),
+        ]);
+    }
+    c.arg(format!("{}{path}", lab.https_base()));
+    let out = c.output().expect("curl");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (
+        code,
+        serde_json::from_str(body).unwrap_or(Value::Null),
+        head.to_string(),
+    )
+}
+
+/// A media download through the front door (the authenticated client API, Matrix spec v1.11).
+fn download(lab: &Lab, token: &str, media: &str) -> String {
+    let mut down = lab.curl();
+    down.args(["--max-time", "20", "--cacert"])
+        .arg(lab.ca_root())
+        .args(["-H", &format!("Authorization: Bearer {token}")])
+        .arg(format!(
+            "{}/_matrix/client/v1/media/download/{media}",
+            lab.https_base()
+        ));
+    String::from_utf8_lossy(&down.output().unwrap().stdout).into_owned()
+}
+
+fn child<'a>(st: &'a Value, name: &str) -> &'a Value {
+    st["children"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no child {name} in {st}"))
+}
+
+/// Lines a child logged that contain `what`.
+fn logged(log: &str, child: &str, what: &str) -> usize {
+    log.lines()
+        .filter(|l| {
+            let tag = format!("child={child}");
+            l.ends_with(&tag) || l.contains(&format!("{tag} "))
+        })
+        .filter(|l| l.contains(what))
+        .count()
+}
+
+#[test]
+fn synapse_workers_behind_the_front_door() {
+    if !require_appliance()
+        || !require(
+            "redis-server",
+            Path::new("/usr/bin/redis-server").exists(),
+            "apt install redis-server (packaging/install-deps does)",
+        )
+    {
+        return;
+    }
+    let lab = Lab::new("workers");
+    let base = free_ports(2);
+    *lab.synapse_extra.borrow_mut() = format!("workers = 2\nworker_base_port = {base}\n");
+    *lab.turn_extra.borrow_mut() = "enabled = false\n".into();
+    lab.write_config("[tls]\nmode = \"internal\"\n");
+    let mut run = lab.start();
+
+    // Every process is a child, each as its own user; Redis has no TCP listener.
+    let st = lab.status();
+    let synapse_uid = proc_uid(child(&st, "synapse")["pid"].as_i64().unwrap() as i32);
+    for name in ["redis", "synapse", WRITER, CLIENT] {
+        let c = child(&st, name);
+        assert_eq!(c["state"], "running", "{c}");
+        let uid = proc_uid(c["pid"].as_i64().unwrap() as i32);
+        assert_ne!(uid, 0, "{name} runs as root");
+        if name == "redis" {
+            assert_eq!(c["user"], "redis");
+            assert_ne!(uid, synapse_uid);
+        } else {
+            assert_eq!(uid, synapse_uid, "{name}");
+        }
+    }
+    let redis_pid = child(&st, "redis")["pid"].as_i64().unwrap();
+    let ss = Command::new("ss").args(["-ltnpH"]).output().unwrap();
+    let tcp = String::from_utf8_lossy(&ss.stdout);
+    assert!(
+        !tcp.contains(&format!("pid={redis_pid},")),
+        "Redis listens on TCP:\n{tcp}"
+    );
+    let sock = lab.state().join("redis/redis.sock");
+    assert!(sock.exists(), "no {}", sock.display());
+
+    // A user's day, through the front door.
+    let pw = lab.add_user("alice", false);
+    let (code, v, _) = front(
+        &lab,
+        "POST",
+        "/_matrix/client/v3/login",
+        None,
+        Some(
+            json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "alice"}, "password": pw}),
+        ),
+    );
+    assert_eq!(code, 200, "{v}");
+    let token = v["access_token"].as_str().unwrap().to_string();
+    let t = Some(token.as_str());
+    let (code, v, _) = front(
+        &lab,
+        "POST",
+        "/_matrix/client/v3/createRoom",
+        t,
+        Some(json!({})),
+    );
+    assert_eq!(code, 200, "{v}");
+    let room = v["room_id"].as_str().unwrap().to_string();
+    let (code, v, _) = front(&lab, "GET", "/_matrix/client/v3/sync?timeout=0", t, None);
+    assert_eq!(code, 200, "{v}");
+    let since = v["next_batch"].as_str().unwrap().to_string();
+    let (code, v, _) = front(
+        &lab,
+        "PUT",
+        &format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/t1"),
+        t,
+        Some(json!({"msgtype": "m.text", "body": "hello from a worker"})),
+    );
+    assert_eq!(code, 200, "{v}");
+    let event = v["event_id"].as_str().unwrap().to_string();
+    let (code, v, _) = front(
+        &lab,
+        "GET",
+        &format!("/_matrix/client/v3/sync?since={since}&timeout=10000"),
+        t,
+        None,
+    );
+    assert_eq!(code, 200, "{v}");
+    assert!(
+        v.to_string().contains(&event),
+        "the message comes down /sync: {v}"
+    );
+    let (code, v, _) = front(
+        &lab,
+        "PUT",
+        &format!(
+            "/_matrix/client/v3/rooms/{room}/typing/@alice:{}",
+            lab.server_name
+        ),
+        t,
+        Some(json!({"typing": true, "timeout": 5000})),
+    );
+    assert_eq!(code, 200, "typing: {v}");
+    let mut up = lab.curl();
+    up.args(["--max-time", "20", "--cacert"])
+        .arg(lab.ca_root())
+        .args([
+            "-H",
+            &format!("Authorization: Bearer {token}"),
+            "-H",
+            "Content-Type: text/plain",
+        ])
+        .args(["--data-binary", "a file for the media worker"])
+        .arg(format!(
+            "{}/_matrix/media/v3/upload?filename=a.txt",
+            lab.https_base()
+        ));
+    let up: Value = serde_json::from_slice(&up.output().unwrap().stdout).unwrap_or(Value::Null);
+    let mxc = up["content_uri"]
+        .as_str()
+        .unwrap_or_else(|| panic!("upload: {up}"))
+        .to_string();
+    let media = mxc.trim_start_matches("mxc://");
+    assert_eq!(download(&lab, &token, media), "a file for the media worker");
+
+    // Each went to the process docs/workers.md names: Synapse's access log, per child.
+    let want = [
+        (CLIENT, "/_matrix/client/v3/sync", 2),
+        (CLIENT, "/send/m.room.message/t1", 1),
+        (CLIENT, "/createRoom", 1),
+        (WRITER, "/typing/", 1),
+        (WRITER, "/_matrix/media/v3/upload", 1),
+        (WRITER, "/_matrix/client/v1/media/download/", 1),
+    ];
+    let counts = || {
+        let log = run.log_text();
+        want.iter()
+            .map(|(c, w, _)| logged(&log, c, w))
+            .collect::<Vec<_>>()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while counts().iter().zip(&want).any(|(n, w)| *n < w.2) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "requests not seen in the access log of the process that should serve them: {:?}\n{}",
+            want.iter().zip(counts()).collect::<Vec<_>>(),
+            run.log_text()
+                .lines()
+                .filter(|l| l.contains("Processed request"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let log = run.log_text();
+    assert_eq!(
+        logged(&log, "synapse", "/_matrix/client/v3/sync"),
+        0,
+        "the main process served /sync"
+    );
+
+    // A crashed worker restarts alone; meanwhile what it serves goes to the main process.
+    let main_pid = child(&lab.status(), "synapse")["pid"].as_i64().unwrap();
+    let client_pid = child(&lab.status(), CLIENT)["pid"].as_i64().unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(client_pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_until("the worker's death", Duration::from_secs(5), || {
+        !pid_alive(client_pid)
+    });
+    wait_until(
+        "the front door to see it down",
+        Duration::from_secs(5),
+        || child(&lab.status(), CLIENT)["state"] != "running",
+    );
+    let (code, v, _) = front(&lab, "GET", "/_matrix/client/v3/account/whoami", t, None);
+    assert_eq!(code, 200, "whoami while the client worker restarts: {v}");
+    wait_until("the client worker back", Duration::from_secs(120), || {
+        let st = lab.status();
+        let c = child(&st, CLIENT);
+        c["state"] == "running" && c["pid"].as_i64() != Some(client_pid as i64)
+    });
+    let st = lab.status();
+    assert_eq!(
+        child(&st, "synapse")["pid"].as_i64().unwrap(),
+        main_pid,
+        "the main process kept running"
+    );
+    assert!(child(&st, CLIENT)["restarts"].as_u64().unwrap() >= 1);
+
+    // Only the writer writes typing: while it is down that answers 503 with Retry-After, at once.
+    let writer_pid = child(&st, WRITER)["pid"].as_i64().unwrap() as i32;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(writer_pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_until("the writer seen down", Duration::from_secs(5), || {
+        child(&lab.status(), WRITER)["state"] != "running"
+    });
+    let t0 = std::time::Instant::now();
+    let (code, v, head) = front(
+        &lab,
+        "PUT",
+        &format!(
+            "/_matrix/client/v3/rooms/{room}/typing/@alice:{}",
+            lab.server_name
+        ),
+        t,
+        Some(json!({"typing": false})),
+    );
+    if code == 503 {
+        assert!(head.to_ascii_lowercase().contains("retry-after:"), "{head}");
+    } else {
+        // The writer came back before the request: it must then have succeeded.
+        assert_eq!(code, 200, "typing with the writer down: {v}");
+    }
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "no hang: {:?}",
+        t0.elapsed()
+    );
+    wait_until("the writer back", Duration::from_secs(120), || {
+        child(&lab.status(), WRITER)["state"] == "running"
+    });
+
+    // Back to one process: everything is still there.
+    run.signal_and_wait(nix::sys::signal::Signal::SIGTERM, Duration::from_secs(90));
+    *lab.synapse_extra.borrow_mut() = format!("workers = 0\nworker_base_port = {base}\n");
+    lab.write_config("[tls]\nmode = \"internal\"\n");
+    let mut run = lab.start();
+    let st = lab.status();
+    for c in st["children"].as_array().unwrap() {
+        let name = c["name"].as_str().unwrap();
+        assert!(
+            name != "redis" && !name.starts_with("synapse-"),
+            "one Synapse process, no Redis: {st}"
+        );
+    }
+    let (code, v, _) = front(
+        &lab,
+        "GET",
+        &format!("/_matrix/client/v3/rooms/{room}/messages?dir=b&limit=10"),
+        t,
+        None,
+    );
+    assert_eq!(code, 200, "{v}");
+    assert!(v.to_string().contains("hello from a worker"), "{v}");
+    assert_eq!(
+        download(&lab, &token, media),
+        "a file for the media worker",
+        "the media the worker stored"
+    );
+    run.signal_and_wait(nix::sys::signal::Signal::SIGTERM, Duration::from_secs(90));
+}
