@@ -237,11 +237,12 @@ fn set(v: &[&str]) -> BTreeSet<String> {
     v.iter().map(|s| s.to_string()).collect()
 }
 
-const SYNAPSE_SECRETS: [&str; 4] = [
+const SYNAPSE_SECRETS: [&str; 5] = [
     "registration_shared_secret",
     "macaroon_secret_key",
     "form_secret",
     "turn_shared_secret",
+    "worker_replication_secret",
 ];
 
 /// The layout DESIGN.md §3 gives, asserted entry by entry.
@@ -253,8 +254,16 @@ fn assert_layout(lab: &Lab) {
     assert_eq!(owner_mode(&s), (0, sg, 0o750), "{}", s.display());
     assert_eq!(
         names(&s),
-        set(&["conf.d", "homeserver.yaml", "log.yaml", "secrets"])
+        set(&[
+            "conf.d",
+            "homeserver.yaml",
+            "log.yaml",
+            "secrets",
+            "workers"
+        ])
     );
+    // The workers' own files (none without `[synapse] workers`): root's, read by the group.
+    assert_eq!(owner_mode(&s.join("workers")), (0, sg, 0o750), "workers");
     for f in ["homeserver.yaml", "log.yaml"] {
         assert_eq!(owner_mode(&s.join(f)), (0, sg, 0o640), "{f}");
     }
