@@ -1099,7 +1099,6 @@ impl Config {
         self.supervisor.grace_period.v()
     }
 
-    /// `http://127.0.0.1:<port>`: Synapse's plain listener, reachable only from this host.
     /// Redis's directory: Redis's own (it makes its socket there), entered by Synapse's group.
     pub fn redis_dir(&self) -> PathBuf {
         self.state_dir().join("redis")
@@ -1116,6 +1115,7 @@ impl Config {
         self.synapse.workers.resolve(cores)
     }
 
+    /// `http://127.0.0.1:<port>`: Synapse's plain listener, reachable only from this host.
     pub fn synapse_local_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.synapse.port)
     }

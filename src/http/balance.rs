@@ -81,19 +81,8 @@ impl Balancer {
             return Pick::Backend(0);
         };
         let rule = &self.rules[i];
-        let up: Vec<usize> = rule
-            .backends
-            .iter()
-            .copied()
-            .filter(|&b| self.up.get(b).is_some_and(|f| f.load(Ordering::Relaxed)))
-            .collect();
-        if up.is_empty() {
-            return if rule.main_serves_it {
-                Pick::Backend(0)
-            } else {
-                Pick::Unavailable
-            };
-        }
+        let is_up = |b: usize| self.up.get(b).is_some_and(|f| f.load(Ordering::Relaxed));
+        let all = &rule.backends;
         let n = match rule.affinity {
             Affinity::Any => self.next.fetch_add(1, Ordering::Relaxed),
             Affinity::User => hash(user_key(headers, uri.query()).ok_or(peer)),
@@ -101,14 +90,17 @@ impl Balancer {
             Affinity::Origin => hash(origin_key(headers).ok_or(peer)),
         };
         // Sticky among all the group's backends, so that one being down moves only its own
-        // users: a down pick goes to the next one up.
-        let all = &rule.backends;
-        let first = n % all.len();
-        let b = (0..all.len())
+        // users: a down pick goes to the next one up. Each flag is read once per candidate, so
+        // a worker going down meanwhile only moves this request on.
+        let first = n % all.len().max(1);
+        match (0..all.len())
             .map(|k| all[(first + k) % all.len()])
-            .find(|b| up.contains(b))
-            .expect("one is up");
-        Pick::Backend(b)
+            .find(|&b| is_up(b))
+        {
+            Some(b) => Pick::Backend(b),
+            None if rule.main_serves_it => Pick::Backend(0),
+            None => Pick::Unavailable,
+        }
     }
 }
 

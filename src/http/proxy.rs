@@ -91,7 +91,8 @@ impl Upstream {
         // Half the ordinary places kept open between requests: 160 streams in flight
         // (h2load -c 16 -m 10) over 64 idle connections closed and reopened connections
         // all the time. A /sync that returns is followed by the client's next at once.
-        let idle = cap.div_ceil(2).div_ceil(ports.len().max(1)).max(8);
+        // With workers, that half is shared out among their pools.
+        let idle = cap.div_ceil(2).div_ceil(ports.len().max(1)).max(1);
         Upstream {
             ordinary: Class::new(cap, limits.upstream_share_per_addr()),
             // As many long-polls as client connections (and per address, as many as one

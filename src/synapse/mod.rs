@@ -79,7 +79,7 @@ impl Layout {
         self.dir.join("workers")
     }
     pub fn worker_yaml(&self, name: &str) -> PathBuf {
-        self.workers_dir().join(format!("{name}.yaml"))
+        self.workers_dir().join(worker_file(name))
     }
 }
 
@@ -91,6 +91,11 @@ const SYNAPSE_SECRETS: [Kind; 5] = [
     Kind::TurnShared,
     Kind::WorkerReplication,
 ];
+
+/// A worker's own file's name in `workers_dir`.
+fn worker_file(name: &str) -> String {
+    format!("{name}.yaml")
+}
 
 /// The worker processes this config runs (none: one Synapse process).
 pub fn worker_plan(cfg: &Config) -> Vec<workers::Worker> {
@@ -260,16 +265,12 @@ pub fn render(cfg: &Config, secrets: &Secrets, synapse_user: &RunAs) -> Result<b
     let plan = worker_plan(cfg);
     for w in &plan {
         let body = format!("{header}{}", yaml::to_yaml(&workers::worker_config(w, &l)));
-        changed |= workers_dir.write_if_changed(
-            &format!("{}.yaml", w.name),
-            body.as_bytes(),
-            group,
-            0o640,
-        )?;
+        changed |=
+            workers_dir.write_if_changed(&worker_file(&w.name), body.as_bytes(), group, 0o640)?;
     }
     changed |= workers_dir.remove_all_but(|n| {
         plan.iter()
-            .any(|w| n.to_str() == Some(&format!("{}.yaml", w.name)))
+            .any(|w| n.to_str() == Some(&worker_file(&w.name)))
     })?;
     Ok(changed)
 }
@@ -350,20 +351,8 @@ fn sync_overrides(src: &Path, dst: &Dir, owner: Owner) -> Result<bool> {
 /// How the supervisor runs Synapse's main process.
 pub fn child_spec(cfg: &Config, run_as: RunAs) -> ChildSpec {
     let l = Layout::new(&cfg.state_dir());
-    ChildSpec {
-        name: "synapse".into(),
-        command: python(cfg, &l, run_as, "synapse.app.homeserver", None),
-        readiness: Readiness::HttpGet {
-            port: cfg.synapse.port,
-            path: "/health".into(),
-        },
-        // A first start creates the schema (a few seconds here; minutes on an SD card).
-        ready_timeout: Duration::from_secs(300),
-        stop_signal: Signal::SIGTERM,
-        grace: cfg.grace_period(),
-        backoff: BackoffPolicy::default(),
-        up: None,
-    }
+    let command = python(cfg, &l, run_as, "synapse.app.homeserver", None);
+    process_spec(cfg, "synapse".into(), command, cfg.synapse.port)
 }
 
 /// How the supervisor runs each worker process: the shared files, then the worker's own
@@ -375,28 +364,30 @@ pub fn worker_specs(cfg: &Config, run_as: &RunAs) -> Vec<(workers::Worker, Child
         .into_iter()
         .map(|w| {
             let yaml = l.worker_yaml(&w.name);
-            let spec = ChildSpec {
-                name: w.child_name(),
-                command: python(
-                    cfg,
-                    &l,
-                    run_as.clone(),
-                    "synapse.app.generic_worker",
-                    Some(&yaml),
-                ),
-                readiness: Readiness::HttpGet {
-                    port: w.port,
-                    path: "/health".into(),
-                },
-                ready_timeout: Duration::from_secs(300),
-                stop_signal: Signal::SIGTERM,
-                grace: cfg.grace_period(),
-                backoff: BackoffPolicy::default(),
-                up: None,
-            };
+            let app = "synapse.app.generic_worker";
+            let command = python(cfg, &l, run_as.clone(), app, Some(&yaml));
+            let spec = process_spec(cfg, w.child_name(), command, w.port);
             (w, spec)
         })
         .collect()
+}
+
+/// What every Synapse process shares: ready when `/health` on its HTTP listener answers.
+fn process_spec(cfg: &Config, name: String, command: Command, port: u16) -> ChildSpec {
+    ChildSpec {
+        name,
+        command,
+        readiness: Readiness::HttpGet {
+            port,
+            path: "/health".into(),
+        },
+        // A first start creates the schema (a few seconds here; minutes on an SD card).
+        ready_timeout: Duration::from_secs(300),
+        stop_signal: Signal::SIGTERM,
+        grace: cfg.grace_period(),
+        backoff: BackoffPolicy::default(),
+        up: None,
+    }
 }
 
 /// `python -m <app> -c homeserver.yaml -c conf.d [-c worker.yaml]`, as Synapse's user.
