@@ -592,3 +592,155 @@ fn an_old_layout_is_taken_back_and_synapse_keeps_its_key_and_media() {
         Some(0)
     );
 }
+
+/// With workers: Redis's directory is Redis's (group Synapse's), the workers' files root's.
+/// As the redis user and as Synapse, links are planted at every path root writes for the
+/// workers, at Redis's directory itself, and at the sockets the children make in their own
+/// directories; then a reload (a changed override: the main process and the worker re-rendered
+/// and restarted) and a restart of the appliance. Every canary stays as it was, and the worker
+/// and Redis come back on sockets of their own (a planted `dump.rdb` once kept Redis down).
+#[test]
+fn with_workers_root_never_writes_through_redis_or_the_workers_files() {
+    const REDIS_USER: &str = "redis";
+    if !require_appliance()
+        || !require(
+            "redis-server",
+            Path::new("/usr/bin/redis-server").exists(),
+            "apt-get install redis-server (packaging/install-deps does)",
+        )
+    {
+        return;
+    }
+    let lab = Lab::new("privsep-w");
+    let base = common::free_ports(1);
+    *lab.synapse_extra.borrow_mut() = format!("workers = 1\nworker_base_port = {base}\n");
+    *lab.turn_extra.borrow_mut() = "enabled = false\n".into();
+    lab.write_config("[tls]\nmode = \"internal\"\n");
+    let mut run = lab.start();
+    let worker = "writer-sender-media-federation-client";
+    let child = format!("synapse-{worker}");
+    let worker_pid = |lab: &Lab| -> Option<i64> {
+        let st = lab.status();
+        st["children"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == child.as_str() && c["state"] == "running")
+            .and_then(|c| c["pid"].as_i64())
+    };
+    wait_until("the worker to run", Duration::from_secs(60), || {
+        worker_pid(&lab).is_some()
+    });
+    let st = lab.state();
+    let s = st.join("synapse");
+    let r = st.join("redis");
+    let data = st.join("synapse-data");
+    let yaml = s.join(format!("workers/{worker}.yaml"));
+    let (ru, _) = ids(REDIS_USER);
+    let (_, sg) = ids(SYNAPSE_USER);
+    let layout = || {
+        assert_eq!(owner_mode(&r), (ru, sg, 0o750), "{}", r.display());
+        // Redis's working directory: root's and empty, nothing for Redis to load or save.
+        let cwd = st.join("redis-cwd");
+        assert_eq!(owner_mode(&cwd), (0, 0, 0o755), "{}", cwd.display());
+        assert!(names(&cwd).is_empty(), "{:?}", names(&cwd));
+        assert_eq!(owner_mode(&s.join("workers")), (0, sg, 0o750), "workers");
+        assert_eq!(owner_mode(&yaml), (0, sg, 0o640), "{}", yaml.display());
+        assert_eq!(
+            owner_mode(&s.join("secrets/worker_replication_secret")),
+            (0, sg, 0o640)
+        );
+    };
+    layout();
+
+    let pid = run.pid();
+    let mut canaries = Canaries::new(&lab);
+    // Where root writes, or what root made: the children cannot plant there.
+    let mut refused = plant(
+        SYNAPSE_USER,
+        &[
+            (canaries.file(), yaml.clone()),
+            (
+                canaries.file(),
+                s.join(format!("workers/.{worker}.yaml.tmp.{pid}")),
+            ),
+            (canaries.file(), s.join("secrets/worker_replication_secret")),
+            (canaries.dir(), s.join("workers")),
+            (canaries.dir(), r.clone()),
+        ],
+    );
+    refused.extend(plant(
+        REDIS_USER,
+        &[
+            (canaries.dir(), r.clone()),
+            (canaries.file(), st.join("redis-cwd/dump.rdb")),
+            (canaries.file(), s.join("workers/stale.yaml")),
+            (canaries.file(), s.join("homeserver.yaml")),
+        ],
+    ));
+    assert_plants(&refused, std::slice::from_ref(&st));
+    // In their own directories the plants succeed (over the live sockets, too); root must
+    // never act on them.
+    let mut own = plant(
+        REDIS_USER,
+        &[
+            (canaries.file(), r.join("redis.sock")),
+            // What Redis would load at a start if this were its working directory.
+            (canaries.file(), r.join("dump.rdb")),
+            (canaries.dir(), r.join("planted")),
+        ],
+    );
+    own.extend(plant(
+        SYNAPSE_USER,
+        &[
+            (
+                canaries.file(),
+                data.join(format!("{worker}.replication.sock")),
+            ),
+            (canaries.file(), data.join("main.replication.sock")),
+        ],
+    ));
+    assert_plants(&own, &[]);
+
+    // A reload that changes Synapse's config re-renders and restarts the main process and the
+    // worker.
+    let before = worker_pid(&lab);
+    fs::write(
+        lab.path("synapse.d/50-privsep.yaml"),
+        "url_preview_enabled: false\n",
+    )
+    .unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGHUP).unwrap();
+    wait_until(
+        "the worker restarted by the reload",
+        Duration::from_secs(120),
+        || worker_pid(&lab).is_some_and(|p| Some(p) != before),
+    );
+    assert_eq!(
+        run.signal_and_wait(Signal::SIGTERM, Duration::from_secs(60))
+            .code(),
+        Some(0)
+    );
+    let _run = lab.start();
+    wait_until(
+        "the worker after the restart",
+        Duration::from_secs(60),
+        || worker_pid(&lab).is_some(),
+    );
+
+    canaries.assert_untouched();
+    layout();
+    // Redis and the worker made their sockets again, in place of the links.
+    for sock in [
+        r.join("redis.sock"),
+        data.join(format!("{worker}.replication.sock")),
+    ] {
+        use std::os::unix::fs::FileTypeExt;
+        let m = fs::symlink_metadata(&sock).unwrap();
+        assert!(
+            m.file_type().is_socket(),
+            "{} is not a socket",
+            sock.display()
+        );
+    }
+}
