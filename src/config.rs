@@ -13,6 +13,9 @@ mod setting;
 pub use setting::{Network, Parse, Setting, Size, TimeOfDay, TlsMode};
 
 pub const DEFAULT_PATH: &str = "/etc/homelab-matrix/homelab-matrix.toml";
+/// Redis's directory under the state dir: Redis's own (it makes its socket there), entered by
+/// Synapse's group.
+pub const REDIS_DIR: &str = "redis";
 pub const EXAMPLE_PATH: &str = "/usr/share/doc/homelab-matrix/homelab-matrix.toml.example";
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -1099,14 +1102,10 @@ impl Config {
         self.supervisor.grace_period.v()
     }
 
-    /// Redis's directory: Redis's own (it makes its socket there), entered by Synapse's group.
-    pub fn redis_dir(&self) -> PathBuf {
-        self.state_dir().join("redis")
-    }
-
-    /// The socket Synapse's processes reach Redis on (no TCP listener).
+    /// The socket Synapse's processes reach Redis on (no TCP listener), in Redis's own
+    /// directory [`REDIS_DIR`].
     pub fn redis_socket(&self) -> PathBuf {
-        self.redis_dir().join("redis.sock")
+        self.state_dir().join(REDIS_DIR).join("redis.sock")
     }
 
     /// How many Synapse worker processes run beside the main one on this box.

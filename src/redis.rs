@@ -28,13 +28,8 @@ const WORK_DIR: &str = "redis-cwd";
 /// working directory (root's).
 pub fn prepare(cfg: &Config, redis: &RunAs, synapse: &RunAs) -> Result<()> {
     let state = Dir::open(&cfg.state_dir())?;
-    let dir = cfg.redis_dir();
-    let name = dir
-        .file_name()
-        .and_then(|n| n.to_str())
-        .expect("redis_dir has a name");
     state.ensure_sub(
-        name,
+        crate::config::REDIS_DIR,
         Owner {
             uid: redis.uid,
             gid: synapse.gid,
@@ -72,7 +67,7 @@ pub fn child_spec(cfg: &Config, run_as: RunAs) -> ChildSpec {
     ] {
         command = command.arg(k).arg(v);
     }
-    command.cwd = work.clone();
+    command.cwd = work;
     let mut ping = Command::new(REDIS_CLI).arg("-s").arg(&socket).arg("ping");
     ping.run_as = Some(run_as.clone());
     command.run_as = Some(run_as);
