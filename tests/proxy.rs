@@ -526,6 +526,91 @@ async fn a_dead_upstream_gives_502_with_a_matrix_error_at_once() {
     let _ = d.stop.send(true);
 }
 
+/// An answer given before the request body has arrived (here a 404: client paths are not
+/// served on 8448), as a typing PUT got 503 while its worker was down: the front door reads a
+/// small body still on its way before answering, so Debian 12's curl (7.88), which takes the
+/// RST_STREAM(NO_ERROR) that RFC 9113 §8.1 allows after an early answer for a stream error and
+/// shows no answer at all, gets the 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_answer_reaches_curl_whose_h2_body_comes_late() {
+    let rec = recorder().await;
+    let d = door(rec.port, Limits::default(), "127.0.0.1").await;
+    let mut c = d.curl();
+    c.args(["--http2", "-T", "-", "-w", "\n%{http_code} %{http_version}"])
+        .arg(format!(
+            "https://{HOST}:{}/_matrix/client/v3/rooms/x/typing/y",
+            d.federation
+        ))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let out = tokio::task::spawn_blocking(move || {
+        // The head goes at once, the body a moment later.
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = stdin.write_all(br#"{"typing": false}"#);
+        drop(stdin);
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "curl saw no answer: {} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.ends_with("\n404 2"), "{text}");
+    assert!(text.contains("M_UNRECOGNIZED"), "{text}");
+    let _ = d.stop.send(true);
+}
+
+/// A body that never comes does not hold the early answer back: it comes, then the server
+/// asks without error that the body stop (RFC 9113 §8.1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_answer_does_not_wait_for_an_h2_body_that_never_comes() {
+    let rec = recorder().await;
+    let d = door(rec.port, Limits::default(), "127.0.0.1").await;
+    let (tls, _, _) = common::h2_tls(d.federation, HOST, &d.ca_pem).await;
+    let (client, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req = http::Request::put(format!(
+        "https://{HOST}:{}/_matrix/client/v3/rooms/x/typing/y",
+        d.federation
+    ))
+    .body(())
+    .unwrap();
+    // The head goes now, the body never: the answer must not wait for it, nor be lost.
+    let (resp, mut body) = client.send_request(req, false).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(5), resp)
+        .await
+        .expect("an answer without the body")
+        .expect("an answer, not a reset stream");
+    assert_eq!(resp.status(), 404);
+    let mut got = resp.into_body();
+    let mut text = vec![];
+    while let Some(chunk) = got.data().await {
+        text.extend_from_slice(&chunk.expect("the whole answer"));
+    }
+    assert!(
+        String::from_utf8_lossy(&text).contains("M_UNRECOGNIZED"),
+        "{text:?}"
+    );
+    // Then the server asks, without error, that the body stop (RFC 9113 §8.1).
+    let reason = tokio::time::timeout(
+        Duration::from_secs(5),
+        std::future::poll_fn(|cx| body.poll_reset(cx)),
+    )
+    .await
+    .expect("the stream reset after the answer")
+    .unwrap();
+    assert_eq!(reason, h2::Reason::NO_ERROR);
+    let _ = d.stop.send(true);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn port_80_redirects_except_acme_challenges_and_well_known_is_served() {
     let rec = recorder().await;

@@ -11,7 +11,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Body as _;
 
 use super::router::Listener;
-use super::{Body, BoxError, Cx, Holding, matrix_error};
+use super::{Body, BoxError, Cx, answer_unread, matrix_error};
 
 /// What a layer does with a request.
 pub enum Step {
@@ -220,14 +220,7 @@ impl Layer for BodyLimit {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|len| len > self.max) {
-            // Keep the unread request body until the answer is out: dropping it first would
-            // reset an HTTP/2 stream (RST_STREAM) before the client sees the 413.
-            let (parts, body) = Self::too_large(self.max).into_parts();
-            let held = Holding {
-                body,
-                _keep: req.into_body(),
-            };
-            return Step::Answer(Response::from_parts(parts, held.boxed()));
+            return Step::Answer(answer_unread(Self::too_large(self.max), req.into_body()));
         }
         if req.body().is_end_stream() {
             return Step::Next(req); // nothing to count

@@ -145,11 +145,12 @@ impl FrontDoor {
         let path = req.uri().path();
         let route = self.router.route(cx.listener, &cx.host, path, cx.peer);
         let Some(pipeline) = self.router.pipeline(&route) else {
-            return match route {
+            let answer = match route {
                 Route::RedirectHttps => self.redirect(&cx.host, &req),
                 Route::AdminForbidden => AdminGuard::forbidden(),
                 _ => not_found(path),
             };
+            return answer_early(answer, req.into_body()).await;
         };
         let mut req = req;
         for layer in &pipeline.layers {
@@ -228,6 +229,46 @@ impl transport::App for FrontDoor {
 pub struct Holding<T> {
     pub body: Body,
     pub _keep: T,
+}
+
+/// Answers without reading the request body, which is kept until the answer is out (for one
+/// too large to read: HTTP/2 then ends the stream with RST_STREAM(NO_ERROR), RFC 9113 §8.1).
+pub fn answer_unread(resp: Response<Body>, unread: Body) -> Response<Body> {
+    let (parts, body) = resp.into_parts();
+    let held = Holding {
+        body,
+        _keep: unread,
+    };
+    Response::from_parts(parts, held.boxed())
+}
+
+/// How much of a request body an early answer waits for, and how long.
+const DRAIN_MAX: usize = 64 * 1024;
+const DRAIN_WAIT: Duration = Duration::from_secs(1);
+
+/// An answer given without the request body (404, 403, 503): a small body still on its way is
+/// read and dropped first, so the answer ends the exchange. Left unread, HTTP/2 ends the stream
+/// with RST_STREAM(NO_ERROR) after the answer (RFC 9113 §8.1 allows it), which Debian 12's curl
+/// 7.88 reports as "Stream error in the HTTP/2 framing layer" instead of the answer. A body
+/// over DRAIN_MAX or slower than DRAIN_WAIT gets the reset.
+pub async fn answer_early(resp: Response<Body>, mut unread: Body) -> Response<Body> {
+    // Past DRAIN_WAIT the rest is left to the reset.
+    let _ = tokio::time::timeout(DRAIN_WAIT, async {
+        let mut seen = 0;
+        while !hyper::body::Body::is_end_stream(&unread) {
+            match unread.frame().await {
+                Some(Ok(f)) => {
+                    seen += f.data_ref().map_or(0, |d| d.len());
+                    if seen > DRAIN_MAX {
+                        return;
+                    }
+                }
+                Some(Err(_)) | None => return,
+            }
+        }
+    })
+    .await;
+    answer_unread(resp, unread)
 }
 
 impl<T: Unpin> hyper::body::Body for Holding<T> {

@@ -17,7 +17,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use super::balance;
 use super::layers::BodyLimit;
 use super::wire;
-use super::{Body, Handler, Holding, Limits, full, handler, matrix_error};
+use super::{Body, Handler, Holding, Limits, answer_early, full, handler, matrix_error};
 
 /// The longest long-poll `timeout` we wait out. Synapse itself sets no maximum (its
 /// `rest/client/sync.py` takes `timeout` as given); clients ask for 30 s (matrix-js-sdk,
@@ -128,7 +128,9 @@ impl Upstream {
             Some(b) => match b.pick(req.uri(), req.headers(), peer) {
                 balance::Pick::Backend(i) => &self.pools[i],
                 // Never a hang: the one process that serves it is restarting.
-                balance::Pick::Unavailable => return worker_down(),
+                balance::Pick::Unavailable => {
+                    return answer_early(worker_down(), req.into_body()).await;
+                }
             },
         };
         let wait = long_poll_wait(req.uri());
@@ -139,7 +141,7 @@ impl Upstream {
         };
         // Over the cap Synapse is not asked at all (RFC 9110 §15.6.4: 503 with Retry-After).
         let Some(permit) = class.admit(peer) else {
-            return busy();
+            return answer_early(busy(), req.into_body()).await;
         };
         let (mut parts, body) = req.into_parts();
         let inbound_version = parts.version;
