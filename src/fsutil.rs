@@ -204,6 +204,34 @@ impl Dir {
         }
     }
 
+    /// Connects to the unix socket `name` when it is a socket owned by `owner`, never following
+    /// a symlink (its owner may have planted one to another service's socket); `None` for
+    /// anything else. The socket is opened O_PATH and connected to through /proc/self/fd, so
+    /// what is checked is what is connected to.
+    pub fn connect_socket(
+        &self,
+        name: &str,
+        owner: Uid,
+    ) -> Result<Option<std::os::unix::net::UnixStream>> {
+        let flags = OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        let fd = match openat(&self.fd, name, flags, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(Errno::ENOENT) => return Ok(None),
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("opening {}", self.path.join(name).display()));
+            }
+        };
+        let st = fstat(&fd).with_context(|| format!("stat {}", self.path.join(name).display()))?;
+        if file_type(&st) != SFlag::S_IFSOCK || st.st_uid != owner.as_raw() {
+            return Ok(None);
+        }
+        let via = format!("/proc/self/fd/{}", fd.as_raw_fd());
+        let stream = std::os::unix::net::UnixStream::connect(&via)
+            .with_context(|| format!("connecting to {}", self.path.join(name).display()))?;
+        Ok(Some(stream))
+    }
+
     /// Opens `name` for reading when it is a regular file with one link, never following a
     /// symlink nor blocking on a FIFO; `None` for anything else (see [`Dir::read_regular`]).
     pub fn open_regular(&self, name: &OsStr) -> Result<Option<(fs::File, FileStat)>> {
@@ -742,5 +770,26 @@ mod tests {
         nix::unistd::mkfifo(&p, Mode::from_bits_truncate(0o600)).unwrap();
         assert!(write_if_changed(&p, b"x", me(), 0o600).unwrap());
         assert_eq!(fs::read(&p).unwrap(), b"x");
+    }
+
+    #[test]
+    fn a_socket_is_connected_to_only_when_it_is_one_and_its_owners() {
+        let d = tempfile::tempdir().unwrap();
+        let listener = std::os::unix::net::UnixListener::bind(d.path().join("s.sock")).unwrap();
+        fs::write(d.path().join("file"), b"x").unwrap();
+        symlink(d.path().join("s.sock"), d.path().join("link.sock")).unwrap();
+        let dir = Dir::open(d.path()).unwrap();
+        let me = Uid::current();
+        let mut s = dir.connect_socket("s.sock", me).unwrap().expect("a socket");
+        s.write_all(b"hi").unwrap();
+        let (mut got, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 2];
+        got.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"hi");
+        let other = Uid::from_raw(me.as_raw() + 1);
+        assert!(dir.connect_socket("s.sock", other).unwrap().is_none());
+        assert!(dir.connect_socket("link.sock", me).unwrap().is_none());
+        assert!(dir.connect_socket("file", me).unwrap().is_none());
+        assert!(dir.connect_socket("absent", me).unwrap().is_none());
     }
 }

@@ -21,6 +21,7 @@ mod services;
 mod srv;
 mod tls;
 mod turn;
+mod workers;
 
 pub use net::Net;
 
@@ -102,6 +103,8 @@ pub const FAMILIES: &[&str] = &[
     "federation-in",
     "federation-out",
     "synapse",
+    "redis",
+    "workers",
     "postgres",
     "disk",
     "clock",
@@ -233,6 +236,7 @@ pub fn valid_only(cfg: &Config, only: &str) -> bool {
         || per_name("dns:")
         || only == "disk:media"
         || only == "disk:database"
+        || workers::names(cfg).iter().any(|n| n == only)
 }
 
 /// What every check may use: the config, the network view and the running service's status.
@@ -248,6 +252,28 @@ pub struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    /// What the supervisor says of child `name` ("supervisor: running, 0 restarts").
+    pub fn child_state(&self, name: &str) -> String {
+        let Some(status) = &self.status else {
+            return "homelab-matrix is not running".into();
+        };
+        let child = status["children"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["name"] == name));
+        let Some(c) = child else {
+            return format!("supervisor: no child {name}");
+        };
+        format!(
+            "supervisor: {}, {} restarts{}",
+            c["state"].as_str().unwrap_or("?"),
+            c["restarts"],
+            c["last_exit"]
+                .as_str()
+                .map(|e| format!(", last exit {e}"))
+                .unwrap_or_default()
+        )
+    }
+
     /// The PostgreSQL session (src/postgres.rs logs in the way Synapse does).
     pub async fn postgres(&self) -> Result<&tokio_postgres::Client, &str> {
         self.pg
@@ -317,6 +343,9 @@ pub async fn run(cfg: &Config, opts: &Options) -> Report {
             "federation-in" => vec![federation::inbound(&ctx, &discovered).await],
             "federation-out" => vec![federation::outbound(&ctx).await],
             "synapse" => vec![services::synapse(&ctx).await],
+            "redis" | "workers" if cfg.synapse_workers() == 0 => vec![],
+            "redis" => vec![workers::redis(&ctx).await],
+            "workers" => workers::check(&ctx).await,
             "postgres" => vec![services::postgres(&ctx).await],
             "disk" => services::disk(&ctx).await,
             "clock" => vec![services::clock(&ctx).await],

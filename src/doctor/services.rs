@@ -19,28 +19,7 @@ pub async fn synapse(ctx: &Ctx<'_>) -> Check {
         "{}/_synapse/admin/v1/server_version",
         ctx.cfg.synapse_local_url()
     );
-    let state = ctx
-        .status
-        .as_ref()
-        .and_then(|s| {
-            s["children"]
-                .as_array()?
-                .iter()
-                .find(|c| c["name"] == "synapse")
-                .cloned()
-        })
-        .map(|c| {
-            format!(
-                "supervisor: {}, {} restarts{}",
-                c["state"].as_str().unwrap_or("?"),
-                c["restarts"],
-                c["last_exit"]
-                    .as_str()
-                    .map(|e| format!(", last exit {e}"))
-                    .unwrap_or_default()
-            )
-        })
-        .unwrap_or_else(|| "homelab-matrix is not running".into());
+    let state = ctx.child_state("synapse");
     match super::net::get_json(
         ctx.net.http().get(&url),
         NAME,
