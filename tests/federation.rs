@@ -13,6 +13,10 @@
 //! only, and its access log names the peer server's veth address for the peer's requests:
 //! the X-Forwarded-For the front door writes (Synapse docs, reverse_proxy.md). A front door
 //! that dropped or forged the header would show 127.0.0.1 there.
+//!
+//! `b.test` runs with Synapse workers (`[synapse] workers = 2`, Redis): federation from a
+//! reaches b's federation worker through b's balancer (by origin), and b's federation sender
+//! worker sends to a.
 
 // The test drives the binary and curl from outside, with std's process API.
 #![allow(clippy::disallowed_methods)]
@@ -67,6 +71,21 @@ fn requests_from(h: &Host, origin: &str) -> Vec<String> {
         .collect()
 }
 
+/// b's workers: how many, and the first one's port (inside b's namespace).
+const B_WORKERS: u16 = 2;
+const B_WORKER_BASE: u16 = 8101;
+/// The worker b's balancer sends federation to, with two workers (src/synapse/workers.rs).
+const B_FEDERATION_WORKER: &str = "synapse-federation-client";
+
+/// The ports of `h`'s Synapse processes' HTTP listeners.
+fn synapse_ports(h: &Host) -> Vec<u16> {
+    let mut ports = vec![h.lab.synapse_port];
+    if h.server_name == "b.test" {
+        ports.extend(B_WORKER_BASE..B_WORKER_BASE + B_WORKERS);
+    }
+    ports
+}
+
 /// Asserts that `h`'s Synapse saw requests from `peer`'s server, each from `peer`'s veth
 /// address (the front door's X-Forwarded-For), one of them on `path`.
 fn assert_through_front_door(h: &Host, peer: &Host, path: &str) {
@@ -77,11 +96,19 @@ fn assert_through_front_door(h: &Host, peer: &Host, path: &str) {
         h.server_name,
         peer.server_name
     );
-    let want = format!(
-        " - {} - {} - {{{}}} Processed request: ",
-        peer.ip, h.lab.synapse_port, peer.server_name
-    );
-    let odd: Vec<&String> = lines.iter().filter(|l| !l.contains(&want)).collect();
+    let want: Vec<String> = synapse_ports(h)
+        .iter()
+        .map(|port| {
+            format!(
+                " - {} - {port} - {{{}}} Processed request: ",
+                peer.ip, peer.server_name
+            )
+        })
+        .collect();
+    let odd: Vec<&String> = lines
+        .iter()
+        .filter(|l| !want.iter().any(|w| l.contains(w)))
+        .collect();
     assert!(
         odd.is_empty(),
         "requests from {} reached {}'s Synapse without the front door's X-Forwarded-For {}: {odd:#?}",
@@ -95,13 +122,15 @@ fn assert_through_front_door(h: &Host, peer: &Host, path: &str) {
 fn assert_synapse_on_loopback(h: &Host) {
     let out = h.exec("ss").args(["-Hltn"]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    let port = format!(":{}", h.lab.synapse_port);
-    let binds: Vec<&str> = text
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(3))
-        .filter(|a| a.ends_with(&port))
-        .collect();
-    assert_eq!(binds, [format!("127.0.0.1{port}")], "{text}");
+    for port in synapse_ports(h) {
+        let port = format!(":{port}");
+        let binds: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(3))
+            .filter(|a| a.ends_with(&port))
+            .collect();
+        assert_eq!(binds, [format!("127.0.0.1{port}")], "{text}");
+    }
 }
 
 /// curl's exit code for a connection to `url` from `h`'s namespace.
@@ -167,8 +196,8 @@ struct Person {
 }
 
 impl Person {
-    async fn login(hs: &str, user: &str, password: &str) -> Person {
-        let mut sdk = SdkUser::login(hs, user, password, "federation test").await;
+    async fn login(hs: &str, http: Option<reqwest::Client>, user: &str, password: &str) -> Person {
+        let mut sdk = SdkUser::login_with(hs, http, user, password, "federation test").await;
         sdk.start_sync();
         Person { sdk }
     }
@@ -212,7 +241,13 @@ impl Person {
 
 #[test]
 fn two_appliances_federate() {
-    if !require_twohost() {
+    if !require_twohost()
+        || !common::require(
+            "redis-server",
+            std::path::Path::new("/usr/bin/redis-server").exists(),
+            "apt install redis-server (packaging/install-deps does): b.test runs with workers",
+        )
+    {
         return;
     }
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -223,6 +258,8 @@ fn two_appliances_federate() {
     pair.a.listen_https = "127.0.0.1".into();
     // b.test: 443 (and its well-known) open; 8448 on its loopback only.
     pair.b.listen_federation = "127.0.0.1".into();
+    *pair.b.lab.synapse_extra.borrow_mut() =
+        format!("workers = {B_WORKERS}\nworker_base_port = {B_WORKER_BASE}\n");
     pair.start();
     let started = t0.elapsed();
     eprintln!("both appliances READY after {started:?}");
@@ -256,7 +293,8 @@ fn two_appliances_federate() {
     a.add_user("alice", "alice-secret-pw");
     b.add_user("bob", "bob-secret-pw");
     let (alice_id, bob_id) = (a.mxid("alice"), b.mxid("bob"));
-    let (ma, mb) = (a.matrix(), b.matrix());
+    // b's clients go through b's front door, as with workers they must.
+    let (ma, mb) = (a.matrix(), b.front_matrix());
     let alice = ma.login("alice", "alice-secret-pw");
     let bob = mb.login("bob", "bob-secret-pw");
 
@@ -317,14 +355,20 @@ fn two_appliances_federate() {
     let mxc = up["content_uri"].as_str().unwrap_or_else(|| panic!("{up}"));
     let media_id = mxc.strip_prefix("mxc://a.test/").expect("an a.test mxc");
     let got = a.lab.path("got.bin");
+    // Through b's front door, as a client goes: with workers, b's media is its media
+    // worker's (b's main process serves no media, docs/workers.md "media repository").
+    let b_front = b.forward(443);
     let out = std::process::Command::new("curl")
         .args(["-sS", "--fail-with-body", "-o"])
         .arg(&got)
+        .arg("--cacert")
+        .arg(a.lab.path("peer-ca.pem"))
+        .arg("--connect-to")
+        .arg(format!("matrix.b.test:443:127.0.0.1:{b_front}"))
         .arg("-H")
         .arg(format!("Authorization: Bearer {bob}"))
         .arg(format!(
-            "{}/_matrix/client/v1/media/download/a.test/{media_id}",
-            mb.base
+            "https://matrix.b.test/_matrix/client/v1/media/download/a.test/{media_id}"
         ))
         .output()
         .unwrap();
@@ -346,9 +390,10 @@ fn two_appliances_federate() {
         .build()
         .unwrap();
     let (hs_a, hs_b) = (ma.base.clone(), mb.base.clone());
+    let b_http = b.front_http();
     let secret_room = rt.block_on(async {
-        let alice = Person::login(&hs_a, "alice", "alice-secret-pw").await;
-        let bob = Person::login(&hs_b, "bob", "bob-secret-pw").await;
+        let alice = Person::login(&hs_a, None, "alice", "alice-secret-pw").await;
+        let bob = Person::login(&hs_b, Some(b_http), "bob", "bob-secret-pw").await;
         let bob_uid: OwnedUserId = bob_id.parse().unwrap();
         let alice_uid: OwnedUserId = alice_id.parse().unwrap();
         let dm = alice.sdk.client.create_dm(&bob_uid).await.unwrap();
@@ -412,6 +457,18 @@ fn two_appliances_federate() {
     assert_through_front_door(a, b, "/_matrix/federation/v1/send/");
     assert_through_front_door(b, a, "/_matrix/federation/v1/send/");
     assert_through_front_door(b, a, "/invite/");
+    // On b, inbound federation is the federation worker's (docs/workers.md), not main's.
+    let sends: Vec<String> = requests_from(b, &a.server_name)
+        .into_iter()
+        .filter(|l| l.contains("/_matrix/federation/v1/send/"))
+        .collect();
+    let tag = format!("child={B_FEDERATION_WORKER}");
+    assert!(
+        sends
+            .iter()
+            .all(|l| l.ends_with(&tag) || l.contains(&format!("{tag} "))),
+        "b's transactions from a, all on its federation worker: {sends:#?}"
+    );
     assert_through_front_door(a, b, "/_matrix/federation/v1/make_join/");
     // Device lists for the encrypted room (user/devices or user/keys/query).
     assert_through_front_door(a, b, "/_matrix/federation/v1/user/");
@@ -424,9 +481,12 @@ fn two_appliances_federate() {
             .filter(|l| l.contains("Processed request: ") && l.contains(" /_matrix/key/v2/server"))
             .map(str::to_string)
             .collect();
-        let want = format!(" - {} - {} - ", peer.ip, me.lab.synapse_port);
+        let want: Vec<String> = synapse_ports(me)
+            .iter()
+            .map(|port| format!(" - {} - {port} - ", peer.ip))
+            .collect();
         assert!(
-            !keys.is_empty() && keys.iter().all(|l| l.contains(&want)),
+            !keys.is_empty() && keys.iter().all(|l| want.iter().any(|w| l.contains(w))),
             "{}'s key requests, all from {} through the front door: {keys:#?}",
             me.server_name,
             peer.ip

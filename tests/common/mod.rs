@@ -17,6 +17,7 @@ pub mod twohost;
 
 use std::fs;
 use std::io::Read;
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -600,11 +601,24 @@ pub struct Matrix {
 
 impl Matrix {
     pub fn new(base: &str) -> Matrix {
+        Matrix::with(base, reqwest::blocking::Client::builder())
+    }
+
+    /// A client of a front door: `https://<host>` reached at 127.0.0.1:`port`, trusting `ca_pem`.
+    pub fn through(host: &str, port: u16, ca_pem: &[u8]) -> Matrix {
+        let ca = reqwest::Certificate::from_pem(ca_pem).unwrap();
+        let b = reqwest::blocking::Client::builder()
+            .resolve(host, SocketAddr::from(([127, 0, 0, 1], port)))
+            .add_root_certificate(ca);
+        Matrix::with(&format!("https://{host}"), b)
+    }
+
+    fn with(base: &str, b: reqwest::blocking::ClientBuilder) -> Matrix {
         // reqwest is built without a default crypto provider (the binary picks ring).
         let _ = rustls::crypto::ring::default_provider().install_default();
         Matrix {
             base: base.to_string(),
-            http: reqwest::blocking::Client::builder()
+            http: b
                 .no_proxy()
                 .timeout(Duration::from_secs(60))
                 .build()
@@ -681,13 +695,38 @@ pub async fn sdk_login(
     password: &str,
     device: &str,
 ) -> matrix_sdk::Client {
-    let client = matrix_sdk::Client::builder()
+    sdk_login_with(hs, None, store, user, password, device).await
+}
+
+/// An async HTTP client for matrix-sdk reaching `https://<host>` at 127.0.0.1:`port` (a front
+/// door relayed from a namespace), trusting `ca_pem`.
+pub fn front_door_http(host: &str, port: u16, ca_pem: &[u8]) -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .resolve(host, SocketAddr::from(([127, 0, 0, 1], port)))
+        .add_root_certificate(reqwest::Certificate::from_pem(ca_pem).unwrap())
+        .no_proxy()
+        .build()
+        .unwrap()
+}
+
+/// `sdk_login`, through `http` when given (see [`front_door_http`]).
+pub async fn sdk_login_with(
+    hs: &str,
+    http: Option<reqwest::Client>,
+    store: &Path,
+    user: &str,
+    password: &str,
+    device: &str,
+) -> matrix_sdk::Client {
+    let mut b = matrix_sdk::Client::builder()
         .homeserver_url(hs)
         .respect_login_well_known(false)
-        .sqlite_store(store, None)
-        .build()
-        .await
-        .unwrap();
+        .sqlite_store(store, None);
+    if let Some(http) = http {
+        b = b.http_client(http);
+    }
+    let client = b.build().await.unwrap();
     client
         .matrix_auth()
         .login_username(user, password)

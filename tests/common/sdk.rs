@@ -41,8 +41,21 @@ pub struct SdkUser {
 impl SdkUser {
     /// Logs in as `user` on `hs` (a Synapse URL). Add event handlers, then `start_sync`.
     pub async fn login(hs: &str, user: &str, password: &str, device_name: &str) -> SdkUser {
+        SdkUser::login_with(hs, None, user, password, device_name).await
+    }
+
+    /// `login`, through `http` when given (`common::front_door_http`).
+    pub async fn login_with(
+        hs: &str,
+        http: Option<reqwest::Client>,
+        user: &str,
+        password: &str,
+        device_name: &str,
+    ) -> SdkUser {
         let store = tempfile::tempdir().unwrap();
-        let client = crate::common::sdk_login(hs, store.path(), user, password, device_name).await;
+        let client =
+            crate::common::sdk_login_with(hs, http, store.path(), user, password, device_name)
+                .await;
         let inbox: Arc<Mutex<Vec<Msg>>> = Arc::default();
         let sink = inbox.clone();
         client.add_event_handler(

@@ -148,6 +148,20 @@ impl Host {
         Matrix::new(&self.synapse_url())
     }
 
+    /// A client of this host's front door (`https://matrix.<server_name>`, relayed here,
+    /// trusting this host's CA): the way a user's client goes, and with workers the only way
+    /// to every endpoint (the main process serves no media, nor what a stream writer writes).
+    pub fn front_matrix(&self) -> Matrix {
+        let ca = fs::read(self.lab.ca_root()).unwrap();
+        Matrix::through(&self.lab.matrix_host(), self.forward(443), &ca)
+    }
+
+    /// For matrix-sdk, the same way as `front_matrix`.
+    pub fn front_http(&self) -> reqwest::Client {
+        let ca = fs::read(self.lab.ca_root()).unwrap();
+        super::front_door_http(&self.lab.matrix_host(), self.forward(443), &ca)
+    }
+
     /// The supervisor's output so far (its lines and its children's).
     pub fn log_text(&self) -> String {
         fs::read_to_string(self.lab.path("run.log")).unwrap_or_default()
