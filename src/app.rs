@@ -50,6 +50,9 @@ struct App {
     workers: Mutex<Vec<Arc<Child>>>,
     /// The front door's way to Synapse: it routes around workers that are down.
     upstream: Arc<front::proxy::Upstream>,
+    /// The Synapse client API for clients in this process (the bot): the main process, or
+    /// with workers `upstream` on a loopback port (http::inner).
+    client_url: String,
     phase: Mutex<&'static str>,
     certs: Arc<CertStore>,
     ca: InternalCa,
@@ -128,6 +131,11 @@ pub async fn run(config_path: &Path) -> Result<(), RunError> {
         routes_to(&cfg, &certs, https_port, Some(&element), upstream.clone()),
         https_port,
     );
+    let client_url = if synapse::worker_plan(&cfg).is_empty() {
+        cfg.synapse_local_url()
+    } else {
+        front::inner::serve(upstream.clone(), stop_rx.clone()).await?
+    };
     let tls = crate::tls::acceptor(certs.clone());
     let front_task = tokio::spawn(front.serve(bound, tls, limits, stop_rx.clone(), DRAIN));
     let acme = (cfg.tls.mode() == TlsMode::Acme).then(|| {
@@ -154,6 +162,7 @@ pub async fn run(config_path: &Path) -> Result<(), RunError> {
         synapse: Mutex::new(synapse_child.clone()),
         workers: Mutex::new(vec![]),
         upstream,
+        client_url,
         phase: Mutex::new("starting"),
         certs,
         ca,
@@ -279,6 +288,7 @@ async fn start_rest(
             cfg: app.cfg.clone(),
             secrets: app.secrets.clone(),
             alerts: app.alerts.clone(),
+            client_url: app.client_url.clone(),
         },
         stop_rx,
     );

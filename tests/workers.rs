@@ -8,6 +8,10 @@
 #![allow(clippy::disallowed_methods)]
 
 mod common;
+#[path = "common/person.rs"]
+mod person;
+#[path = "common/sdk.rs"]
+mod sdk;
 
 use std::path::Path;
 use std::process::Command;
@@ -197,7 +201,7 @@ fn synapse_workers_behind_the_front_door() {
     assert_eq!(doctor("redis")[0]["status"], "pass");
 
     // A user's day, through the front door.
-    let pw = lab.add_user("alice", false);
+    let pw = lab.add_user("alice", true);
     let (code, v, _) = front(
         &lab,
         "POST",
@@ -311,6 +315,47 @@ fn synapse_workers_behind_the_front_door() {
         0,
         "the main process served /sync"
     );
+
+    // The bot with workers on: an admin's encrypted DM, `create`, an encrypted answer with a
+    // token. The bot's own requests (its to-device keys above all) go through the balancer
+    // (http::inner): Synapse's main process alone answers them 500.
+    wait_until("the bot running", Duration::from_secs(120), || {
+        lab.status()["bot"]["state"] == "running"
+    });
+    let bot: matrix_sdk::ruma::OwnedUserId = format!("@registration-bot:{}", lab.server_name)
+        .parse()
+        .unwrap();
+    let ca = std::fs::read(lab.ca_root()).unwrap();
+    let http = common::front_door_http(&lab.matrix_host(), lab.https_port, &ca);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let token_made = rt.block_on(async {
+        let alice =
+            person::Person::login_with(&lab.https_base(), Some(http), "alice", &pw, &bot).await;
+        let dm = alice.client.create_dm(&bot).await.unwrap();
+        alice
+            .wait_membership(
+                &dm,
+                &bot,
+                matrix_sdk::ruma::events::room::member::MembershipState::Join,
+            )
+            .await;
+        let m = alice.ask(&dm, &bot, "create 1 1d").await;
+        assert!(m.encrypted, "the answer in the DM was not encrypted: {m:?}");
+        let body = m.body.clone();
+        let start = body
+            .find('`')
+            .map(|i| i + 1)
+            .unwrap_or_else(|| panic!("{m:?}"));
+        let len = body[start..].find('`').unwrap();
+        body[start..start + len].to_string()
+    });
+    let shown = lab.ok(&["token", "show", &token_made]);
+    assert!(shown.contains(&token_made), "{shown}");
+    drop(rt);
 
     // A crashed worker restarts alone; meanwhile what it serves goes to the main process.
     let main_pid = child(&lab.status(), "synapse")["pid"].as_i64().unwrap();

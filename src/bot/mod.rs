@@ -55,6 +55,9 @@ pub struct Deps {
     pub cfg: Config,
     pub secrets: Secrets,
     pub alerts: Alerts,
+    /// Synapse's client API: the main process, or with workers the way through the front
+    /// door's balancer (http::inner).
+    pub client_url: String,
 }
 
 impl Deps {

@@ -103,7 +103,7 @@ impl Session {
 
         let passphrase = deps.secrets.get(Kind::BotStorePassphrase)?;
         let client = Client::builder()
-            .homeserver_url(deps.cfg.synapse_local_url())
+            .homeserver_url(&deps.client_url)
             .sqlite_store(dir.join(STORE_DIR), Some(passphrase.expose()))
             .build()
             .await

@@ -13,6 +13,7 @@
 
 pub mod balance;
 pub mod handlers;
+pub mod inner;
 pub mod layers;
 pub mod proxy;
 pub mod ratelimit;

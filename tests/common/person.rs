@@ -2,7 +2,7 @@
 //! the registration bot: joins the rooms it invites them to, asks, waits for answers.
 //!
 //! Included by path with common/sdk.rs (`#[path = "common/sdk.rs"] mod sdk;` and
-//! `#[path = "common/person.rs"] mod person;`) by the tests that use it (bot.rs, backup.rs).
+//! `#[path = "common/person.rs"] mod person;`) by the tests that use it (bot.rs, backup.rs, workers.rs).
 
 // Each test that includes it uses its own part.
 #![allow(dead_code)]
@@ -38,7 +38,18 @@ impl Person {
     /// Logs in and syncs until dropped; joins rooms the bot invites it to (alerts arrive in DMs
     /// the bot opens).
     pub async fn login(hs: &str, user: &str, password: &str, bot: &UserId) -> Person {
-        let mut sdk = SdkUser::login(hs, user, password, "bot test").await;
+        Person::login_with(hs, None, user, password, bot).await
+    }
+
+    /// `login`, through `http` when given (`common::front_door_http`).
+    pub async fn login_with(
+        hs: &str,
+        http: Option<reqwest::Client>,
+        user: &str,
+        password: &str,
+        bot: &UserId,
+    ) -> Person {
+        let mut sdk = SdkUser::login_with(hs, http, user, password, "bot test").await;
         let client = sdk.client.clone();
         let user_id = sdk.user_id();
         let bot = bot.to_owned();
