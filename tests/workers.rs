@@ -1,8 +1,9 @@
 //! Synapse with workers (`[synapse] workers = 2`) behind the front door: the real binary,
 //! the real Synapse (main process and two generic workers), Debian's redis-server, PostgreSQL.
 //! Requests reach the worker docs/workers.md names for them (checked in each process's access
-//! log), a crashed worker restarts alone and is routed around meanwhile, and going back to one
-//! process loses nothing.
+//! log), doctor checks Redis and each worker, the bot answers an encrypted DM, a crashed
+//! worker restarts alone and is routed around meanwhile, and a backup made with workers on,
+//! restored, brings it all back on one process.
 
 // This test process drives the binary from outside: std's process API is the right tool here.
 #![allow(clippy::disallowed_methods)]
@@ -118,7 +119,12 @@ fn synapse_workers_behind_the_front_door() {
     let base = free_ports(2);
     *lab.synapse_extra.borrow_mut() = format!("workers = 2\nworker_base_port = {base}\n");
     *lab.turn_extra.borrow_mut() = "enabled = false\n".into();
-    lab.write_config("[tls]\nmode = \"internal\"\n");
+    let backups = lab.path("backups");
+    let config = format!(
+        "[tls]\nmode = \"internal\"\n[backup]\ndir = \"{}\"\n",
+        backups.display()
+    );
+    lab.write_config(&config);
     let mut run = lab.start();
 
     // Every process is a child, each as its own user; Redis has no TCP listener.
@@ -424,10 +430,29 @@ fn synapse_workers_behind_the_front_door() {
         child(&lab.status(), WRITER)["state"] == "running"
     });
 
-    // Back to one process: everything is still there.
+    // A backup with workers on holds it all: the one database, the media worker's files.
+    let out = lab.ok(&["backup"]);
+    assert!(out.contains("verified"), "{out}");
+    let files: Vec<_> = std::fs::read_dir(&backups)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let (code, v, _) = front(
+        &lab,
+        "PUT",
+        &format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/t2"),
+        t,
+        Some(json!({"msgtype": "m.text", "body": "after the backup"})),
+    );
+    assert_eq!(code, 200, "{v}");
+
+    // Restored, and back to one process: everything the backup held is there.
     run.signal_and_wait(nix::sys::signal::Signal::SIGTERM, Duration::from_secs(90));
+    let out = lab.ok(&["restore", files[0].to_str().unwrap(), "--force"]);
+    eprintln!("restore: {out}");
     *lab.synapse_extra.borrow_mut() = format!("workers = 0\nworker_base_port = {base}\n");
-    lab.write_config("[tls]\nmode = \"internal\"\n");
+    lab.write_config(&config);
     let mut run = lab.start();
     let st = lab.status();
     for c in st["children"].as_array().unwrap() {
@@ -446,6 +471,10 @@ fn synapse_workers_behind_the_front_door() {
     );
     assert_eq!(code, 200, "{v}");
     assert!(v.to_string().contains("hello from a worker"), "{v}");
+    assert!(
+        !v.to_string().contains("after the backup"),
+        "the restore kept what came after the backup: {v}"
+    );
     assert_eq!(
         download(&lab, &token, media),
         "a file for the media worker",
