@@ -325,6 +325,17 @@ fn coturn_running(lab: &Lab) -> bool {
         .any(|c| c["name"] == "coturn" && c["state"] == "running")
 }
 
+/// Changes the operator's Synapse override and sends the service SIGHUP: the reload
+/// re-renders Synapse's config and restarts its processes.
+fn change_override_and_reload(lab: &Lab, pid: i32) {
+    fs::write(
+        lab.path("synapse.d/50-privsep.yaml"),
+        "url_preview_enabled: false\n",
+    )
+    .unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGHUP).unwrap();
+}
+
 #[test]
 fn links_planted_by_the_children_are_never_written_through() {
     if !require_all() {
@@ -378,12 +389,7 @@ fn links_planted_by_the_children_are_never_written_through() {
 
     // A changed override makes the SIGHUP re-render and restart Synapse.
     let before = lab.synapse_status()["pid"].as_i64();
-    fs::write(
-        lab.path("synapse.d/50-privsep.yaml"),
-        "url_preview_enabled: false\n",
-    )
-    .unwrap();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGHUP).unwrap();
+    change_override_and_reload(&lab, pid);
     wait_until(
         "Synapse to restart with the new override",
         Duration::from_secs(90),
@@ -705,12 +711,7 @@ fn with_workers_root_never_writes_through_redis_or_the_workers_files() {
     // A reload that changes Synapse's config re-renders and restarts the main process and the
     // worker.
     let before = worker_pid(&lab);
-    fs::write(
-        lab.path("synapse.d/50-privsep.yaml"),
-        "url_preview_enabled: false\n",
-    )
-    .unwrap();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGHUP).unwrap();
+    change_override_and_reload(&lab, pid);
     wait_until(
         "the worker restarted by the reload",
         Duration::from_secs(120),
