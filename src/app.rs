@@ -27,7 +27,7 @@ use crate::fsutil::{Owner, ensure_dir};
 use crate::http::{self as front, Bound, FrontDoor, Limits, Router, Slot};
 use crate::notify::notify;
 use crate::postgres;
-use crate::secrets::{Kind, Secrets};
+use crate::secrets::Secrets;
 use crate::supervisor::{Child, RunAs, Supervisor};
 use crate::synapse::{self, admin};
 
@@ -103,7 +103,7 @@ pub async fn run(config_path: &Path) -> Result<(), RunError> {
     let secrets = Secrets::ensure(&state)?;
     let synapse_user = RunAs::lookup(&cfg.synapse.user)?;
 
-    let report = postgres::provision(&cfg, &secrets.get(Kind::PostgresPassword)?)
+    let report = postgres::provision(&cfg, &postgres::password(&cfg, &secrets)?)
         .await
         .context("provisioning PostgreSQL")?;
     tracing::info!(

@@ -10,7 +10,7 @@ use crate::app::{self, RunError};
 use crate::config::{self, Config, ConfigError};
 use crate::control;
 use crate::postgres;
-use crate::secrets::{Kind, Secrets};
+use crate::secrets::Secrets;
 use crate::synapse::admin::{self, RegistrationToken};
 use crate::units::human_duration;
 
@@ -51,7 +51,12 @@ pub enum Cmd {
     /// `systemctl reload homelab-matrix` runs.
     Reload,
     /// Create or check PostgreSQL's role and database for Synapse now (run does it at every start).
-    ProvisionDb,
+    ProvisionDb {
+        /// Provision once with this superuser login (an external server's admin account), then
+        /// run with `provision = false`; its password may come from PGPASSWORD instead.
+        #[arg(long, value_name = "DSN")]
+        superuser_dsn: Option<String>,
+    },
     /// The local PostgreSQL: `postgres upgrade` moves the database to the newest major installed.
     #[command(subcommand)]
     Postgres(PostgresCmd),
@@ -348,9 +353,20 @@ async fn other(cmd: Cmd, cfg: &Config) -> Result<()> {
         Cmd::Upgrade { unattended } => crate::apt::unattended::run(cfg, unattended)
             .await
             .map(|r| println!("{r}")),
-        Cmd::ProvisionDb => {
+        Cmd::ProvisionDb { superuser_dsn } => {
             let secrets = Secrets::ensure(&cfg.state_dir())?;
-            let report = postgres::provision(cfg, &secrets.get(Kind::PostgresPassword)?).await?;
+            let mut cfg = cfg.clone();
+            if let Some(dsn) = superuser_dsn {
+                if let Err(e) = dsn.parse::<tokio_postgres::Config>() {
+                    bail!(
+                        "--superuser-dsn is not a PostgreSQL connection string ({e}); write it like \"host=db.lan user=admin dbname=postgres\""
+                    );
+                }
+                cfg.postgres.superuser_dsn = dsn;
+                cfg.postgres.provision = true;
+            }
+            let cfg = &cfg;
+            let report = postgres::provision(cfg, &postgres::password(cfg, &secrets)?).await?;
             println!(
                 "database {:?}, role {:?}: {report}",
                 cfg.postgres.database, cfg.postgres.user
@@ -452,11 +468,20 @@ async fn backup(cfg: &Config, config_path: &Path, args: BackupArgs) -> Result<()
     use crate::backup::{self, schedule};
     if let Some(BackupCmd::Verify { file }) = args.cmd {
         let v = backup::verify(cfg, &file).await?;
+        let db = if v.restored {
+            format!(
+                "the database restored into a scratch database with {} tables and {} rows, as the manifest counted",
+                v.tables, v.rows
+            )
+        } else {
+            format!(
+                "the database dump ({} tables, {} rows) reads through; it was not test-restored, as with postgres.provision = false there is no scratch database to restore into",
+                v.tables, v.rows
+            )
+        };
         println!(
-            "{}: ok: every part matches its sha256; the database restored into a scratch database with {} tables and {} rows, as the manifest counted (made {} UTC of {})",
+            "{}: ok: every part matches its sha256; {db} (made {} UTC of {})",
             file.display(),
-            v.tables,
-            v.rows,
             schedule::stamp(v.manifest.created_at),
             v.manifest.server_name
         );
@@ -532,7 +557,7 @@ async fn status(cfg: &Config, json: bool) -> Result<()> {
     };
     v["rollback"] = serde_json::to_value(&rollback)?;
     // The database on an older PostgreSQL than one a dist-upgrade installed beside it.
-    let pg_behind = if cfg.postgres.superuser_dsn.is_empty() {
+    let pg_behind = if cfg.postgres.on_this_host() {
         let clusters = postgres::clusters::list().await.unwrap_or_default();
         postgres::clusters::behind(
             &clusters,

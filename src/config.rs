@@ -225,7 +225,57 @@ pub struct Postgres {
     pub socket_dir: String,
     /// When set, provisioning connects with this DSN instead of peer auth as `superuser`.
     pub superuser_dsn: String,
+    /// false: the role and database exist already (an external server's administrator made
+    /// them, or `provision-db --superuser-dsn` did once); nothing is created, only checked.
+    pub provision: bool,
+    /// The role's password, for a role made elsewhere; empty: the generated secret.
+    pub password_file: String,
+    /// TLS to the server: "auto" (verify unless `host` is loopback), "verify", "off".
+    pub tls: PgTls,
+    /// The CA that signed the server's certificate; empty: the system's roots.
+    pub ca_file: String,
 }
+
+/// How Synapse and the appliance reach PostgreSQL over TCP. There is no "encrypt without
+/// verifying": it protects against nobody who can intercept.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PgTls {
+    #[default]
+    Auto,
+    Verify,
+    Off,
+}
+
+impl Postgres {
+    /// Whether connections to `host` are TLS, verified against `ca_path()` (libpq's
+    /// sslmode=verify-full: chain and host name).
+    pub fn tls_verify(&self) -> bool {
+        match self.tls {
+            PgTls::Verify => true,
+            PgTls::Off => false,
+            PgTls::Auto => !is_loopback_host(&self.host),
+        }
+    }
+
+    /// The roots a server certificate is checked against.
+    pub fn ca_path(&self) -> &str {
+        if self.ca_file.is_empty() {
+            SYSTEM_ROOTS
+        } else {
+            &self.ca_file
+        }
+    }
+
+    /// Whether the database lives in one of this host's own Debian clusters, reached as the
+    /// `superuser` OS user (so `pg_lsclusters` and `postgres upgrade` are about it).
+    pub fn on_this_host(&self) -> bool {
+        self.provision && self.superuser_dsn.is_empty()
+    }
+}
+
+/// Debian's bundle of the system's trusted roots (ca-certificates).
+pub const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default)]
@@ -480,6 +530,10 @@ impl Default for Postgres {
             superuser: "postgres".into(),
             socket_dir: "/var/run/postgresql".into(),
             superuser_dsn: String::new(),
+            provision: true,
+            password_file: String::new(),
+            tls: PgTls::Auto,
+            ca_file: String::new(),
         }
     }
 }
@@ -948,6 +1002,35 @@ impl Config {
                 "write it like \"host=/var/run/postgresql user=postgres\" or postgresql://user:pass@host/db, or remove it to use peer auth as postgres.superuser",
             );
         }
+        if !self.postgres.provision && !self.postgres.superuser_dsn.is_empty() {
+            bad(
+                "postgres.provision",
+                "is false, but postgres.superuser_dsn names a login to provision with".into(),
+                "remove superuser_dsn to use a role and database made elsewhere, or set provision = true to let that login make them",
+            );
+        }
+        for (key, v) in [
+            ("postgres.password_file", &self.postgres.password_file),
+            ("postgres.ca_file", &self.postgres.ca_file),
+        ] {
+            if !v.is_empty() && !Path::new(v).is_absolute() {
+                bad(
+                    key,
+                    format!("{v:?} is not an absolute path"),
+                    "use a full path starting with /",
+                );
+            }
+        }
+        if self.postgres.host.starts_with('/') {
+            bad(
+                "postgres.host",
+                format!(
+                    "{:?} is a socket directory; Synapse logs in over TCP with a password",
+                    self.postgres.host
+                ),
+                "use \"127.0.0.1\" for this host's PostgreSQL (postgres.socket_dir is where provisioning finds its socket), or the external server's name",
+            );
+        }
         for (key, url, fix) in [
             (
                 "element.release_url",
@@ -1141,6 +1224,35 @@ pub fn environment_problems(cfg: &Config) -> Vec<Problem> {
             });
         }
     }
+    let pg = &cfg.postgres;
+    if !pg.password_file.is_empty() && first_line(Path::new(&pg.password_file)).is_none() {
+        out.push(Problem {
+            key: "postgres.password_file".into(),
+            message: format!("{} cannot be read or is empty", pg.password_file),
+            fix: "write the role's password into it on one line, readable by root only (chmod 600)"
+                .into(),
+        });
+    }
+    if pg.tls_verify() {
+        // Synapse (as its own user) and root both read it: a CA certificate is public.
+        use std::os::unix::fs::PermissionsExt;
+        let readable = std::fs::read_to_string(pg.ca_path())
+            .ok()
+            .filter(|t| t.contains("-----BEGIN CERTIFICATE-----"));
+        let world =
+            std::fs::metadata(pg.ca_path()).is_ok_and(|m| m.permissions().mode() & 0o004 != 0);
+        if readable.is_none() || !world {
+            out.push(Problem {
+                key: if pg.ca_file.is_empty() { "postgres.tls" } else { "postgres.ca_file" }.into(),
+                message: format!(
+                    "{} holds no readable PEM certificate for Synapse's user, so no TLS connection to {} can be verified",
+                    pg.ca_path(),
+                    pg.host
+                ),
+                fix: "set postgres.ca_file to the CA certificate that signed the server's (PEM, chmod 644), or apt install ca-certificates for a publicly trusted one; postgres.tls = \"off\" only on a network you trust".into(),
+            });
+        }
+    }
     if !Path::new(&cfg.synapse.python).exists() {
         out.push(Problem {
             key: "synapse.python".into(),
@@ -1317,6 +1429,12 @@ fn key_at(text: &str, offset: usize) -> (String, usize) {
 }
 
 /// `host[:port]/...` names 127.0.0.1 (any of 127/8), [::1] or localhost.
+/// A name or address that is this host's loopback (`localhost`, 127.0.0.0/8, ::1).
+pub fn is_loopback_host(host: &str) -> bool {
+    let h = host.trim_start_matches('[').trim_end_matches(']');
+    h == "localhost" || h.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 fn is_loopback_authority(rest: &str) -> bool {
     let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
     if authority.contains('@') {
@@ -1501,6 +1619,55 @@ x = 1
         let c =
             Config::from_toml("server_name = \"a.b\"\n[http]\nidle_timeout = \"5m\"\n").unwrap();
         assert_eq!(c.http.idle_timeout(), Duration::from_secs(300));
+    }
+
+    #[test]
+    fn an_external_postgres_is_verified_and_needs_its_password() {
+        let parse =
+            |pg: &str| Config::from_toml(&format!("server_name = \"a.b\"\n[postgres]\n{pg}"));
+        let keys = |pg: &str| -> Vec<String> {
+            match parse(pg) {
+                Ok(_) => vec![],
+                Err(p) => p.into_iter().map(|p| p.key).collect(),
+            }
+        };
+        // This host's server: no TLS, as before; any other name: verified against the roots.
+        let local = parse("").unwrap();
+        assert!(!local.postgres.tls_verify() && local.postgres.on_this_host());
+        let far = parse("host = \"db.lan\"\n").unwrap();
+        assert!(far.postgres.tls_verify());
+        assert_eq!(far.postgres.ca_path(), SYSTEM_ROOTS);
+        assert!(
+            !parse("host = \"db.lan\"\ntls = \"off\"\n")
+                .unwrap()
+                .postgres
+                .tls_verify()
+        );
+        assert!(
+            parse("host = \"::1\"\ntls = \"verify\"\n")
+                .unwrap()
+                .postgres
+                .tls_verify()
+        );
+        assert_eq!(keys("tls = \"prefer\"\n"), ["postgres.tls (line 3)"]);
+        // A role made elsewhere (or by `provision-db --superuser-dsn` once): nothing provisioned.
+        assert!(
+            !parse("provision = false\n")
+                .unwrap()
+                .postgres
+                .on_this_host()
+        );
+        let ext = parse("provision = false\npassword_file = \"/etc/pw\"\n").unwrap();
+        assert!(!ext.postgres.on_this_host());
+        assert_eq!(
+            keys(
+                "provision = false\npassword_file = \"/etc/pw\"\nsuperuser_dsn = \"host=x user=postgres\"\n"
+            ),
+            ["postgres.provision"]
+        );
+        assert_eq!(keys("password_file = \"pw\"\n"), ["postgres.password_file"]);
+        assert_eq!(keys("ca_file = \"ca.pem\"\n"), ["postgres.ca_file"]);
+        assert_eq!(keys("host = \"/var/run/postgresql\"\n"), ["postgres.host"]);
     }
 
     #[test]

@@ -102,9 +102,19 @@ pub async fn count_rows(client: &Client) -> Result<BTreeMap<String, i64>> {
     Ok(counts)
 }
 
-fn pg_env(cmd: Command, password: &Secret) -> Command {
-    cmd.env("PGPASSWORD", password.expose())
-        .env("PGCONNECT_TIMEOUT", "10")
+fn pg_env(cmd: Command, cfg: &Config, password: &Secret) -> Command {
+    tls_env(cmd.env("PGPASSWORD", password.expose()), cfg).env("PGCONNECT_TIMEOUT", "10")
+}
+
+/// libpq's TLS as `postgres.tls` says, the way Synapse's psycopg2 gets it (PostgreSQL docs
+/// 34.15, PGSSLMODE and PGSSLROOTCERT).
+fn tls_env(cmd: Command, cfg: &Config) -> Command {
+    if cfg.postgres.tls_verify() {
+        cmd.env("PGSSLMODE", "verify-full")
+            .env("PGSSLROOTCERT", cfg.postgres.ca_path())
+    } else {
+        cmd
+    }
 }
 
 /// libpq's connection options, the same for psql, pg_dump and pg_restore.
@@ -138,7 +148,7 @@ pub async fn dump(
     for t in EXCLUDED_DATA {
         cmd = cmd.arg(format!("--exclude-table-data={t}"));
     }
-    run_pg(pg_env(cmd, password), None, out, "pg_dump").await
+    run_pg(pg_env(cmd, cfg, password), None, out, "pg_dump").await
 }
 
 /// Runs pg_dump or pg_restore to its end; its stderr becomes the error.
@@ -173,13 +183,25 @@ pub async fn restore(
         .arg("--exit-on-error")
         .arg("--single-transaction");
     run_pg(
-        pg_env(cmd, password),
+        pg_env(cmd, cfg, password),
         Some(tokio::fs::File::from_std(dump)),
         &mut tokio::io::sink(),
         "pg_restore",
     )
     .await
     .with_context(|| format!("restoring the dump into {dbname}"))
+}
+
+/// Reads the dump through (`pg_restore --list`): its table of contents parses, so the archive
+/// is whole, without a database to restore into.
+pub async fn list(dump: std::fs::File) -> Result<()> {
+    run_pg(
+        Command::new("pg_restore").arg("--list"),
+        Some(tokio::fs::File::from_std(dump)),
+        &mut tokio::io::sink(),
+        "pg_restore --list",
+    )
+    .await
 }
 
 /// Runs one statement as PostgreSQL's superuser with psql in database `dbname`: over the
@@ -199,13 +221,16 @@ pub async fn superuser_sql(cfg: &Config, dbname: &str, sql: &str) -> Result<Stri
         cmd = pg_target(cmd, &p.socket_dir, p.port, &p.superuser, dbname);
         cmd.run_as = Some(RunAs::lookup(&cfg.postgres.superuser)?);
     } else if dsn.contains("://") {
+        cmd = tls_env(cmd, cfg);
         let sep = if dsn.contains('?') { '&' } else { '?' };
         cmd = cmd
             .arg("--dbname")
             .arg(format!("{dsn}{sep}dbname={dbname}"));
     } else {
         // In a key=value connection string a later key wins (libpq docs, 34.1.1).
-        cmd = cmd.arg("--dbname").arg(format!("{dsn} dbname={dbname}"));
+        cmd = tls_env(cmd, cfg)
+            .arg("--dbname")
+            .arg(format!("{dsn} dbname={dbname}"));
     }
     let out = supervisor::run_helper(cmd.arg("-c").arg(sql), b"", Duration::from_secs(600))
         .await
@@ -290,6 +315,19 @@ pub async fn users_besides_ours(cfg: &Config) -> Result<Option<i64>> {
     n.parse::<i64>()
         .map(Some)
         .with_context(|| format!("counting the users of {db}: psql said {n:?}"))
+}
+
+/// Tables in the database's schema public, asked as the role (a database made elsewhere).
+pub async fn table_count(cfg: &Config, password: &Secret) -> Result<i64> {
+    let client = connect(cfg, password, &cfg.postgres.database).await?;
+    Ok(client
+        .query_one(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'",
+            &[],
+        )
+        .await
+        .context("counting the database's tables")?
+        .get(0))
 }
 
 /// Empties the tables whose rows were left out, before Synapse's first start after a restore

@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::fsutil::{Dir, Owner, ensure_dir};
-use crate::secrets::{Kind, Secrets};
+use crate::secrets::Secrets;
 
 use archive::{Manifest, Writer};
 
@@ -87,7 +87,7 @@ pub fn file_name(server_name: &str, created_at: u64, kind: &str) -> String {
 /// run on a blocking thread, never on the service's async workers.
 pub async fn make(cfg: &Config, config_path: &Path, dir: &Path, kind: &str) -> Result<Made> {
     let out = backup_dir(dir)?;
-    let password = Secrets::open(&cfg.state_dir()).get(Kind::PostgresPassword)?;
+    let password = crate::postgres::password(cfg, &Secrets::open(&cfg.state_dir()))?;
     let synapse_version = upgrade::synapse_version(cfg).await.ok();
     let limit = file_limit(cfg);
     let (files_bytes, files) = {
@@ -301,6 +301,9 @@ pub struct Verified {
     pub manifest: Manifest,
     pub tables: usize,
     pub rows: i64,
+    /// false: the dump was read through (pg_restore --list), not restored: a database made
+    /// elsewhere (`provision = false`) gives the role no scratch database to restore into.
+    pub restored: bool,
 }
 
 /// Why verify refused a backup whose file is intact: its database does not restore to what
@@ -320,7 +323,17 @@ pub async fn verify(cfg: &Config, file: &Path) -> Result<Verified> {
     let scratch_dir = file.parent().unwrap_or(Path::new(".")).to_owned();
     let path = file.to_owned();
     let checked = blocking(move || archive::check(&path, &scratch_dir)).await?;
-    let password = Secrets::open(&cfg.state_dir()).get(Kind::PostgresPassword)?;
+    let password = crate::postgres::password(cfg, &Secrets::open(&cfg.state_dir()))?;
+    if !cfg.postgres.provision {
+        db::list(checked.dump).await?;
+        let counts = &checked.manifest.database.row_counts;
+        return Ok(Verified {
+            tables: counts.len(),
+            rows: counts.values().sum(),
+            restored: false,
+            manifest: checked.manifest,
+        });
+    }
     let scratch = format!(
         "{}_verify_{}",
         &cfg.postgres.database[..cfg.postgres.database.len().min(40)],
@@ -347,6 +360,7 @@ pub async fn verify(cfg: &Config, file: &Path) -> Result<Verified> {
     Ok(Verified {
         tables: counts.len(),
         rows: counts.values().sum(),
+        restored: true,
         manifest: checked.manifest,
     })
 }

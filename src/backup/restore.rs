@@ -45,6 +45,15 @@ pub enum Refused {
     )]
     HoldsData { database: String, users: i64 },
     #[error(
+        "database {database:?} on {host} already holds {tables} table(s), and with postgres.provision = false the restore may not drop it and make another. Take a backup of it first (homelab-matrix backup); then empty it as its role, e.g. `psql \"host={host} dbname={database} user={role}\" -c 'DROP OWNED BY CURRENT_USER'` (or ask its administrator), and run the restore again"
+    )]
+    ExternalNotEmpty {
+        database: String,
+        host: String,
+        role: String,
+        tables: i64,
+    },
+    #[error(
         "{0}: not a part this version can restore; use the homelab-matrix that made the backup"
     )]
     UnknownPart(String),
@@ -261,43 +270,35 @@ pub async fn restore(
         }
         _ => bail!(Refused::Incomplete(password_member())),
     };
-    let existing = db::users_besides_ours(cfg).await?;
-    if let Some(users) = existing
-        && users > 0
-        && !force
-    {
-        bail!(Refused::HoldsData {
-            database: cfg.postgres.database.clone(),
-            users,
-        });
-    }
-
-    // The database, into a scratch database as the role with the backup's password; only
-    // when it restored does the old one go.
-    let old_password = Secrets::open(&state).get(Kind::PostgresPassword).ok();
-    let scratch = format!(
-        "{}_restore_{}",
-        &cfg.postgres.database[..cfg.postgres.database.len().min(40)],
-        &crate::secrets::random_token(&ring::rand::SystemRandom::new())?[..8]
-    );
-    let restored = async {
-        crate::postgres::provision(cfg, &password)
-            .await
-            .context("making the role and database for the restore")?;
-        db::create_database(cfg, &scratch).await?;
-        db::restore(cfg, &password, &scratch, checked.dump).await?;
-        db::truncate_excluded(cfg, &password, &scratch).await
-    }
-    .await;
-    if let Err(e) = restored {
-        let _ = db::drop_database(cfg, &scratch).await;
-        if let Some(old) = &old_password {
-            let _ = crate::postgres::provision(cfg, old).await;
+    // A database made elsewhere (provision = false): the role may not drop or create one, so
+    // the dump goes straight into it, which must be empty. pg_restore's single transaction
+    // still leaves it empty if the dump does not restore.
+    let scratch = if !cfg.postgres.provision {
+        let password = crate::postgres::password(cfg, &Secrets::open(&state))?;
+        let tables = db::table_count(cfg, &password).await?;
+        if tables > 0 {
+            bail!(Refused::ExternalNotEmpty {
+                database: cfg.postgres.database.clone(),
+                host: cfg.postgres.host.clone(),
+                role: cfg.postgres.user.clone(),
+                tables,
+            });
         }
-        return Err(e.context(
-            "the database dump did not restore; the appliance, its files and its database are as they were",
-        ));
-    }
+        let restored = async {
+            crate::postgres::provision(cfg, &password).await?;
+            db::restore(cfg, &password, &cfg.postgres.database, checked.dump).await?;
+            db::truncate_excluded(cfg, &password, &cfg.postgres.database).await
+        }
+        .await;
+        if let Err(e) = restored {
+            return Err(e.context(
+                "the database dump did not restore; the appliance and its files are as they were, the database is still empty",
+            ));
+        }
+        None
+    } else {
+        Some(restore_beside(cfg, &state, &password, checked.dump, force).await?)
+    };
 
     // Files: what the backup holds replaces what is there (a fresh install's own secrets,
     // signing key and CA must not survive next to the restored ones). Synapse's directory
@@ -331,24 +332,30 @@ pub async fn restore(
         .await
         .with_context(|| {
             format!(
-                "the restore stopped while it put the files back; the restored database waits as {scratch}. Fix the cause and run the restore again with --force"
+                "the restore stopped while it put the files back; {}. Fix the cause and run the restore again with --force",
+                match &scratch {
+                    Some(s) => format!("the restored database waits as {s}"),
+                    None => "the database holds the restored dump".into(),
+                }
             )
         })?
     };
 
     // The restored database takes the place of the old one.
-    db::drop_database(cfg, &cfg.postgres.database).await?;
-    db::superuser_sql(
-        cfg,
-        "postgres",
-        &format!(
-            "ALTER DATABASE {} RENAME TO {}",
-            crate::postgres::ident(&scratch),
-            crate::postgres::ident(&cfg.postgres.database)
-        ),
-    )
-    .await
-    .with_context(|| format!("renaming the restored database {scratch}"))?;
+    if let Some(scratch) = &scratch {
+        db::drop_database(cfg, &cfg.postgres.database).await?;
+        db::superuser_sql(
+            cfg,
+            "postgres",
+            &format!(
+                "ALTER DATABASE {} RENAME TO {}",
+                crate::postgres::ident(scratch),
+                crate::postgres::ident(&cfg.postgres.database)
+            ),
+        )
+        .await
+        .with_context(|| format!("renaming the restored database {scratch}"))?;
+    }
     // The versions this backup ran with: Synapse's start after the restore is no upgrade
     // unless the installed one is newer.
     super::upgrade::forget_versions(cfg);
@@ -396,4 +403,55 @@ pub async fn start_service(cfg: &Config) -> Result<Option<String>> {
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+}
+
+/// This host's PostgreSQL (or a superuser login): the dump goes into a scratch database as the
+/// role with the backup's password; only once it restored may the old one go. Returns the
+/// scratch database's name.
+async fn restore_beside(
+    cfg: &Config,
+    state: &Path,
+    password: &Secret,
+    dump: std::fs::File,
+    force: bool,
+) -> Result<String> {
+    let existing = db::users_besides_ours(cfg).await?;
+    if let Some(users) = existing
+        && users > 0
+        && !force
+    {
+        bail!(Refused::HoldsData {
+            database: cfg.postgres.database.clone(),
+            users,
+        });
+    }
+
+    // The database, into a scratch database as the role with the backup's password; only
+    // when it restored does the old one go.
+    let old_password = Secrets::open(state).get(Kind::PostgresPassword).ok();
+    let scratch = format!(
+        "{}_restore_{}",
+        &cfg.postgres.database[..cfg.postgres.database.len().min(40)],
+        &crate::secrets::random_token(&ring::rand::SystemRandom::new())?[..8]
+    );
+    let restored = async {
+        crate::postgres::provision(cfg, password)
+            .await
+            .context("making the role and database for the restore")?;
+        db::create_database(cfg, &scratch).await?;
+        db::restore(cfg, password, &scratch, dump).await?;
+        db::truncate_excluded(cfg, password, &scratch).await
+    }
+    .await;
+    if let Err(e) = restored {
+        let _ = db::drop_database(cfg, &scratch).await;
+        if let Some(old) = &old_password {
+            let _ = crate::postgres::provision(cfg, old).await;
+        }
+        return Err(e.context(
+            "the database dump did not restore; the appliance, its files and its database are as they were",
+        ));
+    }
+
+    Ok(scratch)
 }

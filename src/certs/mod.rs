@@ -20,6 +20,23 @@ use serde::Serialize;
 
 use crate::fsutil::{Owner, ensure_dir, write_atomic};
 
+/// The PEM certificates in `path` as trust roots (a CA bundle or one CA); an error when the
+/// file cannot be read or holds none.
+pub fn roots_from_pem(path: &Path) -> Result<rustls::RootCertStore> {
+    let mut store = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(path)
+        .with_context(|| format!("reading the CA certificates in {}", path.display()))?
+    {
+        let c = c.with_context(|| format!("parsing {}", path.display()))?;
+        // A bundle may hold a root rustls cannot use; the rest still count.
+        let _ = store.add(c);
+    }
+    if store.is_empty() {
+        bail!("{} holds no usable CA certificate", path.display());
+    }
+    Ok(store)
+}
+
 /// Where a certificate came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]

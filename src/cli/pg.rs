@@ -26,8 +26,10 @@ pub async fn run(cfg: &Config, config_path: &Path, cmd: PostgresCmd) -> Result<(
 }
 
 async fn upgrade(cfg: &Config, config_path: &Path) -> Result<()> {
-    if !cfg.postgres.superuser_dsn.is_empty() {
-        bail!("postgres.superuser_dsn names a server of its own: upgrade PostgreSQL where it runs");
+    if !cfg.postgres.on_this_host() {
+        bail!(
+            "the database lives on a server of its own (postgres.superuser_dsn or provision = false): upgrade PostgreSQL where it runs"
+        );
     }
     let all = clusters::list().await?;
     let Some(serving) = all.iter().find(|c| c.port == cfg.postgres.port) else {

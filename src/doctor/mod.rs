@@ -278,14 +278,14 @@ impl Ctx<'_> {
     pub async fn postgres(&self) -> Result<&tokio_postgres::Client, &str> {
         self.pg
             .get_or_init(|| async {
-                let password = crate::secrets::Secrets::open(&self.cfg.state_dir())
-                    .get(crate::secrets::Kind::PostgresPassword)
-                    .map_err(|e| format!("{e:#}"))?;
+                let secrets = crate::secrets::Secrets::open(&self.cfg.state_dir());
+                let password =
+                    crate::postgres::password(self.cfg, &secrets).map_err(|e| format!("{e:#}"))?;
                 let req = crate::postgres::Request::from_config(self.cfg, &password);
                 crate::postgres::session_as_synapse(&req)
                     .await
                     .map(|(client, _)| client)
-                    .map_err(|e| delegation::error_chain(&e))
+                    .map_err(|e| crate::postgres::error_message(&e))
             })
             .await
             .as_ref()
@@ -346,7 +346,10 @@ pub async fn run(cfg: &Config, opts: &Options) -> Report {
             "redis" | "workers" if cfg.synapse_workers() == 0 => vec![],
             "redis" => vec![workers::redis(&ctx).await],
             "workers" => workers::check(&ctx).await,
-            "postgres" => vec![services::postgres(&ctx).await],
+            "postgres" => vec![
+                services::postgres(&ctx).await,
+                services::postgres_latency(&ctx).await,
+            ],
             "disk" => services::disk(&ctx).await,
             "clock" => vec![services::clock(&ctx).await],
             "element" => vec![services::element(&ctx)],

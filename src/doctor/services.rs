@@ -103,7 +103,11 @@ pub async fn postgres(ctx: &Ctx<'_>) -> Check {
                     "cannot log in to {}:{} as {} (database {}): {e}",
                     p.host, p.port, p.user, p.database,
                 ),
-                "is PostgreSQL running (`systemctl status postgresql`)? `homelab-matrix provision-db` creates the role and database",
+                if p.on_this_host() {
+                    "is PostgreSQL running (`systemctl status postgresql`)? `homelab-matrix provision-db` creates the role and database"
+                } else {
+                    "check that the server answers on postgres.host and port, that the role may log in from this host with the password the appliance has (postgres.password_file), and that its certificate is signed by postgres.ca_file (`homelab-matrix provision-db` says which)"
+                },
             );
         }
     };
@@ -117,7 +121,7 @@ pub async fn postgres(ctx: &Ctx<'_>) -> Check {
         .await;
     // A server of this host (not one named by superuser_dsn): Debian's clusters say whether
     // a newer major is installed beside it.
-    let newer = if p.superuser_dsn.is_empty() {
+    let newer = if p.on_this_host() {
         let clusters = crate::postgres::clusters::list().await.unwrap_or_default();
         crate::postgres::clusters::behind(
             &clusters,
@@ -144,6 +148,53 @@ pub async fn postgres(ctx: &Ctx<'_>) -> Check {
             "see PostgreSQL's log",
         ),
     }
+}
+
+/// Round trips to PostgreSQL, the median of several: Synapse makes many queries one after
+/// another for a single request, so each millisecond here is paid many times over.
+pub async fn postgres_latency(ctx: &Ctx<'_>) -> Check {
+    let p = &ctx.cfg.postgres;
+    let Ok(client) = ctx.postgres().await else {
+        return Check::fail(
+            "postgres:latency",
+            "no session (see the postgres check)",
+            "fix the postgres check first",
+        );
+    };
+    let mut times = vec![];
+    for _ in 0..7 {
+        let t = std::time::Instant::now();
+        if let Err(e) = client.simple_query("SELECT 1").await {
+            return Check::fail(
+                "postgres:latency",
+                format!("SELECT 1 failed: {e}"),
+                "see the PostgreSQL server's log",
+            );
+        }
+        times.push(t.elapsed());
+    }
+    times.sort();
+    judge_latency(&p.host, p.port, p.tls_verify(), times[times.len() / 2])
+}
+
+/// Above this a round trip warns: a LAN answers in well under a millisecond; a few
+/// milliseconds per query makes a /sync of a busy account take seconds.
+const LATENCY_WARN: Duration = Duration::from_millis(10);
+
+pub fn judge_latency(host: &str, port: u16, tls: bool, median: Duration) -> Check {
+    let seen = format!(
+        "{host}:{port} ({}): a round trip takes {:.2} ms (median of 7)",
+        if tls { "TLS verified" } else { "no TLS" },
+        median.as_secs_f64() * 1000.0
+    );
+    if median >= LATENCY_WARN {
+        return Check::warn(
+            "postgres:latency",
+            format!("{seen}; Synapse waits for that on every one of its queries"),
+            "put PostgreSQL on this host or the same LAN segment (a database across the internet or a slow VPN makes every request slow)",
+        );
+    }
+    Check::pass("postgres:latency", seen)
 }
 
 /// Below this much free space a check fails; below `WARN_BYTES` or `WARN_FRACTION` of the
@@ -347,6 +398,11 @@ mod tests {
 
     #[test]
     fn postgres_below_synapses_floor_or_with_a_wrong_locale_fails() {
+        let near = judge_latency("db.lan", 5432, true, Duration::from_micros(400));
+        assert_eq!(near.status, Status::Pass, "{near:?}");
+        assert!(near.seen.contains("TLS verified") && near.seen.contains("0.40 ms"));
+        let far = judge_latency("db.far", 5432, false, Duration::from_millis(30));
+        assert_eq!(far.status, Status::Warn, "{far:?}");
         let ok = judge_postgres(150_014, "15.14", "UTF8", "C", "C", "synapse", None);
         assert_eq!(ok.status, Status::Pass, "{ok:?}");
         let old = judge_postgres(130_020, "13.20", "UTF8", "C", "C", "synapse", None);

@@ -9,6 +9,10 @@
 //! the OS user of the same name. So the supervisor re-executes this binary as that user
 //! (`provision-db-helper`, hidden) and talks to it over stdin/stdout; with `superuser_dsn` set,
 //! provisioning runs in-process instead. Every step checks first, so a second run changes nothing.
+//!
+//! An external server (`provision = false`): its administrator made the role and database, so
+//! nothing is created; the same checks run as the role itself (its login, the encoding and
+//! collation, that it may create Synapse's tables), and fail with what to ask for.
 
 use std::time::Duration;
 
@@ -17,8 +21,9 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls};
 
 use crate::config::Config;
-use crate::secrets::Secret;
+use crate::secrets::{Kind, Secret, Secrets};
 pub mod clusters;
+pub mod tls;
 
 use crate::supervisor::{self, Command, RunAs};
 
@@ -34,6 +39,9 @@ pub struct Request {
     /// Where Synapse connects (TCP, password): provisioning proves that login works.
     pub tcp_host: String,
     pub tcp_port: u16,
+    /// The roots the TCP login's TLS is verified against; None: no TLS (`postgres.tls`).
+    #[serde(default)]
+    pub tls_roots: Option<String>,
 }
 
 /// What provisioning changed. All false on a second run.
@@ -43,6 +51,9 @@ pub struct Report {
     pub role_password_set: bool,
     pub role_login_granted: bool,
     pub database_created: bool,
+    /// Nothing was provisioned (`provision = false`): a role and database made elsewhere passed.
+    #[serde(default)]
+    pub checked_only: bool,
 }
 
 impl Report {
@@ -69,7 +80,9 @@ impl std::fmt::Display for Report {
         if self.database_created {
             parts.push("created the database (UTF8, C locale)");
         }
-        if parts.is_empty() {
+        if self.checked_only {
+            f.write_str("the role and database made elsewhere are usable (provision = false: nothing created)")
+        } else if parts.is_empty() {
             f.write_str("role and database already in place; nothing changed")
         } else {
             f.write_str(&parts.join(", "))
@@ -126,13 +139,36 @@ impl Request {
             password: password.expose().to_string(),
             tcp_host: cfg.postgres.host.clone(),
             tcp_port: cfg.postgres.port,
+            tls_roots: cfg
+                .postgres
+                .tls_verify()
+                .then(|| cfg.postgres.ca_path().to_string()),
         }
     }
+}
+
+/// The role's password: `postgres.password_file` when set (a role made elsewhere, or one
+/// whose password the operator chose), else the generated secret.
+pub fn password(cfg: &Config, secrets: &Secrets) -> anyhow::Result<Secret> {
+    let file = &cfg.postgres.password_file;
+    if file.is_empty() {
+        return secrets.get(Kind::PostgresPassword);
+    }
+    crate::config::first_line(std::path::Path::new(file))
+        .map(Secret::new)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "postgres.password_file {file} cannot be read or is empty; write the role's password into it on one line (chmod 600)"
+            )
+        })
 }
 
 /// Provisions as the config says: in-process with `superuser_dsn`, else through the helper.
 pub async fn provision(cfg: &Config, password: &Secret) -> Result<Report, ProvisionError> {
     let req = Request::from_config(cfg, password);
+    if !cfg.postgres.provision {
+        return check_existing(&req).await;
+    }
     if !cfg.postgres.superuser_dsn.is_empty() {
         let mut pg: tokio_postgres::Config = cfg
             .postgres
@@ -142,7 +178,18 @@ pub async fn provision(cfg: &Config, password: &Secret) -> Result<Report, Provis
         if pg.get_dbname().is_none() {
             pg.dbname("postgres");
         }
-        return provision_with(&pg, "postgres.superuser_dsn", &req).await;
+        // As libpq would: a DSN without its password takes PGPASSWORD (docs 34.15), so the
+        // password need not sit in a config file or a command line.
+        if pg.get_password().is_none()
+            && let Ok(pw) = std::env::var("PGPASSWORD")
+        {
+            pg.password(pw);
+        }
+        let via = match &req.tls_roots {
+            Some(_) => "postgres.superuser_dsn, TLS verified",
+            None => "postgres.superuser_dsn",
+        };
+        return provision_with(&pg, via, req.tls_roots.as_deref(), &req).await;
     }
     run_helper(cfg, &req).await
 }
@@ -188,7 +235,7 @@ pub async fn helper_main() -> i32 {
                     .user(&req.superuser)
                     .dbname("postgres");
                 let via = format!("unix socket in {}, peer authentication", req.socket_dir);
-                provision_with(&pg, &via, &req).await
+                provision_with(&pg, &via, None, &req).await
             }
         },
     };
@@ -204,9 +251,10 @@ pub async fn helper_main() -> i32 {
 pub async fn provision_with(
     su: &tokio_postgres::Config,
     via: &str,
+    tls_roots: Option<&str>,
     req: &Request,
 ) -> Result<Report, ProvisionError> {
-    let client = connect(su, via, &req.superuser).await?;
+    let client = connect(su, via, tls_roots, &req.superuser).await?;
     let mut report = Report::default();
     let sql_err = |what: &str, e: tokio_postgres::Error| ProvisionError::Sql {
         what: what.to_string(),
@@ -318,27 +366,53 @@ pub async fn provision_with(
 async fn connect(
     cfg: &tokio_postgres::Config,
     via: &str,
+    tls_roots: Option<&str>,
     user: &str,
 ) -> Result<Client, ProvisionError> {
-    let (client, conn) = cfg.connect(NoTls).await.map_err(|e| ProvisionError::Connect {
-        user: user.to_string(),
-        via: via.to_string(),
-        message: db_message(&e),
-        fix: "is PostgreSQL running? Check with pg_lsclusters and start it with `systemctl start postgresql` (or pg_ctlcluster <version> main start)".into(),
-    })?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!("provisioning connection closed: {e}");
-        }
-    });
+    let (client, _task) = open(cfg, tls_roots)
+        .await
+        .map_err(|e| ProvisionError::Connect {
+            user: user.to_string(),
+            via: via.to_string(),
+            message: error_message(&e),
+            fix: "is PostgreSQL running? Check with pg_lsclusters and start it with `systemctl start postgresql` (or pg_ctlcluster <version> main start)".into(),
+        })?;
     Ok(client)
+}
+
+/// Connects, with verified TLS when `tls_roots` names the roots (then a server without TLS is
+/// refused), and drives the connection in a task that ends once the client is dropped.
+pub async fn open(
+    pg: &tokio_postgres::Config,
+    tls_roots: Option<&str>,
+) -> anyhow::Result<(Client, tokio::task::JoinHandle<()>)> {
+    let (client, task) = match tls_roots {
+        None => {
+            let (client, conn) = pg.connect(NoTls).await?;
+            (client, tokio::spawn(async move { drive(conn.await) }))
+        }
+        Some(roots) => {
+            let tls = tls::Verified::from_roots(std::path::Path::new(roots))?;
+            let mut pg = pg.clone();
+            pg.ssl_mode(tokio_postgres::config::SslMode::Require);
+            let (client, conn) = pg.connect(tls).await?;
+            (client, tokio::spawn(async move { drive(conn.await) }))
+        }
+    };
+    Ok((client, task))
+}
+
+fn drive(end: Result<(), tokio_postgres::Error>) {
+    if let Err(e) = end {
+        tracing::debug!("PostgreSQL connection closed: {e}");
+    }
 }
 
 /// A session logged in the way Synapse logs in (TCP, its role's password), and the task that
 /// drives its connection (it ends once the client is dropped).
 pub async fn session_as_synapse(
     req: &Request,
-) -> Result<(Client, tokio::task::JoinHandle<()>), tokio_postgres::Error> {
+) -> anyhow::Result<(Client, tokio::task::JoinHandle<()>)> {
     let mut pg = tokio_postgres::Config::new();
     pg.host(&req.tcp_host)
         .port(req.tcp_port)
@@ -346,14 +420,75 @@ pub async fn session_as_synapse(
         .password(req.password.as_bytes())
         .dbname(&req.database)
         .connect_timeout(Duration::from_secs(10));
-    let (client, conn) = pg.connect(NoTls).await?;
-    let task = tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok((client, task))
+    open(&pg, req.tls_roots.as_deref()).await
 }
 
-async fn login_as_synapse(req: &Request) -> Result<(), tokio_postgres::Error> {
+/// `provision = false`: the role and database must be there and fit Synapse; asked as the role.
+async fn check_existing(req: &Request) -> Result<Report, ProvisionError> {
+    let (client, _task) = session_as_synapse(req)
+        .await
+        .map_err(|e| ProvisionError::Connect {
+            user: req.role.clone(),
+            via: via_tcp(req),
+            message: error_message(&e),
+            fix: format!(
+                "postgres.provision = false: ask the server's administrator for a role {} that may log in with the password in postgres.password_file, and a database {} it owns (createdb --encoding=UTF8 --locale=C --template=template0 --owner={} {}); check postgres.host, port and tls",
+                req.role, req.database, req.role, req.database
+            ),
+        })?;
+    let sql_err = |what: &str, e: tokio_postgres::Error| ProvisionError::Sql {
+        what: what.to_string(),
+        message: db_message(&e),
+        fix: "see the PostgreSQL server's log".into(),
+    };
+    let row = client
+        .query_one(
+            "SELECT pg_encoding_to_char(encoding)::text, datcollate::text, datctype::text,              has_schema_privilege(current_user, 'public', 'CREATE')              FROM pg_database WHERE datname = current_database()",
+            &[],
+        )
+        .await
+        .map_err(|e| sql_err("reading pg_database", e))?;
+    let (encoding, collate, ctype, may_create): (String, String, String, bool) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    if encoding != "UTF8" || collate != "C" || ctype != "C" {
+        return Err(ProvisionError::WrongLocale {
+            database: req.database.clone(),
+            role: req.role.clone(),
+            encoding,
+            collate,
+            ctype,
+        });
+    }
+    if !may_create {
+        return Err(ProvisionError::Sql {
+            what: format!("{} creating tables in database {}", req.role, req.database),
+            message: "the role has no CREATE privilege on schema public".into(),
+            fix: format!(
+                "ask the server's administrator to make {} the database's owner (ALTER DATABASE \"{}\" OWNER TO \"{}\") or to GRANT CREATE ON SCHEMA public TO \"{}\"",
+                req.role, req.database, req.role, req.role
+            ),
+        });
+    }
+    Ok(Report {
+        checked_only: true,
+        ..Report::default()
+    })
+}
+
+fn via_tcp(req: &Request) -> String {
+    format!(
+        "TCP {}:{}, password{}, as Synapse will",
+        req.tcp_host,
+        req.tcp_port,
+        if req.tls_roots.is_some() {
+            ", TLS verified"
+        } else {
+            ""
+        }
+    )
+}
+
+async fn login_as_synapse(req: &Request) -> anyhow::Result<()> {
     let (client, task) = session_as_synapse(req).await?;
     client.simple_query("SELECT 1").await?;
     drop(client);
@@ -361,22 +496,28 @@ async fn login_as_synapse(req: &Request) -> Result<(), tokio_postgres::Error> {
     Ok(())
 }
 
-fn is_auth_failure(e: &tokio_postgres::Error) -> bool {
-    e.code() == Some(&SqlState::INVALID_PASSWORD)
+fn is_auth_failure(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<tokio_postgres::Error>()
+        .is_some_and(|e| e.code() == Some(&SqlState::INVALID_PASSWORD))
 }
 
-fn tcp_error(req: &Request, e: &tokio_postgres::Error) -> ProvisionError {
+fn tcp_error(req: &Request, e: &anyhow::Error) -> ProvisionError {
     ProvisionError::Connect {
         user: req.role.clone(),
-        via: format!(
-            "TCP {}:{}, password, as Synapse will",
-            req.tcp_host, req.tcp_port
-        ),
-        message: db_message(e),
+        via: via_tcp(req),
+        message: error_message(e),
         fix: format!(
             "Synapse logs in over TCP with a password: PostgreSQL must listen on {} (listen_addresses) and pg_hba.conf must allow it, e.g. `host {} {} 127.0.0.1/32 scram-sha-256` (Debian's default allows all local TCP logins)",
             req.tcp_host, req.database, req.role
         ),
+    }
+}
+
+/// The server's own message, or the TLS or connection failure with its causes.
+pub fn error_message(e: &anyhow::Error) -> String {
+    match e.downcast_ref::<tokio_postgres::Error>() {
+        Some(pg) => db_message(pg),
+        None => format!("{e:#}"),
     }
 }
 

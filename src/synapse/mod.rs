@@ -153,6 +153,13 @@ pub fn homeserver_config(cfg: &Config, l: &Layout) -> Value {
         "trusted_key_servers": [{"server_name": "matrix.org"}],
         "suppress_key_server_warning": true,
     });
+    // psycopg2 hands these to libpq (PostgreSQL docs 34.19: verify-full checks the chain and
+    // the host name). The path, not libpq 16's `sslrootcert=system`: Debian 12 has libpq 15.
+    if cfg.postgres.tls_verify() {
+        let args = &mut v["database"]["args"];
+        args["sslmode"] = json!("verify-full");
+        args["sslrootcert"] = json!(cfg.postgres.ca_path());
+    }
     let plan = worker_plan(cfg);
     if !plan.is_empty() {
         let o = v.as_object_mut().expect("an object");
@@ -243,15 +250,17 @@ pub fn render(cfg: &Config, secrets: &Secrets, synapse_user: &RunAs) -> Result<b
     // group or world access", checked with this host's libpq 15), so this one file is
     // Synapse's own, 0600. It still lives in root's directory: Synapse can change what it
     // holds (its own password) but cannot replace it with a link.
-    let pw = secrets.get(Kind::PostgresPassword)?;
-    let pgpass = format!(
-        "{}:{}:{}:{}:{}\n",
-        cfg.postgres.host,
-        cfg.postgres.port,
-        cfg.postgres.database,
-        cfg.postgres.user,
-        pw.expose()
-    );
+    let pw = crate::postgres::password(cfg, secrets)?;
+    let pgpass = [
+        cfg.postgres.host.as_str(),
+        &cfg.postgres.port.to_string(),
+        &cfg.postgres.database,
+        &cfg.postgres.user,
+        pw.expose(),
+    ]
+    .map(passfile_field)
+    .join(":")
+        + "\n";
     changed |= sec.write_if_changed(PGPASS, pgpass.as_bytes(), child, 0o600)?;
     sec.remove_all_but(|n| names.iter().any(|k| k == n))?;
 
@@ -414,9 +423,21 @@ fn python(cfg: &Config, l: &Layout, run_as: RunAs, app: &str, worker: Option<&Pa
     command
 }
 
+/// One field of a libpq passfile line: `:` and `\` escaped with `\` (libpq docs, 34.16), so
+/// a password the operator chose may hold them.
+fn passfile_field(s: &str) -> String {
+    s.replace('\\', "\\\\").replace(':', "\\:")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passfile_fields_escape_colons_and_backslashes() {
+        assert_eq!(passfile_field("a:b\\c"), "a\\:b\\\\c");
+        assert_eq!(passfile_field("0123abcdef"), "0123abcdef");
+    }
 
     #[test]
     fn matrixrtc_only_when_a_livekit_server_is_configured() {

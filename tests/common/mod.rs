@@ -192,6 +192,8 @@ pub struct Lab {
     pub turn_extra: std::cell::RefCell<String>,
     /// Extra keys for the `[synapse]` table (set before `write_config`).
     pub synapse_extra: std::cell::RefCell<String>,
+    /// Extra keys for the `[postgres]` table (set before `write_config`).
+    pub postgres_extra: std::cell::RefCell<String>,
     pub server_name: String,
 }
 
@@ -229,6 +231,7 @@ impl Lab {
             relay_ports: relay_range(),
             turn_extra: std::cell::RefCell::new(String::new()),
             synapse_extra: std::cell::RefCell::new(String::new()),
+            postgres_extra: std::cell::RefCell::new(String::new()),
             server_name,
         };
         lab.write_config("[tls]\nmode = \"internal\"\n");
@@ -265,7 +268,7 @@ impl Lab {
             "server_name = \"{sn}\"\n{extra}\n\
              [listen]\nhttp = \"{ip}:{hp}\"\nhttps = \"{ip}:{sp}\"\nfederation = \"{ip}:{fp}\"\n\
              [synapse]\nport = {port}\nconfig_dir = \"{d}/synapse.d\"\nmax_upload_size = \"45M\"\n{synapse_extra}\
-             [postgres]\ndatabase = \"{db}\"\nuser = \"{db}\"\n\
+             [postgres]\ndatabase = \"{db}\"\nuser = \"{db}\"\n{postgres_extra}\
              [state]\ndir = \"{d}/state\"\nrun_dir = \"{d}/run\"\n\
              [supervisor]\ngrace_period = \"10s\"\n\
              [turn]\nport = {tp}\ntls_port = {tsp}\nmin_port = {rmin}\nmax_port = {rmax}\n{turn_extra}",
@@ -276,6 +279,7 @@ impl Lab {
             tsp = self.turn_tls_port,
             turn_extra = self.turn_extra.borrow(),
             synapse_extra = self.synapse_extra.borrow(),
+            postgres_extra = self.postgres_extra.borrow(),
             hp = self.http_port,
             sp = self.https_port,
             fp = self.federation_port,
