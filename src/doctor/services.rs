@@ -230,10 +230,12 @@ pub async fn disk(ctx: &Ctx<'_>) -> Vec<Check> {
         db_dir = PathBuf::from(r.get::<_, String>(0));
     }
     let mut out = vec![];
-    for (what, path) in [
-        ("media", Layout::new(&ctx.cfg.state_dir()).media_store()),
-        ("database", db_dir),
-    ] {
+    let mut disks = vec![("media", Layout::new(&ctx.cfg.state_dir()).media_store())];
+    // A server elsewhere keeps its data on its own disks, which this host cannot see.
+    if ctx.cfg.postgres.on_this_host() {
+        disks.push(("database", db_dir));
+    }
+    for (what, path) in disks {
         // The store may not exist yet: its nearest existing parent holds it then.
         let mut p = path.as_path();
         while !p.exists() {
