@@ -12,13 +12,11 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
-use rustls_pki_types::pem::PemObject;
 use tokio::net::TcpStream;
 
 use crate::config::Config;
 
-/// Debian's bundle of the system's trusted roots (ca-certificates).
-pub const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
+pub use crate::config::SYSTEM_ROOTS;
 
 /// One connection attempt, or one request, may take this long.
 pub const TIMEOUT: Duration = Duration::from_secs(15);
@@ -42,14 +40,10 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// The roots in `path`, none when it cannot be read (the checks then say what they could not
+/// verify).
 fn load_roots(path: &std::path::Path) -> RootCertStore {
-    let mut store = RootCertStore::empty();
-    if let Ok(iter) = CertificateDer::pem_file_iter(path) {
-        for c in iter.flatten() {
-            let _ = store.add(c);
-        }
-    }
-    store
+    crate::certs::roots_from_pem(path).unwrap_or_else(|_| RootCertStore::empty())
 }
 
 impl Net {
