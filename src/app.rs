@@ -111,6 +111,10 @@ pub async fn run(config_path: &Path) -> Result<(), RunError> {
         role = %cfg.postgres.user,
         "PostgreSQL: {report}"
     );
+    if cfg.media.s3.enabled() {
+        let v = synapse::s3::check_provider(&cfg).await?;
+        tracing::info!(bucket = %cfg.media.s3.bucket, "media on S3 through {} {v}", synapse::s3::PROVIDER_PACKAGE);
+    }
     synapse::render(&cfg, &secrets, &synapse_user)?;
 
     let bound = Bound::bind(&cfg).await?;
@@ -942,6 +946,9 @@ async fn reload(app: &App) -> ReloadReport {
     }
     let result: Result<bool> = async {
         let user = RunAs::lookup(&app.cfg.synapse.user)?;
+        if app.cfg.media.s3.enabled() {
+            synapse::s3::check_provider(&app.cfg).await?;
+        }
         if !synapse::render(&app.cfg, &app.secrets, &user)? {
             return Ok(false);
         }

@@ -37,7 +37,111 @@ pub struct Config {
     pub matrixrtc: MatrixRtc,
     pub backup: Backup,
     pub upgrades: Upgrades,
+    pub media: Media,
 }
+
+/// Where Synapse keeps media besides its own disk.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Media {
+    pub s3: S3Media,
+}
+
+/// Media on S3-compatible storage through synapse-s3-storage-provider (its README): every
+/// upload is written there before it is answered; the local copy stays as a cache.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct S3Media {
+    /// Empty: media lives on this host's disk only.
+    pub bucket: String,
+    /// The S3 API's URL (MinIO, Garage, Backblaze B2, ...); empty: AWS's own.
+    pub endpoint: String,
+    pub region: String,
+    /// Put before every object's key, to share a bucket.
+    pub prefix: String,
+    pub storage_class: String,
+    pub access_key_id: String,
+    /// A root-only file holding the secret access key on one line.
+    pub secret_access_key_file: String,
+}
+
+impl Default for S3Media {
+    fn default() -> Self {
+        S3Media {
+            bucket: String::new(),
+            endpoint: String::new(),
+            region: String::new(),
+            prefix: String::new(),
+            storage_class: "STANDARD".into(),
+            access_key_id: String::new(),
+            secret_access_key_file: String::new(),
+        }
+    }
+}
+
+impl S3Media {
+    pub fn enabled(&self) -> bool {
+        !self.bucket.is_empty()
+    }
+}
+
+impl Config {
+    fn s3_problems(&self) -> Vec<(&'static str, String, &'static str)> {
+        let s3 = &self.media.s3;
+        let mut out = vec![];
+        if !s3.enabled() {
+            return out;
+        }
+        // S3's bucket naming rules (AWS docs, "Bucket naming rules"), which other stores share.
+        let b = &s3.bucket;
+        if b.len() < 3
+            || b.len() > 63
+            || !b
+                .bytes()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'.' || c == b'-')
+            || !b.as_bytes()[0].is_ascii_alphanumeric()
+        {
+            out.push((
+                "media.s3.bucket",
+                format!("{b:?} is not an S3 bucket name"),
+                "3 to 63 lowercase letters, digits, '.' and '-', starting with a letter or digit",
+            ));
+        }
+        match s3.endpoint.split_once("://") {
+            _ if s3.endpoint.is_empty() => {}
+            Some(("https", _)) => {}
+            Some(("http", rest)) if is_loopback_authority(rest) => {}
+            _ => out.push((
+                "media.s3.endpoint",
+                format!("{:?} is not an https:// URL", s3.endpoint),
+                "write the store's S3 API URL, e.g. \"https://s3.eu-central-003.backblazeb2.com\" (plain http only on loopback), or leave it empty for AWS",
+            )),
+        }
+        if !S3_STORAGE_CLASSES.contains(&s3.storage_class.as_str()) {
+            out.push((
+                "media.s3.storage_class",
+                format!("{:?} is not one the provider passes on", s3.storage_class),
+                "use STANDARD (the default), REDUCED_REDUNDANCY, STANDARD_IA or INTELLIGENT_TIERING",
+            ));
+        }
+        if s3.access_key_id.is_empty() || !Path::new(&s3.secret_access_key_file).is_absolute() {
+            out.push((
+                "media.s3.access_key_id",
+                "an S3 bucket needs access_key_id and secret_access_key_file".into(),
+                "create an access key for the bucket at your store; put its id in access_key_id and its secret into a root-only file (e.g. /etc/homelab-matrix/s3-secret, mode 0600) named by secret_access_key_file",
+            ));
+        }
+        out
+    }
+}
+
+/// The storage classes the provider passes on (s3_storage_provider.py, parse_config).
+pub const S3_STORAGE_CLASSES: &[&str] = &[
+    "STANDARD",
+    "REDUCED_REDUNDANCY",
+    "STANDARD_IA",
+    "INTELLIGENT_TIERING",
+];
 
 /// Empty host names are derived from `server_name` (`matrix.<server_name>` and so on).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -1002,6 +1106,9 @@ impl Config {
                 "write it like \"host=/var/run/postgresql user=postgres\" or postgresql://user:pass@host/db, or remove it to use peer auth as postgres.superuser",
             );
         }
+        for (key, message, fix) in self.s3_problems() {
+            bad(key, message, fix);
+        }
         if !self.postgres.provision && !self.postgres.superuser_dsn.is_empty() {
             bad(
                 "postgres.provision",
@@ -1223,6 +1330,14 @@ pub fn environment_problems(cfg: &Config) -> Vec<Problem> {
                 fix: "write the LiveKit API key and secret (from LiveKit's config `keys:`, or your provider) into these files, one each, readable by root".into(),
             });
         }
+    }
+    let s3 = &cfg.media.s3;
+    if s3.enabled() && first_line(Path::new(&s3.secret_access_key_file)).is_none() {
+        out.push(Problem {
+            key: "media.s3.secret_access_key_file".into(),
+            message: format!("{} cannot be read or is empty", s3.secret_access_key_file),
+            fix: "write the bucket's secret access key into it on one line, readable by root only (chmod 600)".into(),
+        });
     }
     let pg = &cfg.postgres;
     if !pg.password_file.is_empty() && first_line(Path::new(&pg.password_file)).is_none() {

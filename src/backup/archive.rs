@@ -42,6 +42,9 @@ pub struct Manifest {
     /// What was left out and why (symlinks and other non-files, never followed).
     #[serde(default)]
     pub skipped: Vec<String>,
+    /// What the appliance keeps elsewhere, by its config, and so not here (media on S3).
+    #[serde(default)]
+    pub elsewhere: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -817,6 +820,7 @@ mod tests {
             },
             parts,
             skipped: vec![],
+            elsewhere: vec![],
         };
         let json = serde_json::to_vec(&m).unwrap();
         let mut h = header(json.len() as u64, 0o600, 0);

@@ -51,6 +51,8 @@ pub struct Made {
     pub rows: i64,
     pub files: usize,
     pub skipped: Vec<String>,
+    #[serde(default)]
+    pub elsewhere: Vec<String>,
 }
 
 impl std::fmt::Display for Made {
@@ -66,6 +68,9 @@ impl std::fmt::Display for Made {
         )?;
         for s in &self.skipped {
             write!(f, "\n    left out: {s}")?;
+        }
+        for s in &self.elsewhere {
+            write!(f, "\n    not in this backup: {s}")?;
         }
         Ok(())
     }
@@ -154,6 +159,7 @@ pub async fn make(cfg: &Config, config_path: &Path, dir: &Path, kind: &str) -> R
             },
             parts: std::mem::take(&mut w.parts),
             skipped: w.take_skipped(),
+            elsewhere: elsewhere(cfg),
         };
         let mut inner = w.finish(&manifest)?;
         inner.flush().context("writing the backup")?;
@@ -176,6 +182,7 @@ pub async fn make(cfg: &Config, config_path: &Path, dir: &Path, kind: &str) -> R
         rows: manifest.database.row_counts.values().sum(),
         files: manifest.parts.len(),
         skipped: manifest.skipped,
+        elsewhere: manifest.elsewhere,
     })
 }
 
@@ -247,6 +254,10 @@ fn add_state<W: Write>(w: &mut Writer<W>, cfg: &Config) -> Result<()> {
             "backup: Synapse has no signing key yet (it makes one at its first start); this backup has none"
         );
     }
+    // With S3 on the media store is a cache of the bucket (see `elsewhere`).
+    if cfg.media.s3.enabled() {
+        return Ok(());
+    }
     if let Some(media) = data.open_sub(OsStr::new("media_store"))? {
         for sub in ["local_content", "local_thumbnails"] {
             if let Some(d) = media.open_sub(OsStr::new(sub))? {
@@ -258,6 +269,26 @@ fn add_state<W: Write>(w: &mut Writer<W>, cfg: &Config) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// What this appliance keeps outside the backup by its config. With S3 on, every upload is in
+/// the bucket before it is answered (synapse::s3), so the bucket holds the media and the local
+/// store is only its cache.
+pub fn elsewhere(cfg: &Config) -> Vec<String> {
+    let s3 = &cfg.media.s3;
+    if !s3.enabled() {
+        return vec![];
+    }
+    let mut at = format!("S3 bucket {:?}", s3.bucket);
+    if !s3.prefix.is_empty() {
+        at.push_str(&format!(" under {:?}", s3.prefix));
+    }
+    if !s3.endpoint.is_empty() {
+        at.push_str(&format!(" at {}", s3.endpoint));
+    }
+    vec![format!(
+        "media and thumbnails: they live in {at} (media.s3); keep the bucket safe with the store's own tools (versioning, replication, a copy elsewhere)"
+    )]
 }
 
 /// The config file, element.json beside it, synapse.d, and in `files` mode the certificates.

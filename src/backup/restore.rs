@@ -213,6 +213,9 @@ impl std::fmt::Display for Restored {
         for (k, v) in &m.versions {
             writeln!(f, "  made by {k} {v}")?;
         }
+        for s in &m.elsewhere {
+            writeln!(f, "  not in the backup, still where it was: {s}")?;
+        }
         match &self.started {
             Some(s) => write!(f, "{s}"),
             None => write!(
