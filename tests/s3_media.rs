@@ -119,6 +119,20 @@ fn front(lab: &Lab, args: &[&str], path: &str) -> (u16, Vec<u8>) {
     (code, body)
 }
 
+/// `doctor --only media`'s one check.
+fn media_check(lab: &Lab) -> Value {
+    let out = lab.run_cmd(&["doctor", "--json", "--only", "media"]);
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("doctor: {}", String::from_utf8_lossy(&out.stdout)));
+    v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "media:s3")
+        .cloned()
+        .unwrap_or_else(|| panic!("no media:s3 check: {v}"))
+}
+
 fn login(lab: &Lab, user: &str, password: &str) -> String {
     let body = serde_json::json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": user}, "password": password}).to_string();
     let (code, out) = front(
@@ -283,12 +297,29 @@ fn scenario(workers: u32) {
     assert!(list.contains("signing.key"), "{list}");
     assert!(!list.contains("media_store"), "{list}");
 
-    // The store down: the upload fails (the client retries) rather than living here alone.
+    let doctor = media_check(&lab);
+    assert_eq!(doctor["status"], "pass", "{doctor}");
+    assert!(
+        doctor["seen"].as_str().unwrap().contains("read back"),
+        "{doctor}"
+    );
+
+    // The store down: the upload fails (the client retries) rather than living here alone,
+    // and the doctor says so.
     drop(moto);
     let (code, v) = upload(&lab, &token, b"while the store is down");
     assert!(code >= 500, "an upload with S3 down got {code}: {v}");
     assert!(v.get("content_uri").is_none(), "{v}");
     let st = lab.status();
     assert_eq!(lab.synapse_status()["state"], "running", "{st}");
+    let doctor = media_check(&lab);
+    assert_eq!(doctor["status"], "fail", "{doctor}");
+    assert!(
+        doctor["fix"]
+            .as_str()
+            .unwrap()
+            .contains("every upload fails"),
+        "{doctor}"
+    );
     drop(run);
 }

@@ -197,6 +197,40 @@ pub fn judge_latency(host: &str, port: u16, tls: bool, median: Duration) -> Chec
     Check::pass("postgres:latency", seen)
 }
 
+/// Media on S3: the provider's version, then the bucket as Synapse's processes reach it.
+pub async fn media_s3(ctx: &Ctx<'_>) -> Check {
+    use crate::synapse::s3;
+    let s3cfg = &ctx.cfg.media.s3;
+    let version = match s3::check_provider(ctx.cfg).await {
+        Ok(v) => v,
+        Err(e) => {
+            let text = format!("{e:#}");
+            let (seen, fix) = text.split_once("\n    fix: ").unwrap_or((&text, ""));
+            return Check::fail("media:s3", seen.to_string(), fix.to_string());
+        }
+    };
+    let at = if s3cfg.endpoint.is_empty() {
+        "AWS".to_string()
+    } else {
+        s3cfg.endpoint.clone()
+    };
+    match s3::probe(ctx.cfg).await {
+        Ok(()) => Check::pass(
+            "media:s3",
+            format!(
+                "bucket {:?} at {at}: written, read back and deleted a probe as Synapse's user ({} {version})",
+                s3cfg.bucket,
+                s3::PROVIDER_PACKAGE
+            ),
+        ),
+        Err(e) => Check::fail(
+            "media:s3",
+            format!("bucket {:?} at {at}: {e:#}", s3cfg.bucket),
+            "check media.s3 (bucket, endpoint, region) and that the access key may list, read, write and delete in the bucket; while this fails every upload fails",
+        ),
+    }
+}
+
 /// Below this much free space a check fails; below `WARN_BYTES` or `WARN_FRACTION` of the
 /// file system it warns (PostgreSQL stops writing on a full disk; Synapse then fails requests).
 const FAIL_BYTES: u64 = 512 << 20;

@@ -115,6 +115,42 @@ pub async fn check_provider(cfg: &Config) -> Result<String> {
     Ok(v)
 }
 
+/// What Synapse's processes would do with the bucket, done once: as Synapse's user, with its
+/// credentials file and boto3, head the bucket, write a probe object, read it back, delete it.
+/// The error is boto3's last line (AccessDenied, NoSuchBucket, a connection error).
+pub async fn probe(cfg: &Config) -> Result<()> {
+    let s3 = &cfg.media.s3;
+    let l = super::Layout::new(&cfg.state_dir());
+    if !l.secrets().join(CREDENTIALS).exists() {
+        bail!("no credentials file yet: start the service once, it writes one for Synapse");
+    }
+    // Values travel as arguments, never inside the program text.
+    const PROBE: &str = "import sys, boto3\n\
+b, e, r, k = sys.argv[1:5]\n\
+c = boto3.client('s3', endpoint_url=e or None, region_name=r or None)\n\
+c.head_bucket(Bucket=b)\n\
+c.put_object(Bucket=b, Key=k, Body=b'homelab-matrix doctor')\n\
+assert c.get_object(Bucket=b, Key=k)['Body'].read() == b'homelab-matrix doctor', 'read back differs'\n\
+c.delete_object(Bucket=b, Key=k)\n";
+    let mut cmd = Command::new(&cfg.synapse.python)
+        .arg("-c")
+        .arg(PROBE)
+        .arg(&s3.bucket)
+        .arg(&s3.endpoint)
+        .arg(&s3.region)
+        .arg(format!("{}homelab-matrix-doctor-probe", s3.prefix));
+    for (k, v) in env(cfg, &l.secrets()) {
+        cmd = cmd.env(k, v);
+    }
+    cmd.run_as = RunAs::lookup(&cfg.synapse.user).ok();
+    let out = supervisor::run_helper(cmd, b"", Duration::from_secs(60)).await?;
+    if !out.exit.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        bail!("{}", err.trim().lines().last().unwrap_or("boto3 failed"));
+    }
+    Ok(())
+}
+
 fn version_tuple(v: &str) -> (u32, u32, u32) {
     let mut it = v
         .split(['.', '-', '+'])
