@@ -197,6 +197,20 @@ pub struct Lab {
     pub server_name: String,
 }
 
+/// `HM_TEST_WORKERS=N`: every lab that does not set `[synapse]` keys itself runs Synapse with
+/// N workers (and Redis), so a suite written for the monolith runs again in that mode
+/// (packaging/run-tests does so for the client-facing suites).
+fn workers_mode() -> String {
+    match std::env::var("HM_TEST_WORKERS") {
+        Ok(n) if n.parse::<u16>().is_ok_and(|n| (1..=16).contains(&n)) => {
+            eprintln!("test lab: Synapse with {n} workers (HM_TEST_WORKERS)");
+            let base = free_ports(n.parse().unwrap());
+            format!("workers = {n}\nworker_base_port = {base}\n")
+        }
+        _ => String::new(),
+    }
+}
+
 impl Lab {
     pub fn new(name: &str) -> Lab {
         let dir = tempfile::Builder::new()
@@ -230,7 +244,7 @@ impl Lab {
             turn_tls_port: free_port(),
             relay_ports: relay_range(),
             turn_extra: std::cell::RefCell::new(String::new()),
-            synapse_extra: std::cell::RefCell::new(String::new()),
+            synapse_extra: std::cell::RefCell::new(workers_mode()),
             postgres_extra: std::cell::RefCell::new(String::new()),
             server_name,
         };
