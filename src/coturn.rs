@@ -122,6 +122,17 @@ pub fn render_config(
     ] {
         line(s.into());
     }
+    // No RFC 5780 NAT behaviour discovery: with more than one address coturn would also listen
+    // on port+1 and tls_port+1 (3479, 5350), ports nobody opened or expects, and its extra
+    // attributes raise STUN's amplification factor (Debian's turnserver.conf: "strongly
+    // encouraged"). Clients need none of it; only XOR-MAPPED-ADDRESS (RFC 8489) is answered.
+    for s in [
+        "no-rfc5780",
+        "no-stun-backward-compatibility",
+        "response-origin-only-with-rfc5780",
+    ] {
+        line(s.into());
+    }
     // Old TLS versions off, as on the front door.
     line("no-tlsv1".into());
     line("no-tlsv1_1".into());

@@ -71,6 +71,32 @@ fn synapse_credentials_make_a_real_turn_allocation_and_coturn_is_supervised() {
         .uid
         .as_raw();
     assert_eq!(proc_uid(pid), turn_uid);
+    // coturn listens on the two advertised ports only: no RFC 5780 alternates at port+1
+    // (3479, 5350 on a real box), which would take ports nobody opened or expects.
+    let ss = std::process::Command::new("ss")
+        .args(["-H", "-lntup"])
+        .output()
+        .unwrap();
+    let mut ports: Vec<u16> = String::from_utf8_lossy(&ss.stdout)
+        .lines()
+        .filter(|l| l.contains(&format!("pid={pid},")))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .nth(4)?
+                .rsplit(':')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    ports.sort();
+    ports.dedup();
+    assert_eq!(
+        ports,
+        [lab.turn_port, lab.turn_tls_port],
+        "{}",
+        String::from_utf8_lossy(&ss.stdout)
+    );
     assert!(
         st["turn_uris"].to_string().contains(&format!(
             "turns:turn.matrix.test:{}?transport=tcp",
