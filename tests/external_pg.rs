@@ -172,28 +172,6 @@ fn point_at(lab: &Lab, ext: &ExternalPg, ca_pem: &str, extra: &str) {
     lab.write_config("[tls]\nmode = \"internal\"\n");
 }
 
-/// Logs `user` in through the front door; the access token.
-fn login(lab: &Lab, user: &str, password: &str) -> String {
-    let out = lab
-        .curl()
-        .arg("--cacert")
-        .arg(lab.ca_root())
-        .args(["-X", "POST", "-H", "content-type: application/json", "-d"])
-        .arg(
-            serde_json::json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": user}, "password": password})
-                .to_string(),
-        )
-        .arg(format!("{}/_matrix/client/v3/login", lab.https_base()))
-        .output()
-        .unwrap();
-    let v: Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|_| panic!("login answer: {}", String::from_utf8_lossy(&out.stdout)));
-    v["access_token"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no access token: {v}"))
-        .to_string()
-}
-
 fn doctor_postgres(lab: &Lab) -> Vec<Value> {
     let out = lab.run_cmd(&["doctor", "--json", "--only", "postgres"]);
     let v: Value = serde_json::from_slice(&out.stdout)
@@ -284,7 +262,7 @@ fn provisioned_once_by_a_superuser_login_then_run_restored_and_verified_over_tls
 
     let run = lab.start();
     let pw = lab.add_user("alice", false);
-    login(&lab, "alice", &pw);
+    lab.front_matrix().login("alice", &pw);
     assert!(
         ext.psql(
             &lab.db,
@@ -347,7 +325,7 @@ fn provisioned_once_by_a_superuser_login_then_run_restored_and_verified_over_tls
         "1"
     );
     let _run = lab.start();
-    login(&lab, "alice", &pw);
+    lab.front_matrix().login("alice", &pw);
 }
 
 #[test]
@@ -401,7 +379,7 @@ fn a_role_made_elsewhere_logs_in_with_its_own_password_and_a_wrong_ca_is_refused
     // Synapse logs in with the operator's password through its passfile.
     let run = lab.start();
     let alice = lab.add_user("alice", false);
-    login(&lab, "alice", &alice);
+    lab.front_matrix().login("alice", &alice);
     let (tls, plain) = ext.sessions_of(&lab.db);
     assert!(
         tls >= 1 && plain == 0,

@@ -133,25 +133,6 @@ fn media_check(lab: &Lab) -> Value {
         .unwrap_or_else(|| panic!("no media:s3 check: {v}"))
 }
 
-fn login(lab: &Lab, user: &str, password: &str) -> String {
-    let body = serde_json::json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": user}, "password": password}).to_string();
-    let (code, out) = front(
-        lab,
-        &[
-            "-X",
-            "POST",
-            "-H",
-            "content-type: application/json",
-            "--data-binary",
-            &body,
-        ],
-        "/_matrix/client/v3/login",
-    );
-    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&out));
-    let v: Value = serde_json::from_slice(&out).unwrap();
-    v["access_token"].as_str().unwrap().to_string()
-}
-
 fn upload(lab: &Lab, token: &str, data: &[u8]) -> (u16, Value) {
     let file = lab.path("upload.bin");
     fs::write(&file, data).unwrap();
@@ -243,7 +224,7 @@ fn scenario(workers: u32) {
     assert!(fs::read_to_string(&creds).unwrap().contains(SECRET));
 
     let pw = lab.add_user("alice", false);
-    let token = login(&lab, "alice", &pw);
+    let token = lab.front_matrix().login("alice", &pw);
     let data: Vec<u8> = (0..50_000u32).map(|i| (i * 7 % 251) as u8).collect();
     let (code, v) = upload(&lab, &token, &data);
     assert_eq!(code, 200, "{v}");

@@ -321,15 +321,7 @@ pub async fn provision_with(
         Some(row) => {
             let (encoding, collate, ctype, owner): (String, String, String, String) =
                 (row.get(0), row.get(1), row.get(2), row.get(3));
-            if encoding != "UTF8" || collate != "C" || ctype != "C" {
-                return Err(ProvisionError::WrongLocale {
-                    database: req.database.clone(),
-                    role: req.role.clone(),
-                    encoding,
-                    collate,
-                    ctype,
-                });
-            }
+            fits_synapse(req, encoding, collate, ctype)?;
             if owner != req.role {
                 return Err(ProvisionError::WrongOwner {
                     database: req.database.clone(),
@@ -443,22 +435,16 @@ async fn check_existing(req: &Request) -> Result<Report, ProvisionError> {
     };
     let row = client
         .query_one(
-            "SELECT pg_encoding_to_char(encoding)::text, datcollate::text, datctype::text,              has_schema_privilege(current_user, 'public', 'CREATE')              FROM pg_database WHERE datname = current_database()",
+            "SELECT pg_encoding_to_char(encoding)::text, datcollate::text, datctype::text, \
+             has_schema_privilege(current_user, 'public', 'CREATE') \
+             FROM pg_database WHERE datname = current_database()",
             &[],
         )
         .await
         .map_err(|e| sql_err("reading pg_database", e))?;
     let (encoding, collate, ctype, may_create): (String, String, String, bool) =
         (row.get(0), row.get(1), row.get(2), row.get(3));
-    if encoding != "UTF8" || collate != "C" || ctype != "C" {
-        return Err(ProvisionError::WrongLocale {
-            database: req.database.clone(),
-            role: req.role.clone(),
-            encoding,
-            collate,
-            ctype,
-        });
-    }
+    fits_synapse(req, encoding, collate, ctype)?;
     if !may_create {
         return Err(ProvisionError::Sql {
             what: format!("{} creating tables in database {}", req.role, req.database),
@@ -473,6 +459,25 @@ async fn check_existing(req: &Request) -> Result<Report, ProvisionError> {
         checked_only: true,
         ..Report::default()
     })
+}
+
+/// Synapse refuses any database but UTF8 with collation and ctype C (docs/postgres.md).
+fn fits_synapse(
+    req: &Request,
+    encoding: String,
+    collate: String,
+    ctype: String,
+) -> Result<(), ProvisionError> {
+    if encoding != "UTF8" || collate != "C" || ctype != "C" {
+        return Err(ProvisionError::WrongLocale {
+            database: req.database.clone(),
+            role: req.role.clone(),
+            encoding,
+            collate,
+            ctype,
+        });
+    }
+    Ok(())
 }
 
 fn via_tcp(req: &Request) -> String {

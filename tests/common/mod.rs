@@ -439,6 +439,12 @@ impl Lab {
         c
     }
 
+    /// A Matrix client of this lab's front door, trusting its internal CA.
+    pub fn front_matrix(&self) -> Matrix {
+        let ca = fs::read(self.ca_root()).expect("the lab's internal CA");
+        Matrix::through(&self.matrix_host(), self.https_port, &ca)
+    }
+
     /// `https://matrix.<server>:<port>`
     pub fn https_base(&self) -> String {
         format!("https://{}:{}", self.matrix_host(), self.https_port)
