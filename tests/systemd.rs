@@ -182,7 +182,14 @@ fn secrets_digest(ct: &Container) -> String {
 
 /// No Synapse and no coturn runs in the container.
 fn children_gone(ct: &Container) -> bool {
-    ct.pids_of("synapse.app.homeserver").is_empty() && ct.pids_of("turnserver").is_empty()
+    [
+        "synapse.app.homeserver",
+        "synapse.app.generic_worker",
+        "turnserver",
+        "redis-server",
+    ]
+    .iter()
+    .all(|p| ct.pids_of(p).is_empty())
 }
 
 fn read(ct: &Container, p: &str) -> Vec<u8> {
@@ -742,6 +749,8 @@ fn life_cycle(
         snaps.lines().last().unwrap().trim()
     );
 
+    workers_under_systemd(&ct, &room);
+
     // systemctl stop: clean, within TimeoutStopSec, nothing left running.
     let t = Instant::now();
     ct.sh(&format!("systemctl stop {UNIT}"));
@@ -847,6 +856,113 @@ fn life_cycle(
         denials.join("\n")
     );
     aptrepo::stop_agent(&gnupg);
+}
+
+/// Synapse workers under systemd (README "Synapse workers"): Debian's redis-server with its own
+/// service disabled, `workers = 2`, a restart. Redis and both workers run as their own users in
+/// the unit's cgroup under its hardening, messages flow through the front door, doctor checks
+/// them, and a worker killed with SIGKILL restarts alone. The caller's `systemctl stop` then
+/// checks that none of them is left.
+fn workers_under_systemd(ct: &Container, room: &str) {
+    ct.sh(&format!(
+        "{APT} install redis-server 2>&1 | tail -n 2 && systemctl disable --now redis-server 2>&1"
+    ));
+    assert!(ct.pids_of("redis-server").is_empty(), "{:?}", ct.procs());
+    ct.sh(&format!("printf '\\n[synapse]\\nworkers = 2\\n' >> {CONF}"));
+    let t = Instant::now();
+    ct.sh(&format!("systemctl restart {UNIT}"));
+    wait_ready(ct, "the appliance with workers = 2");
+    eprintln!("workers = 2: ready in {:.1?}", t.elapsed());
+
+    let cgroup = prop(ct, "ControlGroup");
+    let mut pids = vec![];
+    for (name, user) in [
+        ("synapse", "matrix-synapse"),
+        ("redis", "redis"),
+        ("synapse-writer-sender-media", "matrix-synapse"),
+        ("synapse-federation-client", "matrix-synapse"),
+    ] {
+        let (state, pid) = child(ct, name);
+        assert_eq!(
+            state,
+            "running",
+            "{name}: {}",
+            ct.sh("homelab-matrix status")
+        );
+        assert_eq!(
+            ct.sh(&format!("stat -c %U /proc/{pid}")),
+            user,
+            "{name}'s user"
+        );
+        let own = ct.sh(&format!("cat /proc/{pid}/cgroup"));
+        assert!(
+            own.trim_end().ends_with(&cgroup),
+            "{name} is in {own}, not {cgroup}"
+        );
+        // The unit's hardening reaches every child (inherited).
+        let host = ct.host_pid(pid as i32).expect("a host PID");
+        assert_eq!(
+            proc_field(host, "NoNewPrivs"),
+            "1",
+            "{name}: NoNewPrivileges"
+        );
+        assert_eq!(proc_field(host, "Seccomp"), "2", "{name}: SystemCallFilter");
+        assert_eq!(
+            u64::from_str_radix(&proc_field(host, "CapBnd"), 16).unwrap(),
+            CAP_BOUNDING,
+            "{name}: CapabilityBoundingSet"
+        );
+        pids.push(pid);
+    }
+    // Redis listens on no TCP port: its socket only.
+    let tcp = ct.sh("cat /proc/net/tcp /proc/net/tcp6 | awk '$4 == \"0A\" {print $2}'");
+    assert!(!tcp.contains(":18EB"), "something listens on 6379:\n{tcp}");
+    let doctor =
+        ct.run("homelab-matrix doctor --only workers && homelab-matrix doctor --only redis");
+    assert!(
+        doctor.status.success(),
+        "doctor with workers:\n{}",
+        String::from_utf8_lossy(&doctor.stdout)
+    );
+
+    // A message in and out through the front door: the send goes to the event writer, the
+    // read to a client worker.
+    let token = login(ct, "alice", "sd-password-1");
+    let (st, v) = api(
+        ct,
+        "PUT",
+        &format!("/_matrix/client/v3/rooms/{room}/send/m.room.message/w1"),
+        Some(&token),
+        Some(json!({"msgtype": "m.text", "body": "written on workers"})),
+    );
+    assert_eq!(st, 200, "{v}");
+    assert_history_has(ct, &token, room, "written on workers");
+
+    // kill -9 of a worker: it alone restarts; main Synapse and the supervisor stay.
+    let sup = main_pid(ct);
+    let (_, worker) = child(ct, "synapse-federation-client");
+    kill(
+        Pid::from_raw(ct.host_pid(worker as i32).unwrap()),
+        Signal::SIGKILL,
+    )
+    .unwrap();
+    wait_until(
+        "the supervisor to restart the worker",
+        Duration::from_secs(120),
+        || {
+            let (state, pid) = child(ct, "synapse-federation-client");
+            state == "running" && pid != worker
+        },
+    );
+    assert_eq!(main_pid(ct), sup);
+    assert_eq!(
+        child(ct, "synapse").1,
+        pids[0],
+        "main Synapse restarted too"
+    );
+    assert_eq!(child(ct, "redis").1, pids[1], "Redis restarted too");
+    wait_ready(ct, "the appliance after a worker was killed");
+    assert_history_has(ct, &token, room, "written on workers");
 }
 
 /// The rollback file (backup::rollback) as JSON, or Null while there is none.
