@@ -15,6 +15,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod coturn;
+pub mod discovery;
 pub mod doctor;
 pub mod element;
 pub mod fdlimit;

@@ -20,6 +20,20 @@ pub fn percent_decode_strict(s: &str) -> Option<String> {
     String::from_utf8(decode(s.as_bytes(), false)?).ok()
 }
 
+/// `s` percent-encoded for a query value or a path segment: every byte but RFC 3986
+/// §2.3's unreserved characters. For a value the caller did not choose (a token, an ID).
+pub fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 fn decode(b: &[u8], keep_malformed: bool) -> Option<Vec<u8>> {
     let hex = |c: u8| (c as char).to_digit(16);
     let mut out = Vec::with_capacity(b.len());
@@ -68,6 +82,16 @@ pub fn host_only(authority: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn encoding_keeps_only_the_unreserved_characters() {
+        assert_eq!(percent_encode("aZ9-._~"), "aZ9-._~");
+        assert_eq!(percent_encode("a b&c=d/é"), "a%20b%26c%3Dd%2F%C3%A9");
+        assert_eq!(
+            percent_decode_strict(&percent_encode("x&y=é")).as_deref(),
+            Some("x&y=é")
+        );
+    }
 
     #[test]
     fn lenient_keeps_malformed_escapes_strict_refuses_them() {

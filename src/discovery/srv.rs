@@ -140,7 +140,7 @@ pub fn system_nameserver() -> Result<SocketAddr> {
 /// Asks `server` for the SRV records of `name` (retrying twice, 2 s apart, RFC 1035 §4.2.1).
 /// A target of "." means "no such service here" (RFC 2782) and is left out.
 pub async fn lookup(server: SocketAddr, name: &str) -> Result<Vec<Srv>> {
-    let sock = UdpSocket::bind(super::net::unspecified(server)).await?;
+    let sock = UdpSocket::bind(super::addr::unspecified(server)).await?;
     sock.connect(server).await?;
     let mut id = [0u8; 2];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)

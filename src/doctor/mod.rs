@@ -18,7 +18,6 @@ mod matrixrtc;
 mod net;
 mod ports;
 mod services;
-mod srv;
 mod tls;
 mod turn;
 mod workers;

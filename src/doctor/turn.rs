@@ -14,8 +14,9 @@ use md5::{Digest, Md5};
 use serde_json::Value;
 use tokio::net::UdpSocket;
 
-use super::net::{get_json, unspecified};
+use super::net::get_json;
 use super::{Check, Ctx};
+use crate::discovery::addr::unspecified;
 use crate::secrets::Secrets;
 use crate::stun::{Answer, ERROR, INDICATION, Msg, SUCCESS, new_id};
 use crate::synapse::admin::Synapse;

@@ -336,18 +336,8 @@ impl Synapse {
     /// `GET /_matrix/federation/v1/openid/userinfo`), or None when Synapse does not know it
     /// (made up, or expired: Synapse's tokens live an hour).
     pub async fn openid_userinfo(&self, token: &str) -> Result<Option<String>, AdminError> {
-        // Percent-encoded (RFC 3986 §2.3: all but the unreserved characters): the token is
-        // whatever the caller sent.
-        let token: String = token
-            .bytes()
-            .map(|b| {
-                if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                    char::from(b).to_string()
-                } else {
-                    format!("%{b:02X}")
-                }
-            })
-            .collect();
+        // The token is whatever the caller sent.
+        let token = crate::uri::percent_encode(token);
         let req = self.http.get(self.url(&format!(
             "/_matrix/federation/v1/openid/userinfo?access_token={token}"
         )));
