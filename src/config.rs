@@ -443,7 +443,7 @@ pub const MATRIXRTC_PATH: &str = "/livekit/jwt";
 /// MatrixRTC (MSC4143), what Element X and Element Call hold group calls with: a LiveKit SFU
 /// the operator runs elsewhere (or a hosted one), and the authorization service the appliance
 /// serves itself at `https://<matrix host>/livekit/jwt`. All empty: no focus is advertised.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default)]
 pub struct MatrixRtc {
     /// The SFU's WebSocket URL clients connect to, e.g. "wss://livekit.example.com".
@@ -451,6 +451,32 @@ pub struct MatrixRtc {
     /// Files holding the LiveKit API key and its secret (first line of each; root-readable).
     pub api_key_file: String,
     pub api_secret_file: String,
+    /// Users of other servers in a call here get tokens to join and watch it, never to
+    /// publish: Element Call asks the SFU's own service whenever it subscribes to media on
+    /// an SFU it does not publish on (MSC4195; lk-jwt-service does the same). false: this
+    /// server's users only.
+    pub remote_users: bool,
+    /// PEM CA certificates trusted for remote servers' TLS besides the system's, for a
+    /// private federation whose servers have their own CA (Synapse's
+    /// `federation_custom_ca_list`). Empty: the system's roots only.
+    pub federation_ca_file: String,
+    /// Follow a remote server's name to a private or link-local address (a LAN federation,
+    /// or a test; Synapse's `ip_range_whitelist`). Never to loopback: a remote server is
+    /// never this host.
+    pub allow_private_servers: bool,
+}
+
+impl Default for MatrixRtc {
+    fn default() -> MatrixRtc {
+        MatrixRtc {
+            livekit_url: String::new(),
+            api_key_file: String::new(),
+            api_secret_file: String::new(),
+            remote_users: true,
+            federation_ca_file: String::new(),
+            allow_private_servers: false,
+        }
+    }
 }
 
 impl MatrixRtc {
@@ -500,7 +526,8 @@ impl MatrixRtc {
                 fix: "use the WebSocket URL clients connect to LiveKit with, e.g. \"wss://livekit.example.com\"".into(),
             });
         }
-        for (key, v) in &set[1..] {
+        let ca = ("matrixrtc.federation_ca_file", &self.federation_ca_file);
+        for (key, v) in set[1..].iter().chain([&ca]) {
             if !v.is_empty() && !Path::new(v).is_absolute() {
                 p.push(Problem {
                     key: (*key).into(),
@@ -1330,6 +1357,14 @@ pub fn environment_problems(cfg: &Config) -> Vec<Problem> {
                 fix: "write the LiveKit API key and secret (from LiveKit's config `keys:`, or your provider) into these files, one each, readable by root".into(),
             });
         }
+    }
+    let ca = &cfg.matrixrtc.federation_ca_file;
+    if !ca.is_empty() && crate::certs::roots_from_pem(Path::new(ca)).is_err() {
+        out.push(Problem {
+            key: "matrixrtc.federation_ca_file".into(),
+            message: format!("{ca} cannot be read or holds no PEM certificate"),
+            fix: "name a PEM file with the CA certificate(s) the other servers' certificates are signed by, or leave the key empty to trust the system's roots only".into(),
+        });
     }
     let s3 = &cfg.media.s3;
     if s3.enabled() && first_line(Path::new(&s3.secret_access_key_file)).is_none() {

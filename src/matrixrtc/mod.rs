@@ -8,12 +8,17 @@
 //! Endpoints (as lk-jwt-service's): `POST /get_token` (MSC4195), `POST /sfu/get` (the older
 //! Element Call request), `GET /healthz`.
 //!
-//! Only this server's users get tokens: their OpenID tokens are verified with our own
-//! Synapse, on loopback, and only for a room they are joined to, with an account that is
-//! active (asked of Synapse's admin API at every request). The appliance has no LiveKit server API client (only the
-//! `livekit-api` crate's access tokens), so it does not create rooms on the SFU beforehand
-//! or take over a client's delayed leave event: its tokens let its own users create the
-//! room by joining it (`roomCreate`), as LiveKit's default `auto_create` does anyway.
+//! This server's users' OpenID tokens are verified with our own Synapse, on loopback; a
+//! user of another server's with that server over federation (`remote`, while
+//! `remote_users` is on: Element Call asks the SFU's own service whenever it subscribes to
+//! media on an SFU it does not publish on). Either only for a room they are joined to, and
+//! ours only with an account that is active (asked of Synapse's admin API at every request).
+//!
+//! The appliance has no LiveKit server API client (only the `livekit-api` crate's access
+//! tokens), so it does not create rooms on the SFU beforehand or take over a client's delayed
+//! leave event: its tokens let its own users create the room by joining it (`roomCreate`);
+//! remote users' tokens do not, which holds only if the SFU does not create rooms on any join
+//! (LiveKit `room.auto_create: false`, as lk-jwt-service's README also asks).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -23,6 +28,8 @@ use http::{Method, StatusCode};
 use livekit_api::access_token::{AccessToken, VideoGrants};
 use serde::Deserialize;
 use serde_json::{Value, json};
+
+mod remote;
 
 use crate::config::{self, Config};
 use crate::secrets::Secrets;
@@ -119,6 +126,9 @@ pub struct Service {
     /// That admin session, once made.
     admin: tokio::sync::Mutex<Option<Admin>>,
     focus: Value,
+    /// Checks other servers' users' OpenID tokens on their servers; None: this server's
+    /// users only (`remote_users = false`).
+    remote: Option<remote::Verifier>,
 }
 
 impl Service {
@@ -126,7 +136,23 @@ impl Service {
     /// clients reach it.
     pub fn from_config(cfg: &Config, matrix_base: &str) -> Option<Service> {
         let focus = cfg.matrixrtc.focus(matrix_base)?;
+        let rtc = &cfg.matrixrtc;
+        let remote = rtc
+            .remote_users
+            .then(|| {
+                let ca = Some(std::path::Path::new(&rtc.federation_ca_file))
+                    .filter(|p| !p.as_os_str().is_empty());
+                remote::Verifier::new(ca, rtc.allow_private_servers)
+                    .inspect_err(|e| {
+                        tracing::error!(
+                            "MatrixRTC: users of other servers get no call tokens: {e:#}; fix matrixrtc.federation_ca_file (`homelab-matrix check-config` says what is wrong)"
+                        )
+                    })
+                    .ok()
+            })
+            .flatten();
         Some(Service {
+            remote,
             livekit_url: cfg.matrixrtc.livekit_url.clone(),
             key_file: cfg.matrixrtc.api_key_file.clone().into(),
             secret_file: cfg.matrixrtc.api_secret_file.clone().into(),
@@ -177,33 +203,16 @@ impl Service {
     }
 
     async fn mint(&self, ask: Ask) -> Answer {
-        if ask.token.matrix_server_name != self.server_name {
-            return error(
-                StatusCode::FORBIDDEN,
-                "M_FORBIDDEN",
-                &format!(
-                    "this server's calls are for users of {}; a user of {} joins through their own server's MatrixRTC focus",
-                    self.server_name, ask.token.matrix_server_name
-                ),
-            );
-        }
-        let user = match self.synapse.openid_userinfo(&ask.token.access_token).await {
-            Ok(Some(user)) => user,
-            Ok(None) => {
-                return error(
-                    StatusCode::UNAUTHORIZED,
-                    "M_UNAUTHORIZED",
-                    "the OpenID token is not one this server issued, or it expired: ask for a new one (POST /_matrix/client/v3/user/{userId}/openid/request_token)",
-                );
-            }
-            Err(e) => {
-                tracing::warn!("MatrixRTC: cannot verify an OpenID token with Synapse: {e}");
-                return error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "M_UNKNOWN",
-                    "the homeserver cannot verify OpenID tokens right now; try again shortly",
-                );
-            }
+        let server = &ask.token.matrix_server_name;
+        let local = *server == self.server_name;
+        let user = if local {
+            self.local_user(&ask.token.access_token).await
+        } else {
+            self.remote_user(server, &ask.token.access_token).await
+        };
+        let user = match user {
+            Ok(u) => u,
+            Err(refused) => return refused,
         };
         if ask.claimed_user.as_deref().is_some_and(|c| c != user) {
             return error(
@@ -232,15 +241,7 @@ impl Service {
         };
         let room = room_alias(&ask.room, &ask.slot);
         let identity = (ask.identity)(&user);
-        let grants = VideoGrants {
-            room_join: true,
-            room: room.clone(),
-            // Our own users only reach here: they may open the room by joining it.
-            room_create: true,
-            can_publish: Some(true),
-            can_subscribe: Some(true),
-            ..Default::default()
-        };
+        let grants = grants(local, &room);
         match AccessToken::with_api_key(&key, &secret)
             .with_identity(&identity)
             .with_ttl(TOKEN_TTL)
@@ -248,7 +249,7 @@ impl Service {
             .to_jwt()
         {
             Ok(jwt) => {
-                tracing::info!(%user, livekit_room = %room, "MatrixRTC: LiveKit token issued");
+                tracing::info!(%user, livekit_room = %room, publish = local, "MatrixRTC: LiveKit token issued");
                 Answer {
                     status: StatusCode::OK,
                     body: json!({"url": self.livekit_url, "jwt": jwt}),
@@ -263,6 +264,81 @@ impl Service {
                 )
             }
         }
+    }
+}
+
+impl Service {
+    /// The user our own Synapse says the OpenID token is for (on loopback).
+    async fn local_user(&self, token: &str) -> Result<String, Answer> {
+        match self.synapse.openid_userinfo(token).await {
+            Ok(Some(user)) => Ok(user),
+            Ok(None) => Err(error(
+                StatusCode::UNAUTHORIZED,
+                "M_UNAUTHORIZED",
+                "the OpenID token is not one this server issued, or it expired: ask for a new one (POST /_matrix/client/v3/user/{userId}/openid/request_token)",
+            )),
+            Err(e) => {
+                tracing::warn!("MatrixRTC: cannot verify an OpenID token with Synapse: {e}");
+                Err(error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "M_UNKNOWN",
+                    "the homeserver cannot verify OpenID tokens right now; try again shortly",
+                ))
+            }
+        }
+    }
+
+    /// The user of `server` the token is for, as `server` itself says over federation.
+    /// What goes wrong there is the remote side's (or the asker's): answered, logged at
+    /// info, never a warning anyone on the internet could write into our journal.
+    async fn remote_user(&self, server: &str, token: &str) -> Result<String, Answer> {
+        let Some(verifier) = &self.remote else {
+            return Err(error(
+                StatusCode::FORBIDDEN,
+                "M_FORBIDDEN",
+                &format!(
+                    "this server's calls are for users of {}; a user of {server} joins through their own server's MatrixRTC focus",
+                    self.server_name
+                ),
+            ));
+        };
+        match verifier.userinfo(server, token).await {
+            Ok(Some(user)) => Ok(user),
+            Ok(None) => Err(error(
+                StatusCode::UNAUTHORIZED,
+                "M_UNAUTHORIZED",
+                &format!(
+                    "{server} does not vouch for this OpenID token: ask your server for a new one"
+                ),
+            )),
+            Err(remote::RemoteError::NotAServerName(_)) => Err(bad_json(
+                "openid_token.matrix_server_name is not a Matrix server name",
+            )),
+            Err(e) => {
+                tracing::info!("MatrixRTC: a remote user's OpenID token could not be checked: {e}");
+                Err(error(
+                    StatusCode::UNAUTHORIZED,
+                    "M_UNAUTHORIZED",
+                    &format!("the OpenID token could not be checked with its server: {e}"),
+                ))
+            }
+        }
+    }
+}
+
+/// What a token lets its holder do in the call's LiveKit room. Our users may open the room
+/// by joining it and publish; a user of another server only joins and watches (MSC4195: a
+/// participant publishes on their own server's SFU and subscribes on others';
+/// lk-jwt-service grants remote users the same).
+fn grants(local: bool, room: &str) -> VideoGrants {
+    VideoGrants {
+        room_join: true,
+        room: room.to_string(),
+        room_create: local,
+        can_publish: Some(local),
+        can_publish_data: Some(local),
+        can_subscribe: Some(true),
+        ..Default::default()
     }
 }
 
