@@ -49,6 +49,7 @@ fn http_client(lab: &Lab, ip: Ipv4Addr) -> reqwest::Client {
         .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
         .resolve(&lab.server_name, at)
         .resolve(&lab.matrix_host(), at)
+        .resolve(&format!("element.{}", lab.server_name), at)
         .timeout(Duration::from_secs(90))
         .build()
         .unwrap()
@@ -234,6 +235,41 @@ async fn well_known(http: &reqwest::Client, lab: &Lab) -> Value {
     serde_json::from_slice(&body).unwrap()
 }
 
+/// MSC4143's transports, as Element X asks for them: the stable path, then the unstable one
+/// (Synapse serves only the latter; the front door sends the former there). Both answers,
+/// which must agree.
+async fn rtc_transports(http: &reqwest::Client, lab: &Lab, token: &str) -> (u16, Vec<u8>) {
+    let mut answers = vec![];
+    for path in [
+        "/_matrix/client/v1/rtc/transports",
+        "/_matrix/client/unstable/org.matrix.msc4143/rtc/transports",
+    ] {
+        let url = format!("https://{}{path}", lab.matrix_host());
+        answers.push(get(http, &url, Some(token)).await);
+    }
+    let unstable = answers.pop().unwrap();
+    let stable = answers.pop().unwrap();
+    assert_eq!(
+        stable.0, unstable.0,
+        "the stable and unstable paths disagree"
+    );
+    if stable.0 == 200 {
+        let [a, b] = [&stable.1, &unstable.1].map(|b| serde_json::from_slice::<Value>(b).unwrap());
+        assert_eq!(a, b, "the stable and unstable paths disagree");
+        // Never `200 {}`: Element X takes it for "no calls here" (element-x-android#7659).
+        assert!(a.get("rtc_transports").is_some(), "{a}");
+    }
+    stable
+}
+
+/// Element Web's config.json, as the appliance serves it.
+async fn element_config(http: &reqwest::Client, lab: &Lab) -> Value {
+    let url = format!("https://element.{}/config.json", lab.server_name);
+    let (st, body) = get(http, &url, None).await;
+    assert_eq!(st, 200, "{url}");
+    serde_json::from_slice(&body).unwrap()
+}
+
 /// GET through the front door; status and body.
 async fn get(http: &reqwest::Client, url: &str, token: Option<&str>) -> (u16, Vec<u8>) {
     let mut rb = http.get(url);
@@ -303,17 +339,13 @@ fn element_x_path_through_the_front_door() {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
-        // Synapse's MSC4143 endpoint is off too.
+        // Synapse's MSC4143 endpoint is off too, on both paths, and Element Web shows no
+        // group call button (1:1 calls over TURN stay).
         let token = alice.client.access_token().unwrap();
-        let (st, body) = get(
-            &http,
-            &format!(
-                "https://{}/_matrix/client/unstable/org.matrix.msc4143/rtc/transports",
-                lab.matrix_host()
-            ),
-            Some(&token),
-        )
-        .await;
+        let (st, body) = rtc_transports(&http, &lab, &token).await;
+        let ew = element_config(&http, &lab).await;
+        assert_eq!(ew["element_call"]["disable"], true, "{ew}");
+        assert_eq!(ew["features"]["feature_group_calls"], false, "{ew}");
         assert_eq!(
             st,
             404,
@@ -577,18 +609,14 @@ fn matrixrtc_authorization_service() {
         };
         let alice = login("alice", &alice_pw).await;
         let bob = login("bob", &bob_pw).await;
-        let (st, body) = get(
-            &http,
-            &format!(
-                "https://{}/_matrix/client/unstable/org.matrix.msc4143/rtc/transports",
-                lab.matrix_host()
-            ),
-            Some(&alice),
-        )
-        .await;
+        let (st, body) = rtc_transports(&http, &lab, &alice).await;
         assert_eq!(st, 200, "{}", String::from_utf8_lossy(&body));
         let t: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(t["rtc_transports"], serde_json::json!([focus]), "{t}");
+        // Element Web holds group calls with Element Call, on our focus.
+        let ew = element_config(&http, &lab).await;
+        assert_eq!(ew["element_call"]["disable"], false, "{ew}");
+        assert_eq!(ew["features"]["feature_group_calls"], true, "{ew}");
 
         // A real OpenID token from Synapse (Matrix spec, client-server API "OpenID").
         let openid = |who: &str, token: &str| {

@@ -884,6 +884,14 @@ pub fn client_config(cfg: &Config, https_port: u16, overrides: Option<Value>) ->
         "permalink_prefix": crate::config::https_url(&cfg.hosts.element, https_port),
         "setting_defaults": {"UIFeature.registration": true, "UIFeature.passwordReset": false},
     });
+    // Group calls (Element Call) only with a MatrixRTC focus to hold them: otherwise every
+    // call button would lead to a call that cannot start; 1:1 calls over TURN stay either
+    // way. Element Web 1.12.24+ reads `element_call.disable` (Element Call is its default
+    // there); older ones the `feature_group_calls` labs flag (element-web docs/config.md).
+    let calls = cfg.matrixrtc.enabled();
+    let o = v.as_object_mut().expect("an object");
+    o.insert("element_call".into(), json!({"disable": !calls}));
+    o.insert("features".into(), json!({"feature_group_calls": calls}));
     if let Some(o) = overrides {
         merge(&mut v, o);
     }
@@ -1103,5 +1111,20 @@ mod tests {
         assert_eq!(v["setting_defaults"]["UIFeature.passwordReset"], false);
         assert_eq!(v["integrations_ui_url"], "https://i");
         assert_eq!(v["disable_guests"], true);
+    }
+
+    #[test]
+    fn no_group_call_button_without_a_focus_to_hold_the_call() {
+        let off = Config::from_toml("server_name = \"example.org\"\n").unwrap();
+        let v = client_config(&off, 443, None);
+        assert_eq!(v["element_call"]["disable"], true);
+        assert_eq!(v["features"]["feature_group_calls"], false);
+        let on = Config::from_toml(
+            "server_name = \"example.org\"\n[matrixrtc]\nlivekit_url = \"wss://lk.example.org\"\napi_key_file = \"/k\"\napi_secret_file = \"/s\"\n",
+        )
+        .unwrap();
+        let v = client_config(&on, 443, None);
+        assert_eq!(v["element_call"]["disable"], false);
+        assert_eq!(v["features"]["feature_group_calls"], true);
     }
 }

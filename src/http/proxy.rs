@@ -144,6 +144,7 @@ impl Upstream {
             return answer_early(busy(), req.into_body()).await;
         };
         let (mut parts, body) = req.into_parts();
+        stable_alias(&mut parts.uri);
         let inbound_version = parts.version;
         let head_timeout = head_timeout(self.timeout, wait);
         let uri = parts.uri.clone(); // for the log (a clone shares the bytes)
@@ -342,9 +343,54 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
         || matches!(name.as_str(), "keep-alive" | "proxy-connection")
 }
 
+/// MSC4143's stable `GET /_matrix/client/v1/rtc/transports`, which Element X asks first:
+/// Synapse (to 1.163 at least) serves only the unstable path (synapse#19652), so the stable
+/// one is sent there and both answer alike (a 404 from both while no focus is configured).
+const RTC_TRANSPORTS: (&str, &str) = (
+    "/_matrix/client/v1/rtc/transports",
+    "/_matrix/client/unstable/org.matrix.msc4143/rtc/transports",
+);
+
+fn stable_alias(uri: &mut Uri) {
+    let (stable, unstable) = RTC_TRANSPORTS;
+    if uri.path() != stable {
+        return;
+    }
+    let target = match uri.query() {
+        Some(q) => format!("{unstable}?{q}"),
+        None => unstable.to_string(),
+    };
+    if let Ok(t) = target.parse() {
+        *uri = t;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_stable_transports_path_reaches_synapse_s_unstable_one() {
+        let go = |u: &str| {
+            let mut uri: Uri = u.parse().unwrap();
+            stable_alias(&mut uri);
+            uri.to_string()
+        };
+        assert_eq!(
+            go("/_matrix/client/v1/rtc/transports"),
+            "/_matrix/client/unstable/org.matrix.msc4143/rtc/transports"
+        );
+        assert_eq!(
+            go("/_matrix/client/v1/rtc/transports?x=1"),
+            "/_matrix/client/unstable/org.matrix.msc4143/rtc/transports?x=1"
+        );
+        for other in [
+            "/_matrix/client/v1/rtc/transports/x",
+            "/_matrix/client/v3/sync",
+        ] {
+            assert_eq!(go(other), other);
+        }
+    }
 
     #[test]
     fn long_polls_get_their_timeout_on_top_up_to_the_cap() {
