@@ -265,6 +265,27 @@ fn a_user_of_another_server_joins_and_watches_a_call_here() {
         asked_a,
         "a server name at loopback reached a's Synapse"
     );
+    // The doctor on each side checks what callers meet from outside (the well-known's
+    // focus, both transports paths, userinfo through discovery and the federation port, the
+    // service with a real token); only the SFU, which does not run here, is a warning.
+    for h in [a, b] {
+        let out = h
+            .cli(&["doctor", "--json", "--only", "matrixrtc"])
+            .output()
+            .unwrap();
+        let v: Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("doctor: {e}: {}", String::from_utf8_lossy(&out.stderr)));
+        let checks = v["checks"].as_array().unwrap();
+        assert_eq!(checks.len(), 5, "{v}");
+        for c in checks {
+            let want = if c["name"] == "matrixrtc" {
+                "warn"
+            } else {
+                "pass"
+            };
+            assert_eq!(c["status"], want, "{}: {c}", h.server_name);
+        }
+    }
     // None of this wrote a warning: what remote parties get wrong is theirs.
     let warns: Vec<String> = a
         .log_text()

@@ -201,8 +201,28 @@ fn doctor_matrixrtc(lab: &Lab, ip: Ipv4Addr) -> Value {
         )
     });
     let checks = v["checks"].as_array().unwrap();
-    assert_eq!(checks.len(), 1, "{v}");
-    checks[0].clone()
+    let named = |n: &str| checks.iter().filter(|c| c["name"] == n).count();
+    assert_eq!(named("matrixrtc"), 1, "{v}");
+    // With a LiveKit configured, what callers meet is checked from outside too; without,
+    // that both transports paths advertise nothing.
+    let calls = [
+        "matrixrtc:well-known",
+        "matrixrtc:userinfo",
+        "matrixrtc:token",
+    ];
+    let configured = lab.status()["matrixrtc"]["configured"] == true;
+    for n in calls {
+        assert_eq!(named(n), usize::from(configured), "{n}: {v}");
+    }
+    for c in checks.iter().filter(|c| c["name"] != "matrixrtc") {
+        assert_eq!(c["status"], "pass", "{c}");
+    }
+    assert_eq!(named("matrixrtc:transports"), 1, "{v}");
+    checks
+        .iter()
+        .find(|c| c["name"] == "matrixrtc")
+        .unwrap()
+        .clone()
 }
 
 fn add_user(lab: &Lab, name: &str) -> String {

@@ -237,6 +237,7 @@ pub fn valid_only(cfg: &Config, only: &str) -> bool {
         || only == "disk:media"
         || only == "disk:database"
         || workers::names(cfg).iter().any(|n| n == only)
+        || matrixrtc::NAMES.contains(&only)
 }
 
 /// What every check may use: the config, the network view and the running service's status.
@@ -318,11 +319,12 @@ pub async fn run(cfg: &Config, opts: &Options) -> Report {
     };
     // Server discovery, done once for delegation-server and federation-in (the same
     // well-known GET).
-    let discovered = if wanted("delegation-server") || wanted("federation-in") {
-        delegation::discover(&ctx).await
-    } else {
-        Err((String::new(), None))
-    };
+    let discovered =
+        if wanted("delegation-server") || wanted("federation-in") || wanted("matrixrtc") {
+            delegation::discover(&ctx).await
+        } else {
+            Err((String::new(), None))
+        };
     let mut checks = vec![];
     for family in FAMILIES {
         // turn-relay needs turn's allocation: both come from one run of the turn family.
@@ -355,7 +357,15 @@ pub async fn run(cfg: &Config, opts: &Options) -> Report {
             "disk" => services::disk(&ctx).await,
             "clock" => vec![services::clock(&ctx).await],
             "element" => vec![services::element(&ctx)],
-            "matrixrtc" => vec![matrixrtc::check(&ctx).await],
+            "matrixrtc" => {
+                let first = matrixrtc::check(&ctx).await;
+                let ready = first.status != Status::Fail;
+                let mut v = vec![first];
+                if ready {
+                    v.extend(matrixrtc::calls(&ctx, &discovered).await);
+                }
+                v
+            }
             _ => unreachable!("FAMILIES lists only these"),
         };
         checks.extend(got.into_iter().filter(|c| {
