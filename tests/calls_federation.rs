@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 use livekit_api::access_token::{Claims, TokenVerifier};
 use serde_json::{Value, json};
 
-use common::twohost::{BASE_EXTRA, Host, TwoHost, require_twohost};
-use common::{Matrix, wait_until};
+use common::Matrix;
+use common::twohost::{BASE_EXTRA, Host, TwoHost, invite_and_join, require_twohost, seg};
 
 const WAIT: Duration = Duration::from_secs(90);
 const KEY: &str = "APIcallsAcross";
@@ -42,18 +42,6 @@ fn with_calls(h: &mut Host) {
         h.lab.path("peer-ca.pem").display(),
         sn = h.server_name,
     );
-}
-
-/// A path segment, percent-encoded (RFC 3986 §2.3).
-fn seg(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 fn openid(m: &Matrix, token: &str, user: &str) -> Value {
@@ -127,34 +115,7 @@ fn a_user_of_another_server_joins_and_watches_a_call_here() {
     let bob = mb.login("bob", "bob-secret-pw");
 
     // alice's room on a; bob invited over federation and joined.
-    let (st, v) = ma.req(
-        "POST",
-        "/_matrix/client/v3/createRoom",
-        Some(&alice),
-        Some(json!({"preset": "private_chat", "name": "the call", "invite": [bob_id]})),
-    );
-    assert_eq!(st, 200, "{v}");
-    let room = v["room_id"].as_str().unwrap().to_string();
-    wait_until("bob's invite to reach b.test", WAIT, || {
-        let (st, v) = mb.req("GET", "/_matrix/client/v3/sync?timeout=0", Some(&bob), None);
-        st == 200 && v["rooms"]["invite"].get(&room).is_some()
-    });
-    let (st, v) = mb.req(
-        "POST",
-        &format!("/_matrix/client/v3/rooms/{}/join", seg(&room)),
-        Some(&bob),
-        Some(json!({})),
-    );
-    assert_eq!(st, 200, "bob joining: {v}");
-    wait_until("a.test to see bob joined", WAIT, || {
-        let (st, v) = ma.req(
-            "GET",
-            &format!("/_matrix/client/v3/rooms/{}/joined_members", seg(&room)),
-            Some(&alice),
-            None,
-        );
-        st == 200 && v["joined"].get(&bob_id).is_some()
-    });
+    let room = invite_and_join((&ma, &alice), (&mb, &bob, &bob_id), "the call", WAIT);
 
     // alice, of a: full grants on a's SFU.
     let alice_openid = openid(&ma, &alice, &alice_id);

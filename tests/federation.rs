@@ -33,23 +33,11 @@ use matrix_sdk::ruma::events::room::message::RoomMessageEventContent;
 use matrix_sdk::ruma::{OwnedRoomId, OwnedUserId, UserId};
 use serde_json::{Value, json};
 
-use common::twohost::{Host, TwoHost, require_twohost};
+use common::twohost::{Host, TwoHost, invite_and_join, require_twohost, seg};
 use common::{Matrix, wait_until};
 use sdk::SdkUser;
 
 const WAIT: Duration = Duration::from_secs(90);
-
-/// A path segment, percent-encoded (RFC 3986 §2.3: only unreserved characters stay).
-fn seg(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
 
 /// curl run inside `h`'s namespace, trusting the peer's CA (what its Synapse trusts).
 fn curl_in(h: &Host, args: &[&str]) -> Output {
@@ -136,20 +124,6 @@ fn assert_synapse_on_loopback(h: &Host) {
 /// curl's exit code for a connection to `url` from `h`'s namespace.
 fn curl_exit(h: &Host, url: &str) -> Option<i32> {
     curl_in(h, &["-o", "/dev/null", url]).status.code()
-}
-
-fn joined(m: &Matrix, token: &str, room: &str) -> Vec<String> {
-    let (st, v) = m.req(
-        "GET",
-        &format!("/_matrix/client/v3/rooms/{}/joined_members", seg(room)),
-        Some(token),
-        None,
-    );
-    assert_eq!(st, 200, "{v}");
-    v["joined"]
-        .as_object()
-        .map(|o| o.keys().cloned().collect())
-        .unwrap_or_default()
 }
 
 /// The timeline of `room` as `token`'s user sees it (newest first).
@@ -298,30 +272,9 @@ fn two_appliances_federate() {
     let alice = ma.login("alice", "alice-secret-pw");
     let bob = mb.login("bob", "bob-secret-pw");
 
-    // alice's room; bob invited, over federation (a -> b: the well-known way).
-    let (st, v) = ma.req(
-        "POST",
-        "/_matrix/client/v3/createRoom",
-        Some(&alice),
-        Some(json!({"preset": "private_chat", "name": "across", "invite": [bob_id]})),
-    );
-    assert_eq!(st, 200, "{v}");
-    let room = v["room_id"].as_str().unwrap().to_string();
-    wait_until("bob's invite to reach b.test", WAIT, || {
-        let (st, v) = mb.req("GET", "/_matrix/client/v3/sync?timeout=0", Some(&bob), None);
-        st == 200 && v["rooms"]["invite"].get(&room).is_some()
-    });
-    // bob joins (b -> a: make_join/send_join through a.test:8448).
-    let (st, v) = mb.req(
-        "POST",
-        &format!("/_matrix/client/v3/rooms/{}/join", seg(&room)),
-        Some(&bob),
-        Some(json!({})),
-    );
-    assert_eq!(st, 200, "bob joining {room}: {v}");
-    wait_until("a.test to see bob joined", WAIT, || {
-        joined(&ma, &alice, &room).contains(&bob_id)
-    });
+    // alice's room; bob invited, over federation (a -> b: the well-known way); bob joins
+    // (b -> a: make_join/send_join through a.test:8448).
+    let room = invite_and_join((&ma, &alice), (&mb, &bob, &bob_id), "across", WAIT);
     // Messages both ways.
     send_text(&ma, &alice, &room, "hello from a.test");
     wait_message(&mb, &bob, &room, &alice_id, "hello from a.test");

@@ -638,3 +638,76 @@ fn nxdomain(query: &[u8]) -> Option<Vec<u8>> {
     a[6..12].fill(0); // no answer, authority or additional records
     Some(a)
 }
+
+/// A path segment, percent-encoded (RFC 3986 §2.3: only unreserved characters stay).
+pub fn seg(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// The joined members of `room`, as `token`'s user sees them.
+pub fn joined(m: &Matrix, token: &str, room: &str) -> Vec<String> {
+    let (st, v) = m.req(
+        "GET",
+        &format!("/_matrix/client/v3/rooms/{}/joined_members", seg(room)),
+        Some(token),
+        None,
+    );
+    assert_eq!(st, 200, "{v}");
+    v["joined"]
+        .as_object()
+        .map(|o| o.keys().cloned().collect())
+        .unwrap_or_default()
+}
+
+/// `owner` (a client of one host, with `owner_token`) makes a private room named `name` and
+/// invites `guest_id` of the other host; the invite crosses over federation, the guest (a
+/// client of their host, `guest_token`) joins, and the owner's server sees them joined.
+/// The room's ID.
+pub fn invite_and_join(
+    (owner, owner_token): (&Matrix, &str),
+    (guest, guest_token, guest_id): (&Matrix, &str, &str),
+    name: &str,
+    within: Duration,
+) -> String {
+    let (st, v) = owner.req(
+        "POST",
+        "/_matrix/client/v3/createRoom",
+        Some(owner_token),
+        Some(serde_json::json!({"preset": "private_chat", "name": name, "invite": [guest_id]})),
+    );
+    assert_eq!(st, 200, "{v}");
+    let room = v["room_id"].as_str().unwrap().to_string();
+    super::wait_until(&format!("{guest_id}'s invite to arrive"), within, || {
+        let (st, v) = guest.req(
+            "GET",
+            "/_matrix/client/v3/sync?timeout=0",
+            Some(guest_token),
+            None,
+        );
+        st == 200 && v["rooms"]["invite"].get(&room).is_some()
+    });
+    let (st, v) = guest.req(
+        "POST",
+        &format!("/_matrix/client/v3/rooms/{}/join", seg(&room)),
+        Some(guest_token),
+        Some(serde_json::json!({})),
+    );
+    assert_eq!(st, 200, "{guest_id} joining {room}: {v}");
+    super::wait_until(
+        &format!("the room's server to see {guest_id} joined"),
+        within,
+        || {
+            joined(owner, owner_token, &room)
+                .iter()
+                .any(|u| u == guest_id)
+        },
+    );
+    room
+}
