@@ -20,6 +20,16 @@ use serde::Serialize;
 
 use crate::fsutil::{Owner, ensure_dir, write_atomic};
 
+/// A TLS client that verifies servers against `roots` (chain and name, TLS 1.2+, ring): what
+/// every outgoing verified connection of the appliance uses.
+pub fn verifying_client(roots: rustls::RootCertStore) -> rustls::ClientConfig {
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+}
+
 /// The PEM certificates in `path` as trust roots (a CA bundle or one CA); an error when the
 /// file cannot be read or holds none.
 pub fn roots_from_pem(path: &Path) -> Result<rustls::RootCertStore> {

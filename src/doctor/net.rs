@@ -61,11 +61,7 @@ impl Net {
         {
             trusted.roots.extend(s.roots.iter().cloned());
         }
-        let tls = rustls::ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .expect("ring supports the default TLS versions")
-            .with_root_certificates(trusted)
-            .with_no_client_auth();
+        let tls = crate::certs::verifying_client(trusted);
         let mut own: Vec<String> = [
             &cfg.server_name,
             &cfg.hosts.matrix,

@@ -9,7 +9,6 @@
 //! answer cannot move it), no redirects, no proxy, a deadline and a size cap on every answer.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
@@ -52,13 +51,7 @@ impl Verifier {
         if let Some(p) = extra_ca {
             roots.extend(crate::certs::roots_from_pem(p)?.roots);
         }
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default TLS versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let tls = crate::certs::verifying_client(roots);
         Ok(Verifier {
             finder: Finder {
                 https_port: 443,
@@ -238,7 +231,7 @@ mod tests {
         // A listener on loopback that counts connections: none may arrive.
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = l.local_addr().unwrap().port();
-        let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let h = hits.clone();
         tokio::spawn(async move {
             while l.accept().await.is_ok() {

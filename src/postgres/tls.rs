@@ -23,13 +23,7 @@ impl Verified {
     /// Trusts the PEM certificates in `roots` (the system bundle or `postgres.ca_file`).
     pub fn from_roots(roots: &Path) -> anyhow::Result<Verified> {
         let store = crate::certs::roots_from_pem(roots)?;
-        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default TLS versions")
-        .with_root_certificates(store)
-        .with_no_client_auth();
+        let cfg = crate::certs::verifying_client(store);
         Ok(Verified(Arc::new(cfg)))
     }
 }
