@@ -310,82 +310,9 @@ async fn readiness_waits_for_http_200() {
     child.stop().await;
 }
 
-/// What the supervisor logged, captured by a tracing layer installed once for this process.
-mod capture {
-    use std::sync::{Mutex, OnceLock};
-
-    use tracing::field::{Field, Visit};
-    use tracing_subscriber::layer::{Context, SubscriberExt};
-
-    #[derive(Debug, Clone)]
-    pub struct Event {
-        pub level: tracing::Level,
-        pub child: Option<String>,
-        pub message: String,
-    }
-
-    static EVENTS: Mutex<Vec<Event>> = Mutex::new(Vec::new());
-
-    struct Layer;
-
-    #[derive(Default)]
-    struct Fields {
-        child: Option<String>,
-        message: String,
-    }
-
-    impl Visit for Fields {
-        fn record_str(&mut self, f: &Field, v: &str) {
-            match f.name() {
-                "child" => self.child = Some(v.to_string()),
-                "message" => self.message = v.to_string(),
-                _ => {}
-            }
-        }
-        fn record_debug(&mut self, f: &Field, v: &dyn std::fmt::Debug) {
-            match f.name() {
-                "child" => self.child = Some(format!("{v:?}")),
-                "message" => self.message = format!("{v:?}"),
-                _ => {}
-            }
-        }
-    }
-
-    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Layer {
-        fn on_event(&self, e: &tracing::Event<'_>, _: Context<'_, S>) {
-            let mut f = Fields::default();
-            e.record(&mut f);
-            EVENTS.lock().unwrap().push(Event {
-                level: *e.metadata().level(),
-                child: f.child,
-                message: f.message,
-            });
-        }
-    }
-
-    pub fn install() {
-        static ONCE: OnceLock<()> = OnceLock::new();
-        ONCE.get_or_init(|| {
-            tracing::subscriber::set_global_default(tracing_subscriber::registry().with(Layer))
-                .expect("installing the capturing subscriber");
-        });
-    }
-
-    /// The events about child `name` so far.
-    pub fn of_child(name: &str) -> Vec<Event> {
-        EVENTS
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|e| e.child.as_deref() == Some(name))
-            .cloned()
-            .collect()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_child_writing_invalid_utf8_and_an_endless_line_keeps_running_and_logging() {
-    capture::install();
+    common::capture::install();
     let d = tempfile::tempdir().unwrap();
     let written = d.path().join("written");
     // Raw bytes, then a 1 MiB line, then ordinary lines on both pipes, then idling: what a
@@ -411,13 +338,13 @@ async fn a_child_writing_invalid_utf8_and_an_endless_line_keeps_running_and_logg
         "the later lines to be logged",
         Duration::from_secs(10),
         || {
-            let ev = capture::of_child("garbage");
+            let ev = common::capture::of_child("garbage");
             ev.iter().any(|e| e.message == "after one")
                 && ev.iter().any(|e| e.message.ends_with("after two"))
         },
     )
     .await;
-    let events = capture::of_child("garbage");
+    let events = common::capture::of_child("garbage");
     let lines: Vec<&str> = events
         .iter()
         .map(|e| e.message.as_str())
@@ -447,7 +374,7 @@ async fn a_child_writing_invalid_utf8_and_an_endless_line_keeps_running_and_logg
     child.stop().await;
     // The last line had no newline: it comes out at EOF.
     wait_for("the unterminated last line", Duration::from_secs(5), || {
-        capture::of_child("garbage")
+        common::capture::of_child("garbage")
             .iter()
             .any(|e| e.message == "last, without a newline")
     })

@@ -2,6 +2,7 @@
 //! (hyper), and a request pipeline in front of the handlers `app` registers.
 //!
 //! - `transport`: listeners, TLS, connection limits and lifetimes;
+//! - `authority`: which host a request names (one Host, the target's authority first);
 //! - `router`: where a request goes, and the handler (with its layers) registered there;
 //! - `layers`: admin guard, forwarded headers, body limit, HSTS;
 //! - `handlers`: the small answers (well-known, ACME HTTP-01, landing page);
@@ -11,6 +12,7 @@
 //!
 //! Nothing here imports a feature module: Element and the rest are registered by `app`.
 
+pub mod authority;
 pub mod balance;
 pub mod handlers;
 pub mod inner;
@@ -188,6 +190,15 @@ impl FrontDoor {
     }
 }
 
+/// 400, as a Matrix error on the Matrix APIs (spec: "Standard error response").
+pub fn bad_request(path: &str, why: &str) -> Response<Body> {
+    if path.starts_with("/_matrix/") {
+        matrix_error(StatusCode::BAD_REQUEST, "M_UNKNOWN", why)
+    } else {
+        full(StatusCode::BAD_REQUEST, "text/plain", format!("{why}\n"))
+    }
+}
+
 fn not_found(path: &str) -> Response<Body> {
     if path.starts_with("/_matrix/") {
         matrix_error(StatusCode::NOT_FOUND, "M_UNRECOGNIZED", "not served here")
@@ -203,13 +214,16 @@ impl transport::App for FrontDoor {
         peer: IpAddr,
         listener: Listener,
     ) -> Response<Body> {
-        let authority = req
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_string)
-            .or_else(|| req.uri().authority().map(|a| a.to_string()))
-            .unwrap_or_default();
+        let authority = match authority::of(&req) {
+            Ok(a) => a,
+            // The client's fault, so not worth a warning: anyone could write those at will.
+            Err(e) => {
+                tracing::debug!(%peer, "bad request: {e}");
+                let answer = bad_request(req.uri().path(), &e.to_string());
+                let body = req.into_body().map_err(BoxError::from).boxed();
+                return answer_early(answer, body).await;
+            }
+        };
         let cx = Cx {
             peer,
             listener,

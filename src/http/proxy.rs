@@ -176,6 +176,12 @@ impl Upstream {
             Err(wire::Error::Body(e)) if BodyLimit::caused(&*e) => {
                 BodyLimit::too_large(self.max_body)
             }
+            // The client's own body broke (a bad chunk, a reset): its fault, not Synapse's,
+            // and not worth a warning anyone could write at will (RFC 9112 §7.1: 400).
+            Err(wire::Error::Body(e)) => {
+                tracing::debug!(%peer, "the request body to {} broke off: {e}", uri.path());
+                super::bad_request(uri.path(), "the request body is malformed or broke off")
+            }
             Err(wire::Error::TimedOut(_)) => {
                 tracing::warn!(
                     "Synapse did not answer {} within {head_timeout:?}",

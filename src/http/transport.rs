@@ -391,6 +391,9 @@ impl<A: App> Transport<A> {
             .http1()
             .timer(TokioTimer::new())
             .header_read_timeout(None)
+            // The same cap on a request head as HTTP/2's below; past it hyper answers 431
+            // (RFC 6585 §5) instead of buffering up to its ~400 KiB default.
+            .max_buf_size(h2_limits::MAX_HEADER_LIST_SIZE as usize)
             .keep_alive(true);
         builder
             .http2()

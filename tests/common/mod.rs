@@ -10,7 +10,9 @@
 #![allow(clippy::disallowed_methods)]
 
 pub mod aptrepo;
+pub mod capture;
 pub mod element;
+pub mod frontdoor;
 pub mod nspawn;
 pub mod pebble;
 pub mod twohost;
@@ -921,6 +923,21 @@ pub async fn h2_tls(
     Vec<u8>,
     std::sync::Arc<std::sync::atomic::AtomicUsize>,
 ) {
+    tls_alpn(port, host, ca_pem, b"h2").await
+}
+
+/// A TLS connection to `port` on loopback, verified against `ca_pem` for `host`, that
+/// negotiated `alpn` (b"h2" or b"http/1.1").
+pub async fn tls_alpn(
+    port: u16,
+    host: &str,
+    ca_pem: &str,
+    alpn: &[u8],
+) -> (
+    tokio_rustls::client::TlsStream<CountingReads<tokio::net::TcpStream>>,
+    Vec<u8>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
     use rustls_pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
@@ -932,7 +949,7 @@ pub async fn h2_tls(
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    cfg.alpn_protocols = vec![alpn.to_vec()];
     let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
@@ -945,7 +962,7 @@ pub async fn h2_tls(
     let name = rustls_pki_types::ServerName::try_from(host.to_string()).unwrap();
     let tls = connector.connect(name, tcp).await.expect("TLS handshake");
     let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
-    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(alpn));
     (tls, leaf, reads)
 }
 
