@@ -100,6 +100,10 @@ pub async fn run(config_path: &Path) -> Result<(), RunError> {
 
     let state = cfg.state_dir();
     ensure_dir(&state, Owner::root(), 0o755)?;
+    // Before PostgreSQL, Synapse's config or the control socket are touched; held until the
+    // process ends.
+    let _instance = crate::instance::Instance::lock(&state, "run", &cfg.control_socket())
+        .map_err(anyhow::Error::from)?;
     let secrets = Secrets::ensure(&state)?;
     let synapse_user = RunAs::lookup(&cfg.synapse.user)?;
 

@@ -383,7 +383,7 @@ async fn other(cmd: Cmd, cfg: &Config) -> Result<()> {
                 ElementCmd::FetchPinned { .. } => unreachable!("handled in dispatch"),
             };
             // An `error` answer is already an Err from control::request.
-            let v = control::request(&cfg.control_socket(), what).await?;
+            let v = ask(cfg, what).await?;
             println!("Element: {}", v["message"].as_str().unwrap_or("done"));
             Ok(())
         }
@@ -530,7 +530,7 @@ async fn backup(cfg: &Config, config_path: &Path, args: BackupArgs) -> Result<()
 
 /// Asks the running service to reload and prints its report (app::ReloadReport).
 async fn reload(cfg: &Config) -> Result<()> {
-    let v = control::request(&cfg.control_socket(), "reload").await?;
+    let v = ask(cfg, "reload").await?;
     for line in v["lines"].as_array().into_iter().flatten() {
         println!("{}", line.as_str().unwrap_or("?"));
     }
@@ -543,9 +543,29 @@ async fn reload(cfg: &Config) -> Result<()> {
     Ok(())
 }
 
+/// A request to the running service. When its socket cannot be reached, the instance lock
+/// says whether the service runs at all: a socket lost or removed must not make a running
+/// server look stopped (and someone then start a second one).
+async fn ask(cfg: &Config, what: &str) -> Result<serde_json::Value> {
+    let socket = cfg.control_socket();
+    let e = match control::request(&socket, what).await {
+        Ok(v) => return Ok(v),
+        Err(e) => e,
+    };
+    let unreachable = e.root_cause().downcast_ref::<std::io::Error>().is_some();
+    match crate::instance::Instance::holder(&cfg.state_dir()) {
+        Some(holder) if unreachable => bail!(
+            "homelab-matrix is running ({holder}), but its control socket {} does not answer ({}); `systemctl restart homelab-matrix` makes a new one",
+            socket.display(),
+            e.root_cause()
+        ),
+        _ => Err(e),
+    }
+}
+
 async fn status(cfg: &Config, json: bool) -> Result<()> {
     let rollback = crate::backup::rollback::load(cfg);
-    let mut v = match control::request(&cfg.control_socket(), "status").await {
+    let mut v = match ask(cfg, "status").await {
         Ok(v) => v,
         Err(e) => {
             // The service is down; a rollback under way (or one that failed) is why.

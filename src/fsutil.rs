@@ -25,6 +25,48 @@ use nix::sys::stat::{FileStat, Mode, SFlag, fchmod, fstat, fstatat, mkdirat};
 use nix::unistd::{Gid, Uid, UnlinkatFlags, fchown, fchownat, fsync, unlinkat};
 use ring::rand::{SecureRandom, SystemRandom};
 
+/// An exclusive lock on all of `f` for as long as its open file description lives (F_OFD_SETLK:
+/// not inherited by children, which get no copy of a close-on-exec descriptor, and released
+/// when the process dies). Ok(false) when another holds it.
+pub fn try_lock(f: &fs::File) -> std::io::Result<bool> {
+    let mut fl = whole_file(nix::libc::F_WRLCK);
+    // SAFETY: F_OFD_SETLK on an open descriptor with a pointer to a live flock.
+    match unsafe { nix::libc::fcntl(f.as_raw_fd(), nix::libc::F_OFD_SETLK, &mut fl) } {
+        0 => Ok(true),
+        _ => match std::io::Error::last_os_error() {
+            e if matches!(
+                e.raw_os_error(),
+                Some(nix::libc::EAGAIN | nix::libc::EACCES)
+            ) =>
+            {
+                Ok(false)
+            }
+            e => Err(e),
+        },
+    }
+}
+
+/// Whether someone holds a lock on `path` (fcntl's, or an OFD lock as `try_lock` takes): F_GETLK
+/// asks without taking one, so a read-only descriptor will do and no taker is ever refused
+/// because someone asked.
+pub fn lock_held(path: &Path) -> bool {
+    let Ok(f) = fs::File::open(path) else {
+        return false;
+    };
+    let mut fl = whole_file(nix::libc::F_WRLCK);
+    // SAFETY: F_OFD_GETLK on an open descriptor with a pointer to a live flock (l_pid 0).
+    let r = unsafe { nix::libc::fcntl(f.as_raw_fd(), nix::libc::F_OFD_GETLK, &mut fl) };
+    r == 0 && i32::from(fl.l_type) != nix::libc::F_UNLCK
+}
+
+fn whole_file(kind: i32) -> nix::libc::flock {
+    // SAFETY: a zeroed flock is a valid value (the whole file from offset 0, l_pid 0).
+    let mut fl: nix::libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = kind as _;
+    fl.l_whence = nix::libc::SEEK_SET as _;
+    fl
+}
+
 /// Who owns a file or directory we create.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Owner {
@@ -253,6 +295,37 @@ impl Dir {
             return Ok(None);
         }
         Ok(Some((fs::File::from(fd), st)))
+    }
+
+    /// The lock file `name`, made (0644, ours) when missing, for `try_lock`. One that is not a
+    /// regular file of ours with one link (a symlink, a hard link, another user's file) is an
+    /// error, never followed or written.
+    pub fn open_lock(&self, name: &str) -> Result<fs::File> {
+        let path = self.join(name);
+        let flags = OFlag::O_RDWR
+            | OFlag::O_CREAT
+            | OFlag::O_NOFOLLOW
+            | OFlag::O_NONBLOCK
+            | OFlag::O_NOCTTY
+            | OFlag::O_CLOEXEC;
+        let fd =
+            openat(&self.fd, name, flags, Mode::from_bits_truncate(0o644)).with_context(|| {
+                format!(
+                    "opening the lock file {}; if it is not a regular file, remove it",
+                    path.display()
+                )
+            })?;
+        let st = fstat(&fd).with_context(|| format!("stat {}", path.display()))?;
+        if file_type(&st) != SFlag::S_IFREG
+            || st.st_nlink != 1
+            || st.st_uid != Uid::effective().as_raw()
+        {
+            bail!(
+                "{} is not a regular file of this user's with one link; remove it and try again",
+                path.display()
+            );
+        }
+        Ok(fs::File::from(fd))
     }
 
     /// Writes only when the contents differ; returns whether it wrote. Keeps mtimes (and

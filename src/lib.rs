@@ -21,6 +21,7 @@ pub mod element;
 pub mod fdlimit;
 pub mod fsutil;
 pub mod http;
+pub mod instance;
 pub mod invite;
 pub mod logging;
 pub mod matrixrtc;

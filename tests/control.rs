@@ -220,3 +220,127 @@ fn reload_reports_what_it_reapplied_and_restarts_synapse_only_on_change() {
     assert!(served_config_json(&lab).contains("Reload Test"));
     assert_eq!(synapse_pid(&lab), pid1, "nothing else changed");
 }
+
+/// (inode, mtime in ns) of `p`: changed by any write that replaces or rewrites it.
+fn stamp(p: &std::path::Path) -> (u64, i64) {
+    let m = fs::symlink_metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    (m.ino(), m.mtime() * 1_000_000_000 + m.mtime_nsec())
+}
+
+/// One instance per state directory (issue #28 item 4): a second `run` on the same state,
+/// with the same config or another one that shares it, stops at once with the first one's
+/// pid and how to reach it, before it touches PostgreSQL, Synapse's config or the control
+/// socket. With the socket gone, `status` and `restore` still know the service runs: they ask
+/// the lock, not the socket.
+#[test]
+fn a_second_instance_on_one_state_directory_stops_first_and_a_lost_socket_does_not_hide_the_first()
+{
+    if !require_appliance() {
+        return;
+    }
+    let lab = lab("instance");
+    let run = lab.start();
+    let first = run.pid();
+    let sock = lab.path("run/control.sock");
+    let hs = lab.path("state/synapse/homeserver.yaml");
+    let before = (stamp(&sock), stamp(&hs));
+
+    // Another config on the same state: other listeners, another run dir, and a PostgreSQL
+    // port nothing listens on, so a second instance that went as far as PostgreSQL would
+    // fail there instead of at the lock.
+    let text = fs::read_to_string(&lab.config).unwrap();
+    let mut second = text.replace(
+        "[postgres]\n",
+        &format!("[postgres]\nport = {}\n", common::free_port()),
+    );
+    for port in [lab.http_port, lab.https_port, lab.federation_port] {
+        second = second.replace(
+            &format!(":{port}\""),
+            &format!(":{}\"", common::free_port()),
+        );
+    }
+    second = second.replace("/run\"", "/run2\"");
+    let other = lab.path("second.toml");
+    fs::write(&other, &second).unwrap();
+
+    for (what, config) in [("the same config", &lab.config), ("another config", &other)] {
+        let out = Command::new(bin())
+            .arg("--config")
+            .arg(config)
+            .arg("run")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("RUST_LOG")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{what}: a second run started:\n{err}"
+        );
+        assert!(
+            err.contains(&format!(
+                "`homelab-matrix run` (pid {first}) already runs on the state directory"
+            )),
+            "{what}: the first one's pid: {err}"
+        );
+        assert!(
+            err.contains("homelab-matrix status"),
+            "{what}: how to reach it: {err}"
+        );
+        assert!(
+            !err.contains("PostgreSQL"),
+            "{what}: it went as far as PostgreSQL: {err}"
+        );
+    }
+    assert_eq!(
+        (stamp(&sock), stamp(&hs)),
+        before,
+        "the second run touched the socket or Synapse's config"
+    );
+    assert!(
+        !lab.path("run2").exists(),
+        "the second run made its run dir"
+    );
+    assert_eq!(lab.status()["pid"], first, "the first one still answers");
+
+    // The socket removed (by hand, or tmpfiles cleaning /run): the service still runs, and
+    // nothing that needs it stopped takes a missing socket for a stopped server.
+    fs::remove_file(&sock).unwrap();
+    let out = lab.run_cmd(&["status"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!(
+            "homelab-matrix is running (`homelab-matrix run` (pid {first}))"
+        )),
+        "status without the socket: {err}"
+    );
+    let out = lab.run_cmd(&["restore", "/nonexistent/backup.tar"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("homelab-matrix is running") && err.contains(&format!("pid {first}")),
+        "restore must refuse while the service runs: {err}"
+    );
+    assert_eq!(
+        stamp(&hs),
+        before.1,
+        "the refused restore touched Synapse's config"
+    );
+
+    // Stopped, the lock is free: restore gets past it (and fails on its missing file).
+    let mut run = run;
+    run.signal_and_wait(nix::sys::signal::Signal::SIGTERM, Duration::from_secs(60));
+    let out = lab.run_cmd(&["restore", "/nonexistent/backup.tar"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        !err.contains("is running"),
+        "stopped, yet refused as running: {err}"
+    );
+    let err = String::from_utf8_lossy(&lab.run_cmd(&["status"]).stderr).into_owned();
+    assert!(
+        err.contains("is it running?"),
+        "stopped, status says: {err}"
+    );
+}

@@ -129,21 +129,9 @@ pub fn find_kept(dir: &Path, name: &str, version: &str) -> Option<PathBuf> {
 /// Whether apt or dpkg is running: one of dpkg's locks is held (they are fcntl locks; F_GETLK
 /// asks without taking one, so a read-only descriptor will do).
 pub fn dpkg_busy() -> bool {
-    DPKG_LOCKS.iter().any(|p| lock_held(Path::new(p)))
-}
-
-fn lock_held(path: &Path) -> bool {
-    use std::os::fd::AsRawFd;
-    let Ok(f) = std::fs::File::open(path) else {
-        return false;
-    };
-    // SAFETY: a zeroed flock is a valid value; fcntl only writes into it.
-    let mut fl: nix::libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = nix::libc::F_WRLCK as _;
-    fl.l_whence = nix::libc::SEEK_SET as _;
-    // SAFETY: F_GETLK on an open descriptor with a pointer to a live flock.
-    let r = unsafe { nix::libc::fcntl(f.as_raw_fd(), nix::libc::F_GETLK, &mut fl) };
-    r == 0 && i32::from(fl.l_type) != nix::libc::F_UNLCK
+    DPKG_LOCKS
+        .iter()
+        .any(|p| crate::fsutil::lock_held(Path::new(p)))
 }
 
 #[cfg(test)]
@@ -196,6 +184,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("lock");
         std::fs::write(&p, b"").unwrap();
+        use crate::fsutil::lock_held;
         assert!(!lock_held(&p));
         assert!(!lock_held(&d.path().join("missing")));
         // POSIX locks are per process, but an open file description's lock (F_OFD_SETLK, what

@@ -33,9 +33,9 @@ pub const TLS_FILES: &str = "config/tls";
 #[derive(Debug, thiserror::Error)]
 pub enum Refused {
     #[error(
-        "homelab-matrix is running; a restore must not race the live server. Stop it first (systemctl stop homelab-matrix), then run the restore again"
+        "homelab-matrix is running ({0}); a restore must not race the live server. Stop it first (systemctl stop homelab-matrix), then run the restore again"
     )]
-    Running,
+    Running(crate::instance::Holder),
     #[error(
         "this backup is of server {backup:?}, but this appliance is {here:?}: Matrix IDs (@user:{backup}) and the signing key belong to one server name and cannot move to another. Set server_name = {backup:?} in the config file to restore it here, or restore it on the box that serves {backup}"
     )]
@@ -242,14 +242,16 @@ pub async fn restore(
     file: &Path,
     force: bool,
 ) -> Result<Restored> {
-    if crate::control::request(&cfg.control_socket(), "status")
-        .await
-        .is_ok()
-    {
-        bail!(Refused::Running);
-    }
     let state = cfg.state_dir();
     ensure_dir(&state, Owner::root(), 0o755)?;
+    // Whether the service runs is the instance lock's to say, not the control socket's (one
+    // lost must not make a running server look stopped); held while the restore runs, so no
+    // `run` starts under it either, and let go before the service is started again.
+    let instance = match crate::instance::Instance::lock(&state, "restore", &cfg.control_socket()) {
+        Ok(i) => i,
+        Err(crate::instance::Error::Held { holder, .. }) => bail!(Refused::Running(holder)),
+        Err(e) => return Err(e.into()),
+    };
     // Removing a deep tree a child left holds a descriptor per level (fsutil::Dir::remove).
     crate::fdlimit::raise();
     let checked = {
@@ -363,6 +365,7 @@ pub async fn restore(
     // unless the installed one is newer.
     super::upgrade::forget_versions(cfg);
 
+    drop(instance);
     let started = start_service(cfg).await?;
     Ok(Restored {
         manifest: checked.manifest,
