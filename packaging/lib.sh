@@ -130,3 +130,10 @@ cross_env() {
   # debhelper: the build runs what it built, through qemu-user's binfmt handler.
   export DEB_BUILD_OPTIONS="${DEB_BUILD_OPTIONS:+$DEB_BUILD_OPTIONS }crossbuildcanrunhostbinaries nocheck"
 }
+
+# The log filter of the quick start's foreground run: Synapse's own lines from warnings up,
+# and the operator's RUST_LOG after it. The appliance adds RUST_LOG to its default filter
+# (src/logging.rs), so neither brings back the chatter the default keeps out.
+quickstart_log_filter() {
+  echo "child=warn${RUST_LOG:+,$RUST_LOG}"
+}

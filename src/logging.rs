@@ -4,7 +4,9 @@
 //! An operator reads WARN and ERROR as "something is wrong", so on a healthy appliance the
 //! default filter lets none through that do not mean it: our own lines at info, the Matrix
 //! client libraries (the registration bot's matrix-sdk) at warn, minus the messages they log
-//! routinely on a healthy server (`BENIGN`). RUST_LOG replaces all of it, for debugging.
+//! routinely on a healthy server (`BENIGN`). RUST_LOG adds to that filter (a directive for
+//! the same target replaces the default's), so `RUST_LOG=child=warn` or
+//! `RUST_LOG=homelab_matrix::http=debug` changes only what it names.
 
 use tracing::field::{Field, Visit};
 use tracing_subscriber::EnvFilter;
@@ -82,17 +84,33 @@ impl Visit for Message {
     }
 }
 
-/// `daemon`: the `run` command logs at info; the other commands only warnings, so their own
-/// output stays readable. RUST_LOG overrides both.
-pub fn init(daemon: bool) {
-    let (filter, drop_benign) = match EnvFilter::try_from_default_env() {
-        Ok(f) => (f, None),
-        Err(_) if daemon => (EnvFilter::new(DAEMON_DEFAULT), Some(DropBenign)),
-        Err(_) => (EnvFilter::new("warn"), None),
+/// The default filter with `extra` (RUST_LOG's directives) after it: EnvFilter keeps the last
+/// directive for each target, so an extra one replaces the default's for its target only.
+/// A RUST_LOG that does not parse is an error naming it; the default alone stays usable.
+pub fn filter(default: &str, extra: Option<&str>) -> (EnvFilter, Option<String>) {
+    let Some(extra) = extra.map(str::trim).filter(|e| !e.is_empty()) else {
+        return (EnvFilter::new(default), None);
     };
+    match EnvFilter::builder().parse(format!("{default},{extra}")) {
+        Ok(f) => (f, None),
+        Err(e) => (
+            EnvFilter::new(default),
+            Some(format!(
+                "RUST_LOG={extra:?} is not a log filter ({e}), so the default is used; write \
+                 directives such as `debug` or `child=warn,homelab_matrix::http=debug`"
+            )),
+        ),
+    }
+}
+
+/// `daemon`: the `run` command logs at info; the other commands only warnings, so their own
+/// output stays readable. RUST_LOG adds to either (`filter`).
+pub fn init(daemon: bool) {
+    let default = if daemon { DAEMON_DEFAULT } else { "warn" };
+    let (filter, bad_env) = filter(default, std::env::var("RUST_LOG").ok().as_deref());
     let base = tracing_subscriber::registry()
         .with(filter)
-        .with(drop_benign);
+        .with(daemon.then_some(DropBenign));
     // systemd sets JOURNAL_STREAM for a unit's stdout/stderr (systemd.exec(5)).
     if daemon
         && std::env::var_os("JOURNAL_STREAM").is_some()
@@ -101,16 +119,19 @@ pub fn init(daemon: bool) {
         let _ = base
             .with(journald.with_syslog_identifier("homelab-matrix".into()))
             .try_init();
-        return;
+    } else {
+        let _ = base
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                    .with_target(false),
+            )
+            .try_init();
     }
-    let _ = base
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                .with_target(false),
-        )
-        .try_init();
+    if let Some(bad) = bad_env {
+        tracing::warn!("{bad}");
+    }
 }
 
 #[cfg(test)]
@@ -140,6 +161,110 @@ mod tests {
             "matrix_sdk_crypto::backups",
             "Backup key is invalid"
         ));
+    }
+
+    /// Which of `events` (target, level) pass `filter`.
+    fn passing(filter: EnvFilter, events: &[(&str, tracing::Level)]) -> Vec<String> {
+        use std::sync::{Arc, Mutex};
+        struct Seen(Arc<Mutex<Vec<String>>>);
+        impl<S: tracing::Subscriber> Layer<S> for Seen {
+            fn on_event(&self, e: &tracing::Event<'_>, _: Context<'_, S>) {
+                let mut m = Message(String::new());
+                e.record(&mut m);
+                self.0.lock().unwrap().push(m.0);
+            }
+        }
+        let seen = Arc::new(Mutex::new(vec![]));
+        let sub = tracing_subscriber::registry()
+            .with(filter)
+            .with(Seen(seen.clone()));
+        tracing::subscriber::with_default(sub, || {
+            for (target, level) in events {
+                // Targets must be static in the macros: one call site per case.
+                let m = format!("{target} {level}");
+                match (*target, *level) {
+                    ("homelab_matrix::bot", tracing::Level::INFO) => {
+                        tracing::info!(target: "homelab_matrix::bot", "{m}")
+                    }
+                    ("homelab_matrix::http", tracing::Level::DEBUG) => {
+                        tracing::debug!(target: "homelab_matrix::http", "{m}")
+                    }
+                    ("child", tracing::Level::INFO) => tracing::info!(target: "child", "{m}"),
+                    ("child", tracing::Level::WARN) => tracing::warn!(target: "child", "{m}"),
+                    ("matrix_sdk_base::client", tracing::Level::INFO) => {
+                        tracing::info!(target: "matrix_sdk_base::client", "{m}")
+                    }
+                    ("matrix_sdk::http_client", tracing::Level::ERROR) => {
+                        tracing::error!(target: "matrix_sdk::http_client", "{m}")
+                    }
+                    ("matrix_sdk::http_client", tracing::Level::DEBUG) => {
+                        tracing::debug!(target: "matrix_sdk::http_client", "{m}")
+                    }
+                    other => panic!("no call site for {other:?}"),
+                }
+            }
+        });
+        Arc::try_unwrap(seen).unwrap().into_inner().unwrap()
+    }
+
+    #[test]
+    fn rust_log_adds_to_the_default_filter_instead_of_replacing_it() {
+        use tracing::Level;
+        let events = [
+            ("homelab_matrix::bot", Level::INFO),
+            ("homelab_matrix::http", Level::DEBUG),
+            ("child", Level::INFO),
+            ("child", Level::WARN),
+            ("matrix_sdk_base::client", Level::INFO),
+            ("matrix_sdk::http_client", Level::ERROR),
+            ("matrix_sdk::http_client", Level::DEBUG),
+        ];
+        let run = |extra| {
+            let (f, bad) = filter(DAEMON_DEFAULT, extra);
+            assert_eq!(bad, None);
+            passing(f, &events)
+        };
+        let default = run(None);
+        assert_eq!(
+            default,
+            ["homelab_matrix::bot INFO", "child INFO", "child WARN"]
+        );
+        assert_eq!(run(Some("")), default);
+        // The quick start's: Synapse's lines from warnings up, everything else as by default.
+        assert_eq!(
+            run(Some("child=warn")),
+            ["homelab_matrix::bot INFO", "child WARN"]
+        );
+        // What it names, it replaces; the rest of the default stays (matrix-sdk quiet).
+        assert_eq!(
+            run(Some("info,child=warn,homelab_matrix::http=debug")),
+            [
+                "homelab_matrix::bot INFO",
+                "homelab_matrix::http DEBUG",
+                "child WARN"
+            ]
+        );
+        assert_eq!(
+            run(Some("matrix_sdk::http_client=debug")),
+            [
+                "homelab_matrix::bot INFO",
+                "child INFO",
+                "child WARN",
+                "matrix_sdk::http_client ERROR",
+                "matrix_sdk::http_client DEBUG"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_rust_log_that_does_not_parse_is_named_and_the_default_kept() {
+        let (f, bad) = filter(DAEMON_DEFAULT, Some("child=loud"));
+        let bad = bad.expect("an error");
+        assert!(bad.contains("RUST_LOG=\"child=loud\""), "{bad}");
+        assert_eq!(
+            passing(f, &[("child", tracing::Level::INFO)]),
+            ["child INFO"]
+        );
     }
 
     #[test]
