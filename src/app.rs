@@ -21,7 +21,7 @@ use crate::bot::{self, Bot};
 use crate::certs::ca::InternalCa;
 use crate::certs::{Cert, CertStore, Source, unix};
 use crate::config::{self, Config, ConfigError, TlsMode};
-use crate::control::{self, Status};
+use crate::control;
 use crate::element::{self, Element};
 use crate::fsutil::{Owner, ensure_dir};
 use crate::http::{self as front, Bound, FrontDoor, Limits, Router, Slot};
@@ -38,6 +38,32 @@ pub enum RunError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Other(#[from] anyhow::Error),
+}
+
+/// What `status` answers over the control socket.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Status {
+    pub version: String,
+    pub pid: u32,
+    pub server_name: String,
+    /// `starting` until Synapse first answers /health, then `ready`; `stopping` on the way out.
+    pub phase: String,
+    pub state_dir: String,
+    pub synapse_url: String,
+    /// The client API's public URL.
+    pub url: String,
+    pub element_url: String,
+    pub tls_mode: String,
+    /// The internal CA's certificate: what LAN clients trust in `internal` mode.
+    pub ca_root: String,
+    /// What Synapse hands clients for calls (empty when TURN is off).
+    pub turn_uris: Vec<String>,
+    pub certificates: Vec<serde_json::Value>,
+    pub children: Vec<crate::supervisor::ChildStatus>,
+    pub element: element::ElementStatus,
+    pub bot: bot::BotStatus,
+    /// Open problems that need an admin (the bot DMs them).
+    pub problems: Vec<alerts::Problem>,
 }
 
 struct App {
@@ -76,9 +102,18 @@ const INTERNAL_VALIDITY: Duration = Duration::from_secs(365 * 86400);
 /// How long open connections get to finish when the front door closes.
 const DRAIN: Duration = Duration::from_secs(5);
 
+/// Everything `run` and check-config find wrong with this config on this host, beyond the
+/// file itself: the config's own (files, users), then each feature's.
+pub fn environment_problems(cfg: &Config) -> Vec<config::Problem> {
+    let mut out = config::environment_problems(cfg);
+    out.extend(admin::config_problems(cfg));
+    out.extend(crate::coturn::environment_problems(cfg));
+    out
+}
+
 pub async fn run(config_path: &Path) -> Result<(), RunError> {
     let cfg = Config::load(config_path)?;
-    let env = config::environment_problems(&cfg);
+    let env = environment_problems(&cfg);
     if !env.is_empty() {
         return Err(ConfigError::Invalid {
             path: config_path.to_owned(),
@@ -201,7 +236,7 @@ pub async fn run(config_path: &Path) -> Result<(), RunError> {
     let status_app = app.clone();
     let control_task = tokio::spawn(control::serve(
         listener,
-        Arc::new(move || status_app.status()),
+        Arc::new(move || serde_json::to_value(status_app.status()).expect("status serializes")),
         req_tx,
     ));
 

@@ -325,7 +325,7 @@ fn check_config(path: &Path) -> i32 {
     match Config::load(path) {
         Err(e) => config_exit(e),
         Ok(cfg) => {
-            let env = config::environment_problems(&cfg);
+            let env = crate::app::environment_problems(&cfg);
             if !env.is_empty() {
                 return config_exit(ConfigError::Invalid {
                     path: path.to_owned(),

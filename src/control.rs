@@ -9,41 +9,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::alerts::Problem;
-use crate::bot::BotStatus;
-use crate::element::ElementStatus;
 use crate::fsutil::{Owner, ensure_dir};
-use crate::supervisor::ChildStatus;
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Status {
-    pub version: String,
-    pub pid: u32,
-    pub server_name: String,
-    /// `starting` until Synapse first answers /health, then `ready`; `stopping` on the way out.
-    pub phase: String,
-    pub state_dir: String,
-    pub synapse_url: String,
-    /// The client API's public URL.
-    pub url: String,
-    pub element_url: String,
-    pub tls_mode: String,
-    /// The internal CA's certificate: what LAN clients trust in `internal` mode.
-    pub ca_root: String,
-    /// What Synapse hands clients for calls (empty when TURN is off).
-    pub turn_uris: Vec<String>,
-    pub certificates: Vec<serde_json::Value>,
-    pub children: Vec<ChildStatus>,
-    pub element: ElementStatus,
-    pub bot: BotStatus,
-    /// Open problems that need an admin (the bot DMs them).
-    pub problems: Vec<Problem>,
-}
 
 /// Requests the app acts on.
 #[derive(Debug)]
@@ -62,7 +32,9 @@ pub enum Request {
     },
 }
 
-pub type StatusFn = Arc<dyn Fn() -> Status + Send + Sync>;
+/// The service's status as JSON: what it holds is the app's to say, so this socket knows no
+/// feature module.
+pub type StatusFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
 /// Binds the socket (replacing a stale one) so that it is never reachable with a mode looser
 /// than 0600. A unix socket's file gets its mode at bind(2) from the umask, and fchmod(2) on
@@ -184,7 +156,7 @@ async fn answer(stream: UnixStream, status: StatusFn, requests: mpsc::Sender<Req
         }
     };
     let reply = match line.trim() {
-        "status" => serde_json::to_value(status()).expect("status serializes"),
+        "status" => status(),
         "reload" => ask(|reply| Request::Reload { reply }).await,
         "element-update" => {
             ask(|reply| Request::ElementUpdate {

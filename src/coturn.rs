@@ -24,6 +24,18 @@ use crate::supervisor::{BackoffPolicy, ChildSpec, Command, Readiness, RunAs};
 
 pub const TURNSERVER: &str = "/usr/bin/turnserver";
 
+/// What the host must offer for `[turn]`: the coturn binary (check-config and `run` say it).
+pub fn environment_problems(cfg: &Config) -> Vec<crate::config::Problem> {
+    if cfg.turn.enabled && !Path::new(TURNSERVER).exists() {
+        return vec![crate::config::Problem {
+            key: "turn.enabled".into(),
+            message: format!("{TURNSERVER} does not exist, so calls have no TURN server"),
+            fix: "install coturn (apt install coturn), or set turn.enabled = false".into(),
+        }];
+    }
+    vec![]
+}
+
 /// Ranges no peer may be relayed to (coturn.md's list, IPv4 and IPv6).
 pub const DENIED_PEER_RANGES: &[&str] = &[
     "0.0.0.0-0.255.255.255",

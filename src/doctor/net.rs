@@ -285,7 +285,7 @@ pub async fn get_json(
             name,
             format!(
                 "{what} does not answer: {}",
-                super::delegation::error_chain(&e)
+                crate::discovery::error_chain(&e)
             ),
             on_error,
         )),

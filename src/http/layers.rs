@@ -10,8 +10,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Body as _;
 
-use super::router::Listener;
-use super::{Body, BoxError, Cx, answer_unread, matrix_error};
+use super::{Body, BoxError, Cx, Listener, answer_unread, matrix_error};
 
 /// What a layer does with a request.
 pub enum Step {

@@ -39,7 +39,7 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use layers::{AdminGuard, Hsts, Layer, Step};
-pub use router::{Hosts, Listener, Route, Router, Site, Slot};
+pub use router::{Hosts, Route, Router, Site, Slot};
 pub use transport::{Bound, Limits, addr_key};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -83,6 +83,17 @@ pub fn matrix_error(status: StatusCode, errcode: &str, error: &str) -> Response<
         "application/json",
         json!({"errcode": errcode, "error": error}).to_string(),
     )
+}
+
+/// Which listener a request came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    /// :80, plain HTTP.
+    Http,
+    /// :443, clients and federation.
+    Https,
+    /// :8448, federation only.
+    Federation,
 }
 
 /// What a handler knows of a request besides the request itself.

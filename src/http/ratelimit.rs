@@ -233,7 +233,7 @@ mod tests {
         let l = RegistrationLimit::default();
         let cx = Cx {
             peer: "198.51.100.7".parse().unwrap(),
-            listener: super::super::router::Listener::Https,
+            listener: super::super::Listener::Https,
             host: "matrix.example.com".into(),
             authority: "matrix.example.com".into(),
         };

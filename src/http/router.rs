@@ -6,19 +6,8 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use super::Handler;
 use super::layers::{Access, AdminGuard, Layer, under};
-
-/// Which listener a request came in on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Listener {
-    /// :80, plain HTTP.
-    Http,
-    /// :443, clients and federation.
-    Https,
-    /// :8448, federation only.
-    Federation,
-}
+use super::{Handler, Listener};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {

@@ -23,7 +23,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
 use tokio_rustls::TlsAcceptor;
 
-use super::router::Listener;
+use super::Listener;
 use super::{Body, Holding};
 use crate::config::Config;
 use crate::fdlimit::AcceptBackoff;

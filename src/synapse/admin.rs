@@ -14,6 +14,18 @@ use crate::units::{human_duration, parse_duration};
 
 /// Localpart of the account the appliance uses for admin API calls.
 pub const SERVICE_LOCALPART: &str = "homelab-matrix";
+/// Settings that would take the service account's name (check-config and `run` say it).
+pub fn config_problems(cfg: &crate::config::Config) -> Vec<crate::config::Problem> {
+    if cfg.bot.localpart == SERVICE_LOCALPART {
+        return vec![crate::config::Problem {
+            key: "bot.localpart".into(),
+            message: format!("{SERVICE_LOCALPART:?} is the appliance's own admin account"),
+            fix: "keep the default \"registration-bot\" or pick another name".into(),
+        }];
+    }
+    vec![]
+}
+
 /// Where its access token is kept, in the secrets dir.
 pub const SERVICE_TOKEN_FILE: &str = "service_access_token";
 
@@ -833,6 +845,20 @@ fn parse<T: serde::de::DeserializeOwned>(v: Value) -> Result<T, AdminError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_bot_may_not_take_the_service_accounts_name() {
+        let cfg = |lp: &str| {
+            crate::config::Config::from_toml(&format!(
+                "server_name = \"a.b\"\n[bot]\nlocalpart = \"{lp}\"\n"
+            ))
+            .unwrap()
+        };
+        let p = config_problems(&cfg(SERVICE_LOCALPART));
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].key, "bot.localpart");
+        assert!(config_problems(&cfg("registration-bot")).is_empty());
+    }
 
     /// Cross-checked against Python's hmac, which Synapse uses to verify:
     /// hmac.new(b"secret", b"\0".join([b"nonce", b"user", b"pass", b"notadmin"]), sha1).hexdigest()
