@@ -62,6 +62,8 @@ pub struct Status {
     pub children: Vec<crate::supervisor::ChildStatus>,
     pub element: element::ElementStatus,
     pub bot: bot::BotStatus,
+    /// The front door's way to Synapse: requests and long-polls in flight, abandoned ones.
+    pub upstream: front::proxy::UpstreamStatus,
     /// Open problems that need an admin (the bot DMs them).
     pub problems: Vec<alerts::Problem>,
 }
@@ -1077,6 +1079,7 @@ impl App {
             children: self.supervisor.status(),
             element: self.element.status(),
             bot: self.bot.status(),
+            upstream: self.upstream.status(),
             problems: self.alerts.active(),
         }
     }

@@ -640,6 +640,11 @@ async fn status(cfg: &Config, json: bool) -> Result<()> {
             .as_str()
             .map_or(String::new(), |e| format!("   (last update failed: {e})"))
     );
+    let up = &v["upstream"];
+    println!(
+        "To Synapse: {} of {} requests in flight, {} long-polls held; {} given up by their clients (each closed at Synapse at once)",
+        up["requests"], up["requests_cap"], up["long_polls"], up["abandoned"]
+    );
     println!();
     println!("CHILD      STATE      USER             PID         UPTIME  RESTARTS  LAST EXIT");
     for c in v["children"].as_array().into_iter().flatten() {

@@ -1549,3 +1549,152 @@ async fn long_polls_stream_chunked_answers_reuse_connections_and_survive_a_closi
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
     let _ = d.stop.send(true);
 }
+
+/// Sockets on Synapse's side of its port that Synapse has not closed yet (ESTABLISHED, or
+/// CLOSE-WAIT: the front door closed and Synapse has not noticed): the requests it still holds.
+fn synapse_side(port: u16) -> usize {
+    let out = Command::new("ss")
+        .args(["-Htn", "state", "established", "state", "close-wait"])
+        .arg(format!("( sport = :{port} )"))
+        .output()
+        .expect("running ss (iproute2)");
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+/// How a client goes away in the middle of its long-poll.
+#[derive(Clone, Copy, Debug)]
+enum Vanish {
+    /// HTTP/1.1, TCP FIN without a TLS close_notify.
+    Fin,
+    /// HTTP/1.1, TLS close_notify then FIN.
+    TlsClose,
+    /// HTTP/1.1, TCP RST (SO_LINGER 0).
+    Reset,
+}
+
+/// Abandoned requests free Synapse (issue #28 item 1): 1,000 clients in the middle of a /sync
+/// long-poll (half over HTTP/1.1, going away by FIN, TLS close or RST; half as HTTP/2 streams
+/// reset with RST_STREAM on connections that stay) leave no request held at Synapse: each one's
+/// upstream connection is closed with it, long before the long-poll's own timeout, and
+/// `status` counts them.
+#[test]
+fn through_the_binary_clients_that_vanish_mid_long_poll_free_synapse_at_once() {
+    if !common::require_appliance() {
+        return;
+    }
+    // 1,000 client sockets in this process.
+    let (_, hard) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+    let lab = common::Lab::new("abandon");
+    *lab.turn_extra.borrow_mut() = "enabled = false\n".into();
+    lab.write_config("[tls]\nmode = \"internal\"\n[bot]\nenabled = false\n");
+    let _run = lab.start();
+    let pw = lab.add_user("alice", false);
+    let m = common::Matrix::new(&lab.synapse_url());
+    let token = m.login("alice", &pw);
+    let (_, v) = m.req(
+        "GET",
+        "/_matrix/client/v3/sync?timeout=0",
+        Some(&token),
+        None,
+    );
+    let since = v["next_batch"].as_str().unwrap().to_string();
+    // Far longer than the test: only the front door closing it can end one early.
+    let path = format!("/_matrix/client/v3/sync?since={since}&timeout=120000");
+    let ca = std::fs::read_to_string(lab.ca_root()).unwrap();
+    let host = lab.matrix_host();
+    let port = lab.https_port;
+    let before = synapse_side(lab.synapse_port);
+    let abandoned_before = lab.status()["upstream"]["abandoned"].as_u64().unwrap();
+    const H1: usize = 500;
+    const H2_STREAMS: usize = 250;
+    let src = |i: u8| std::net::IpAddr::from([127, 0, 0, i]);
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (h1, h2_conns, h2_streams) = rt.block_on(async {
+        // HTTP/1.1: two client addresses of 250 (a quarter of the cap each would be 256).
+        let mut h1 = vec![];
+        for i in 0..H1 {
+            let mut tls =
+                common::tls_alpn_from(src(2 + (i % 2) as u8), port, &host, &ca, b"http/1.1").await;
+            let req = format!(
+                "GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAuthorization: Bearer {token}\r\n\r\n"
+            );
+            tls.write_all(req.as_bytes()).await.unwrap();
+            let how = [Vanish::Fin, Vanish::TlsClose, Vanish::Reset][i % 3];
+            h1.push((tls, how));
+        }
+        // HTTP/2: two connections from two more addresses, 250 streams each.
+        let (mut conns, mut streams) = (vec![], vec![]);
+        for c in 0..2u8 {
+            let tls = common::tls_alpn_from(src(4 + c), port, &host, &ca, b"h2").await;
+            let (client, conn) = h2::client::handshake(tls).await.unwrap();
+            tokio::spawn(conn);
+            let mut client = client.ready().await.unwrap();
+            for _ in 0..H2_STREAMS {
+                let req = http::Request::get(format!("https://{host}:{port}{path}"))
+                    .header("authorization", format!("Bearer {token}"))
+                    .body(())
+                    .unwrap();
+                let (resp, _) = client.send_request(req, true).unwrap();
+                streams.push(resp);
+                client = client.ready().await.unwrap();
+            }
+            conns.push(client);
+        }
+        (h1, conns, streams)
+    });
+    let all = H1 + 2 * H2_STREAMS;
+    common::wait_until(
+        "every long-poll to be held at Synapse",
+        Duration::from_secs(300),
+        || synapse_side(lab.synapse_port) >= before + all,
+    );
+    let held = lab.status()["upstream"]["long_polls"].as_u64().unwrap();
+    assert!(held >= all as u64, "status shows {held} long-polls held");
+
+    // All go away at once.
+    let t0 = Instant::now();
+    rt.block_on(async {
+        for (mut tls, how) in h1 {
+            match how {
+                Vanish::Fin => drop(tls),
+                Vanish::TlsClose => {
+                    let _ = tls.shutdown().await;
+                }
+                Vanish::Reset => {
+                    tls.get_ref().0.inner().set_zero_linger().unwrap();
+                    drop(tls);
+                }
+            }
+        }
+        // Dropping an h2 response future resets its stream (RST_STREAM CANCEL).
+        drop(h2_streams);
+    });
+    common::wait_until(
+        "Synapse to hold none of the vanished long-polls",
+        Duration::from_secs(60),
+        || synapse_side(lab.synapse_port) <= before,
+    );
+    let freed = t0.elapsed();
+    eprintln!("{all} vanished long-polls freed at Synapse in {freed:?}");
+    let abandoned = lab.status()["upstream"]["abandoned"].as_u64().unwrap() - abandoned_before;
+    assert_eq!(
+        abandoned, all as u64,
+        "status counts each abandoned request once"
+    );
+    assert_eq!(lab.status()["upstream"]["long_polls"], 0);
+
+    // The h2 connections whose streams were reset still serve.
+    rt.block_on(async {
+        for client in h2_conns {
+            let mut client = client.ready().await.unwrap();
+            let req = http::Request::get(format!("https://{host}:{port}/_matrix/client/versions"))
+                .body(())
+                .unwrap();
+            let (resp, _) = client.send_request(req, true).unwrap();
+            assert_eq!(resp.await.unwrap().status(), 200);
+        }
+    });
+}

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -45,12 +46,44 @@ pub struct Upstream {
     balancer: Option<balance::Balancer>,
     max_body: u64,
     timeout: Duration,
+    /// Requests whose client went away (h1 close, h2 RST_STREAM, TLS close) before Synapse
+    /// answered: each one's connection to Synapse was closed with it, so Synapse (1.149+)
+    /// cancels the work, a /sync long-poll included.
+    abandoned: AtomicU64,
+}
+
+/// What `status` shows of the way to Synapse.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct UpstreamStatus {
+    /// Ordinary requests in flight to Synapse, and the cap on them.
+    pub requests: usize,
+    pub requests_cap: usize,
+    /// Long-polls (`/sync` with a timeout) held open at Synapse.
+    pub long_polls: usize,
+    /// Requests given up by their clients before Synapse answered, since the start.
+    pub abandoned: u64,
+}
+
+/// Counts a request as abandoned unless it is disarmed: the forward future is dropped (its
+/// client went away) while it waits on Synapse.
+struct AbandonWatch<'a> {
+    counter: &'a AtomicU64,
+    armed: bool,
+}
+
+impl Drop for AbandonWatch<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.counter.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// One class's cap and shares.
 struct Class {
     /// One permit per request in flight to Synapse.
     requests: Arc<Semaphore>,
+    cap: usize,
     /// Requests in flight per client address, at most `share` each.
     per_addr: Arc<Mutex<HashMap<IpAddr, usize>>>,
     share: usize,
@@ -60,6 +93,7 @@ impl Class {
     fn new(cap: usize, share: usize) -> Class {
         Class {
             requests: Arc::new(Semaphore::new(cap)),
+            cap,
             per_addr: Arc::default(),
             share,
         }
@@ -70,6 +104,10 @@ impl Class {
         let share = Share::take(&self.per_addr, super::addr_key(peer), self.share)?;
         let permit = self.requests.clone().try_acquire_owned().ok()?;
         Some((permit, share))
+    }
+
+    fn in_flight(&self) -> usize {
+        self.cap - self.requests.available_permits()
     }
 }
 
@@ -105,6 +143,16 @@ impl Upstream {
             balancer,
             max_body,
             timeout: limits.upstream_timeout,
+            abandoned: AtomicU64::new(0),
+        }
+    }
+
+    pub fn status(&self) -> UpstreamStatus {
+        UpstreamStatus {
+            requests: self.ordinary.in_flight(),
+            requests_cap: self.ordinary.cap,
+            long_polls: self.long_polls.in_flight(),
+            abandoned: self.abandoned.load(Ordering::Relaxed),
         }
     }
 
@@ -157,7 +205,12 @@ impl Upstream {
         // Sent again on a fresh connection if a kept one closes under it: only what may be
         // repeated (RFC 9110 §9.2.2), and /sync, which reads.
         let resend = wait.is_some() || idempotent(&parts.method);
+        let mut watch = AbandonWatch {
+            counter: &self.abandoned,
+            armed: true,
+        };
         let result = pool.send(parts, body, head_timeout, resend).await;
+        watch.armed = false;
         match result {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();

@@ -926,10 +926,44 @@ pub async fn h2_tls(
     tls_alpn(port, host, ca_pem, b"h2").await
 }
 
+/// `tls_alpn` with the client's end bound to `source` (any of 127/8 on loopback), so that one
+/// test can be many client addresses.
+pub async fn tls_alpn_from(
+    source: std::net::IpAddr,
+    port: u16,
+    host: &str,
+    ca_pem: &str,
+    alpn: &[u8],
+) -> tokio_rustls::client::TlsStream<CountingReads<tokio::net::TcpStream>> {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(std::net::SocketAddr::new(source, 0)).unwrap();
+    let tcp = sock
+        .connect(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+        .await
+        .unwrap();
+    tls_over(tcp, host, ca_pem, alpn).await.0
+}
+
 /// A TLS connection to `port` on loopback, verified against `ca_pem` for `host`, that
 /// negotiated `alpn` (b"h2" or b"http/1.1").
 pub async fn tls_alpn(
     port: u16,
+    host: &str,
+    ca_pem: &str,
+    alpn: &[u8],
+) -> (
+    tokio_rustls::client::TlsStream<CountingReads<tokio::net::TcpStream>>,
+    Vec<u8>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    tls_over(tcp, host, ca_pem, alpn).await
+}
+
+async fn tls_over(
+    tcp: tokio::net::TcpStream,
     host: &str,
     ca_pem: &str,
     alpn: &[u8],
@@ -951,9 +985,6 @@ pub async fn tls_alpn(
         .with_no_client_auth();
     cfg.alpn_protocols = vec![alpn.to_vec()];
     let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg));
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
     let reads = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let tcp = CountingReads {
         inner: tcp,
@@ -970,6 +1001,13 @@ pub async fn tls_alpn(
 pub struct CountingReads<S> {
     inner: S,
     reads: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl<S> CountingReads<S> {
+    /// The stream underneath (to set socket options on it).
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
 }
 
 impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for CountingReads<S> {
