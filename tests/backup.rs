@@ -638,7 +638,19 @@ fn a_new_synapse_gets_a_snapshot_first_and_status_says_how_to_get_back() {
         .stderr(log)
         .spawn()
         .unwrap();
-    wait_until("a pre-upgrade snapshot", Duration::from_secs(120), || {
+    // Up to three version questions (a minute each at most) and the snapshot: minutes on a
+    // loaded box, so waited for by what the service says, not by a clock: the snapshot, its
+    // failure (said in the log) or the service's exit ends the wait.
+    let run2 = lab.path("run2.log");
+    wait_until("a pre-upgrade snapshot", Duration::from_secs(900), || {
+        let log = fs::read_to_string(&run2).unwrap_or_default();
+        assert!(
+            !log.contains("the snapshot before the upgrade failed"),
+            "the snapshot failed:\n{log}"
+        );
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!("homelab-matrix exited ({st}) before the snapshot:\n{log}");
+        }
         backups(&lab)
             .iter()
             .any(|f| f.to_string_lossy().ends_with("-pre-upgrade.tar"))

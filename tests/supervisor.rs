@@ -43,7 +43,7 @@ fn spec(name: &str, command: Command) -> ChildSpec {
 }
 
 async fn wait_for(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
+    let deadline = common::deadline(within);
     while !f() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;

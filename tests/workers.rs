@@ -301,7 +301,7 @@ fn synapse_workers_behind_the_front_door() {
             .map(|(c, w, _)| logged(&log, c, w))
             .collect::<Vec<_>>()
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let deadline = common::deadline(Duration::from_secs(10));
     while counts().iter().zip(&want).any(|(n, w)| *n < w.2) {
         assert!(
             std::time::Instant::now() < deadline,

@@ -542,13 +542,14 @@ impl Running {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Sends `sig` and waits up to `within` for the exit.
+    /// Sends `sig` and waits up to `within` (at least [`MIN_WAIT`]) for the exit.
     pub fn signal_and_wait(
         &mut self,
         sig: nix::sys::signal::Signal,
         within: Duration,
     ) -> ExitStatus {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).unwrap();
+        let within = within.max(MIN_WAIT);
         let deadline = Instant::now() + within;
         loop {
             if let Some(st) = self.try_exit() {
@@ -585,7 +586,21 @@ pub fn pid_alive(pid: i32) -> bool {
     }
 }
 
+/// The shortest bound any wait gets. A wait's bound is there so that a test that will never
+/// see its event ends, not to time the event (performance is measured in benchmarks): CI runs
+/// the package's release build beside two test threads, each with its own Synapse, on two
+/// cores, and a step that takes a second alone can take tens of seconds there. A bound under
+/// this only ever failed tests on a busy machine; returning as soon as the event is seen, a
+/// longer one costs nothing when all is well.
+pub const MIN_WAIT: Duration = Duration::from_secs(60);
+
+/// When a wait of `within` (at least [`MIN_WAIT`]) started now gives up.
+pub fn deadline(within: Duration) -> Instant {
+    Instant::now() + within.max(MIN_WAIT)
+}
+
 pub fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let within = within.max(MIN_WAIT);
     let deadline = Instant::now() + within;
     while !f() {
         assert!(

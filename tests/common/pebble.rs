@@ -126,7 +126,7 @@ impl Pebble {
         self.procs.push(child);
         self.directory_url = format!("https://127.0.0.1:{port}/dir");
         self.mgmt = format!("https://127.0.0.1:{mgmt}");
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = super::deadline(Duration::from_secs(20));
         while !self
             .get(&self.directory_url)
             .is_some_and(|b| b.contains("newOrder"))
