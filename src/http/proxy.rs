@@ -195,7 +195,10 @@ impl Upstream {
         stable_alias(&mut parts.uri);
         let inbound_version = parts.version;
         let head_timeout = head_timeout(self.timeout, wait);
-        let uri = parts.uri.clone(); // for the log (a clone shares the bytes)
+        // For the log, copied: the request's own Uri (like its header values) shares hyper's
+        // HTTP/1.1 read buffer, which a clone held across the wait would keep from being
+        // reused, 8 KiB more for every held long-poll.
+        let path: Box<str> = parts.uri.path().into();
         // Twisted speaks HTTP/1.1 only; the request line carries the path and query exactly
         // as received (`wire` writes `uri.path_and_query()`).
         parts.version = Version::HTTP_11;
@@ -232,14 +235,11 @@ impl Upstream {
             // The client's own body broke (a bad chunk, a reset): its fault, not Synapse's,
             // and not worth a warning anyone could write at will (RFC 9112 §7.1: 400).
             Err(wire::Error::Body(e)) => {
-                tracing::debug!(%peer, "the request body to {} broke off: {e}", uri.path());
-                super::bad_request(uri.path(), "the request body is malformed or broke off")
+                tracing::debug!(%peer, "the request body to {path} broke off: {e}");
+                super::bad_request(&path, "the request body is malformed or broke off")
             }
             Err(wire::Error::TimedOut(_)) => {
-                tracing::warn!(
-                    "Synapse did not answer {} within {head_timeout:?}",
-                    uri.path()
-                );
+                tracing::warn!("Synapse did not answer {path} within {head_timeout:?}");
                 matrix_error(
                     StatusCode::GATEWAY_TIMEOUT,
                     "M_UNKNOWN",
@@ -247,7 +247,7 @@ impl Upstream {
                 )
             }
             Err(e) => {
-                tracing::warn!("proxying {} to Synapse: {e}", uri.path());
+                tracing::warn!("proxying {path} to Synapse: {e}");
                 matrix_error(
                     StatusCode::BAD_GATEWAY,
                     "M_UNKNOWN",

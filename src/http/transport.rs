@@ -17,7 +17,6 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
@@ -371,39 +370,11 @@ impl<A: App> Transport<A> {
         kind: Listener,
         h1: bool,
         activity: Arc<Activity>,
-        mut shutdown: watch::Receiver<bool>,
+        shutdown: watch::Receiver<bool>,
     ) where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let limits = self.limits;
-        // ALPN chose the protocol (RFC 9113 §3.2: h2 over TLS only through ALPN; :80 is
-        // HTTP/1.x), so hyper need not read ahead for the h2 preface first.
-        let builder = auto::Builder::new(TokioExecutor::new());
-        let mut builder = if h1 {
-            builder.http1_only()
-        } else {
-            builder.http2_only()
-        };
-        // hyper's header_read_timeout also runs while a keep-alive connection waits for its
-        // next request (hyper PR #3828), which would cut idle connections at 30 s: ours
-        // (`Activity::head_since`) runs only while a head is being read.
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(None)
-            // The same cap on a request head as HTTP/2's below; past it hyper answers 431
-            // (RFC 6585 §5) instead of buffering up to its ~400 KiB default.
-            .max_buf_size(h2_limits::MAX_HEADER_LIST_SIZE as usize)
-            .keep_alive(true);
-        builder
-            .http2()
-            .timer(TokioTimer::new())
-            .max_concurrent_streams(limits.h2_max_concurrent_streams)
-            .max_pending_accept_reset_streams(h2_limits::MAX_PENDING_ACCEPT_RESET_STREAMS)
-            .max_local_error_reset_streams(h2_limits::MAX_LOCAL_ERROR_RESET_STREAMS)
-            .max_header_list_size(h2_limits::MAX_HEADER_LIST_SIZE)
-            .keep_alive_interval(Some(limits.h2_keepalive_interval))
-            .keep_alive_timeout(Duration::from_secs(20));
         if h1 {
             // The first request head is due from the start (as nginx's client_header_timeout).
             activity.head_since.store(activity.now(), Ordering::Relaxed);
@@ -422,51 +393,108 @@ impl<A: App> Transport<A> {
                 }))
             }
         });
-        let io = Tracked {
+        let io = TokioIo::new(Tracked {
             inner: io,
             h1,
             activity: activity.clone(),
-        };
-        let conn = builder.serve_connection(TokioIo::new(io), svc);
-        tokio::pin!(conn);
-        // Once closing, a peer that does not finish the graceful close (GOAWAY, PING) is cut
-        // after this, if it has no request in flight.
-        const CLOSE_GRACE: Duration = Duration::from_secs(5);
-        let mut closing: Option<Instant> = None;
-        let tick = (limits.idle_timeout.min(limits.header_read_timeout) / 4)
-            .clamp(Duration::from_millis(50), Duration::from_secs(5));
-        let mut tick = tokio::time::interval(tick);
-        loop {
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::debug!(%peer, "connection ended: {e}");
-                    }
-                    break;
+        });
+        // ALPN chose the protocol (RFC 9113 §3.2: h2 over TLS only through ALPN; :80 is
+        // HTTP/1.x), so hyper need not read ahead for the h2 preface first.
+        if h1 {
+            let mut b = hyper::server::conn::http1::Builder::new();
+            // hyper's header_read_timeout also runs while a keep-alive connection waits for
+            // its next request (hyper PR #3828), which would cut idle connections at 30 s:
+            // ours (`Activity::head_since`) runs only while a head is being read.
+            b.timer(TokioTimer::new())
+                .header_read_timeout(None)
+                .keep_alive(true)
+                // The same cap on a request head as HTTP/2's: past it hyper answers 431
+                // (RFC 6585 §5) instead of buffering up to its ~400 KiB default.
+                .max_header_size(h2_limits::MAX_HEADER_LIST_SIZE as usize);
+            let conn = b.serve_connection(io, svc);
+            drive(
+                conn,
+                |c| c.graceful_shutdown(),
+                peer,
+                limits,
+                activity,
+                shutdown,
+            )
+            .await;
+        } else {
+            let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            b.timer(TokioTimer::new())
+                .max_concurrent_streams(limits.h2_max_concurrent_streams)
+                .max_pending_accept_reset_streams(h2_limits::MAX_PENDING_ACCEPT_RESET_STREAMS)
+                .max_local_error_reset_streams(h2_limits::MAX_LOCAL_ERROR_RESET_STREAMS)
+                .max_header_list_size(h2_limits::MAX_HEADER_LIST_SIZE)
+                .keep_alive_interval(Some(limits.h2_keepalive_interval))
+                .keep_alive_timeout(Duration::from_secs(20));
+            let conn = b.serve_connection(io, svc);
+            drive(
+                conn,
+                |c| c.graceful_shutdown(),
+                peer,
+                limits,
+                activity,
+                shutdown,
+            )
+            .await;
+        }
+    }
+}
+
+/// Serves one connection until it ends: closes it gracefully (`close`) once idle for the idle
+/// timeout, when evicted to make room, or at shutdown; cuts it when a request head is overdue,
+/// or when a closing peer does not finish the close.
+async fn drive<C>(
+    conn: C,
+    close: impl Fn(Pin<&mut C>),
+    peer: SocketAddr,
+    limits: Limits,
+    activity: Arc<Activity>,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    C: Future<Output = Result<(), hyper::Error>>,
+{
+    tokio::pin!(conn);
+    // Once closing, a peer that does not finish the graceful close (GOAWAY, PING) is cut
+    // after this, if it has no request in flight.
+    const CLOSE_GRACE: Duration = Duration::from_secs(5);
+    let mut closing: Option<Instant> = None;
+    let tick = (limits.idle_timeout.min(limits.header_read_timeout) / 4)
+        .clamp(Duration::from_millis(50), Duration::from_secs(5));
+    let mut tick = tokio::time::interval(tick);
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(%peer, "connection ended: {e}");
                 }
-                _ = tick.tick() => {
-                    if let Some(t) = closing {
-                        // Never a request in flight (one may have begun as we closed).
-                        if t.elapsed() >= CLOSE_GRACE && activity.idle() {
-                            break;
-                        }
-                    } else if activity.head_overdue(limits.header_read_timeout) {
-                        tracing::debug!(%peer, "request head not received in time");
+                break;
+            }
+            _ = tick.tick() => {
+                if let Some(t) = closing {
+                    // Never a request in flight (one may have begun as we closed).
+                    if t.elapsed() >= CLOSE_GRACE && activity.idle() {
                         break;
-                    } else if activity.idle_for() >= limits.idle_timeout {
-                        closing = Some(Instant::now());
-                        conn.as_mut().graceful_shutdown();
                     }
-                }
-                _ = activity.evict.notified(), if closing.is_none() => {
-                    tracing::debug!(%peer, "idle connection closed to admit a new one");
+                } else if activity.head_overdue(limits.header_read_timeout) {
+                    tracing::debug!(%peer, "request head not received in time");
+                    break;
+                } else if activity.idle_for() >= limits.idle_timeout {
                     closing = Some(Instant::now());
-                    conn.as_mut().graceful_shutdown();
+                    close(conn.as_mut());
                 }
-                _ = shutdown.wait_for(|s| *s), if closing.is_none() => {
-                    closing = Some(Instant::now());
-                    conn.as_mut().graceful_shutdown();
-                }
+            }
+            _ = activity.evict.notified(), if closing.is_none() => {
+                tracing::debug!(%peer, "idle connection closed to admit a new one");
+                closing = Some(Instant::now());
+                close(conn.as_mut());
+            }
+            _ = shutdown.wait_for(|s| *s), if closing.is_none() => {
+                closing = Some(Instant::now());
+                close(conn.as_mut());
             }
         }
     }

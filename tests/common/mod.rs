@@ -927,17 +927,17 @@ pub async fn h2_connect_counted(
     (send, leaf, reads)
 }
 
-/// A TLS connection negotiated for h2 (ALPN), for an HTTP/2 client of the test's choice;
-/// with the server's leaf certificate and a count of reads that returned bytes.
-pub async fn h2_tls(
-    port: u16,
-    host: &str,
-    ca_pem: &str,
-) -> (
+/// A client TLS connection, the server's leaf certificate, and a count of the reads that
+/// returned bytes.
+pub type TlsConn = (
     tokio_rustls::client::TlsStream<CountingReads<tokio::net::TcpStream>>,
     Vec<u8>,
     std::sync::Arc<std::sync::atomic::AtomicUsize>,
-) {
+);
+
+/// A TLS connection negotiated for h2 (ALPN), for an HTTP/2 client of the test's choice;
+/// with the server's leaf certificate and a count of reads that returned bytes.
+pub async fn h2_tls(port: u16, host: &str, ca_pem: &str) -> TlsConn {
     tls_alpn(port, host, ca_pem, b"h2").await
 }
 
@@ -961,32 +961,14 @@ pub async fn tls_alpn_from(
 
 /// A TLS connection to `port` on loopback, verified against `ca_pem` for `host`, that
 /// negotiated `alpn` (b"h2" or b"http/1.1").
-pub async fn tls_alpn(
-    port: u16,
-    host: &str,
-    ca_pem: &str,
-    alpn: &[u8],
-) -> (
-    tokio_rustls::client::TlsStream<CountingReads<tokio::net::TcpStream>>,
-    Vec<u8>,
-    std::sync::Arc<std::sync::atomic::AtomicUsize>,
-) {
+pub async fn tls_alpn(port: u16, host: &str, ca_pem: &str, alpn: &[u8]) -> TlsConn {
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .unwrap();
     tls_over(tcp, host, ca_pem, alpn).await
 }
 
-async fn tls_over(
-    tcp: tokio::net::TcpStream,
-    host: &str,
-    ca_pem: &str,
-    alpn: &[u8],
-) -> (
-    tokio_rustls::client::TlsStream<CountingReads<tokio::net::TcpStream>>,
-    Vec<u8>,
-    std::sync::Arc<std::sync::atomic::AtomicUsize>,
-) {
+async fn tls_over(tcp: tokio::net::TcpStream, host: &str, ca_pem: &str, alpn: &[u8]) -> TlsConn {
     use rustls_pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
