@@ -303,6 +303,32 @@ fn a_second_instance_on_one_state_directory_stops_first_and_a_lost_socket_does_n
     );
     assert_eq!(lab.status()["pid"], first, "the first one still answers");
 
+    // A child (assume it compromised) can neither replace the lock file with a link nor write
+    // a holder into it: the state dir and the file are root's.
+    let lock = lab.path("state/instance.lock");
+    for attack in [
+        format!("ln -sfn /etc/shadow {}", lock.display()),
+        format!("echo '1 run' > {}", lock.display()),
+        format!("mv {0} {0}.x", lock.display()),
+    ] {
+        let out = common::as_user("matrix-synapse", "sh")
+            .args(["-c", &attack])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "as matrix-synapse: {attack} worked");
+    }
+    let m = fs::symlink_metadata(&lock).unwrap();
+    assert!(
+        m.file_type().is_file() && m.uid() == 0,
+        "the lock file was changed"
+    );
+    assert!(
+        fs::read_to_string(&lock)
+            .unwrap()
+            .starts_with(&format!("{first} run")),
+        "the lock file no longer names the holder"
+    );
+
     // The socket removed (by hand, or tmpfiles cleaning /run): the service still runs, and
     // nothing that needs it stopped takes a missing socket for a stopped server.
     fs::remove_file(&sock).unwrap();
